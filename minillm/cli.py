@@ -2,18 +2,203 @@
 
 from __future__ import annotations
 
-import typer
+import functools
+import shlex
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from minillm.errors import UsageError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Structured pruning of causal LMs, in little memory.")
+console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly_errors(fn: F) -> F:
+    """Bad input → one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (UsageError, KeyError) as exc:
+            if isinstance(exc, KeyError) and type(exc).__name__ != "UnknownNameError":
+                raise
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
+    """A ``progress(task, done, total)`` callback drawing one rich bar per task name."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+    tasks: dict[str, Any] = {}
+
+    def update(task: str, done: int, total: int) -> None:
+        if task not in tasks:
+            tasks[task] = bars.add_task(task, total=total)
+        bars.update(tasks[task], completed=done, total=total)
+
+    with bars:
+        yield update
+
+
+def _widths_rows(widths: list[dict[str, int]]) -> list[tuple[str, int, int, int]]:
+    """Consecutive layers with equal widths collapse into one row (``3-28``)."""
+    rows: list[tuple[str, int, int, int]] = []
+    start = 0
+    for i in range(1, len(widths) + 1):
+        key = lambda w: (w["heads"], w["kv_heads"], w["channels"])  # noqa: E731
+        if i == len(widths) or key(widths[i]) != key(widths[start]):
+            first, last = widths[start]["layer"], widths[i - 1]["layer"]
+            label = str(first) if first == last else f"{first}-{last}"
+            rows.append((label, *key(widths[start])))
+            start = i
+    return rows
+
+
+def print_prune_summary(result: Any) -> None:
+    from minillm.memory import human_bytes
+    from minillm.surgery import pruned_widths
+
+    plan = result.plan
+    table = Table(title="minillm prune", show_header=False)
+    table.add_row("parameters", f"{plan.params_before:,} → {plan.params_after:,}")
+    table.add_row("ratio", f"target {plan.target_ratio:.2%}, achieved {plan.achieved_ratio:.2%}")
+    table.add_row("criterion", f"{result.plan.extra.get('criterion')} ({result.score.forward_passes} forward, "
+                  f"{result.score.backward_passes} backward passes)")
+    table.add_row("scoring time", f"{result.scoring.seconds:.1f} s")
+    table.add_row("total time", f"{result.total_seconds:.1f} s")
+    table.add_row("peak memory", f"RSS {human_bytes(result.scoring.peak_rss_bytes)}, "
+                  f"CUDA {human_bytes(result.scoring.cuda_peak_bytes)}")
+    if result.out is not None:
+        table.add_row("saved to", str(result.out))
+    console.print(table)
+    widths = Table(title="per-layer widths")
+    for column in ("layers", "heads", "kv heads", "MLP channels"):
+        widths.add_column(column, justify="right")
+    for row in _widths_rows(pruned_widths(plan)):
+        widths.add_row(*map(str, row))
+    console.print(widths)
+
+
+@app.command()
+@friendly_errors
+def prune(
+    model: str = typer.Option(..., "--model", "-m", help="Hub id, local HF folder, or .gguf file."),
+    ratio: float = typer.Option(0.2, help="Fraction of the model's total parameters to remove."),
+    out: str = typer.Option(None, "--out", "-o", help="Export folder (required unless --dry-run)."),
+    criterion: str = typer.Option("fms", help="Scoring criterion (see `minillm criteria`)."),
+    allocation: str = typer.Option("uniform", help="uniform (same widths everywhere) or global."),
+    head_mode: str = typer.Option("kv", help="kv: remove whole key/value groups; query: query heads evenly."),
+    structures: str = typer.Option("both", help="What to prune: both, mlp or attn."),
+    skip_first: int = typer.Option(0, help="Keep the first N decoder layers whole."),
+    skip_last: int = typer.Option(0, help="Keep the last N decoder layers whole."),
+    calib: str = typer.Option("wikitext2", help="Calibration text: .txt/.jsonl/.json file or dataset name."),
+    calib_samples: int = typer.Option(32, help="Number of calibration windows."),
+    seq_len: int = typer.Option(128, help="Tokens per calibration window."),
+    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    seed: int = typer.Option(0, help="Seed for calibration sampling and SPSA perturbations."),
+    spsa_steps: int = typer.Option(16, help="SPSA perturbations (2 forward passes each)."),
+    spsa_eps: float = typer.Option(1e-3, help="SPSA perturbation size."),
+    device_map: str = typer.Option("auto", help="accelerate device map: auto, balanced, cpu, cuda:0, …"),
+    max_memory: str = typer.Option(None, help="Per-device memory cap, e.g. 0=20GiB,cpu=30GiB."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
+    dry_run: bool = typer.Option(False, help="Score and print the plan as JSON; write nothing."),
+    max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard."),
+) -> None:
+    """Score every attention head and MLP channel, remove the least important, export the smaller model."""
+    from minillm.api import prune as prune_api
+
+    if out is None and not dry_run:
+        raise UsageError("--out is required (or pass --dry-run to only print the plan)")
+    with progress_bars() as progress:
+        result = prune_api(
+            model, ratio=ratio, out=out, criterion=criterion, allocation=allocation, head_mode=head_mode,
+            structures=structures, skip_first=skip_first, skip_last=skip_last, calib=calib,
+            calib_samples=calib_samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
+            spsa_steps=spsa_steps, spsa_eps=spsa_eps, device_map=device_map, max_memory=max_memory,
+            dtype=dtype, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size,
+            progress=progress, command=shlex.join(["minillm", *sys.argv[1:]]),
+        )
+    if dry_run:
+        typer.echo(result.plan.to_json())
+    print_prune_summary(result)
+
+
+@app.command("eval")
+@friendly_errors
+def evaluate(
+    model: str = typer.Argument(..., help="Hub id, local folder (a minillm export too), or .gguf file."),
+    ppl: str = typer.Option(None, help="Perplexity text: .txt/.jsonl/.json file or dataset name."),
+    seq_len: int = typer.Option(128, help="Tokens per perplexity window."),
+    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    device_map: str = typer.Option("auto", help="accelerate device map."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    json_out: str = typer.Option(None, "--json", help="Also write the results as JSON here."),
+) -> None:
+    """Measure perplexity (non-overlapping windows) of a model or an export."""
+    import json
+    from pathlib import Path
+
+    from minillm.calibration.data import evaluation_windows
+    from minillm.evaluate.perplexity import perplexity
+    from minillm.loading import load_model, load_tokenizer
+
+    if ppl is None:
+        raise UsageError("nothing to evaluate: pass --ppl <text file or dataset name>")
+    tokenizer = load_tokenizer(model)
+    windows = evaluation_windows(tokenizer, ppl, seq_len)
+    loaded = load_model(model, device_map=device_map, dtype=dtype)
+    with progress_bars() as progress:
+        result = perplexity(loaded, windows, batch_size, lambda d, t: progress("perplexity", d, t))
+    table = Table(title=f"minillm eval {model}", show_header=False)
+    table.add_row("perplexity", f"{result.perplexity:.3f}")
+    table.add_row("protocol", result.protocol)
+    console.print(table)
+    typer.echo(f"perplexity {result.perplexity:.4f} ({result.windows} windows x {result.seq_len} tokens)")
+    if json_out:
+        payload = {"model": model, "ppl_source": ppl, "perplexity": result.perplexity, "windows": result.windows,
+                   "seq_len": result.seq_len, "tokens": result.tokens, "protocol": result.protocol}
+        Path(json_out).write_text(json.dumps(payload, indent=1))
+
+
+@app.command("criteria")
+def list_criteria() -> None:
+    """List the scoring criteria."""
+    from minillm.scoring import CRITERIA
+
+    for name in CRITERIA.names():
+        typer.echo(name)
 
 
 def _register_subapps() -> None:
-    """Secondary pruners (CNN, LSTM) bring their own typer sub-apps."""
-    from minillm.lstm.cli import app as lstm_app
-    from minillm.vision.cli import app as cnn_app
+    """Secondary pruners (CNN, LSTM) bring their own typer sub-apps, when present."""
+    import importlib
 
-    app.add_typer(cnn_app, name="cnn", help="CNN channel pruning (IFSO and baselines).")
-    app.add_typer(lstm_app, name="lstm", help="LSTM hidden-unit pruning and dynamic sparse training.")
+    for name, module, help_text in (
+        ("cnn", "minillm.vision.cli", "CNN channel pruning (IFSO and baselines)."),
+        ("lstm", "minillm.lstm.cli", "LSTM hidden-unit pruning and dynamic sparse training."),
+    ):
+        try:
+            sub = importlib.import_module(module).app
+        except ModuleNotFoundError as exc:
+            if not exc.name or not module.startswith(exc.name):
+                raise
+            continue
+        app.add_typer(sub, name=name, help=help_text)
 
 
 def main() -> None:

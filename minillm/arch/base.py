@@ -1,0 +1,106 @@
+"""The architecture adapter contract: the only place that knows a model family's module names.
+
+Everything else in minillm (scoring, planning, surgery, export) talks to an :class:`ArchAdapter`.
+Each decoder layer exposes two prunable structures:
+
+* attention: ``q``/``k``/``v`` projections (rows grouped by head) and a closing ``o`` projection
+  (columns grouped by head);
+* MLP: one or more expanding projections (rows = intermediate channels; gate+up or fc1) and a closing
+  projection (columns = intermediate channels; down or fc2).
+
+Removing a group means slicing those rows/columns; masking a group means zeroing its columns of the
+closing projection, which makes it contribute exactly nothing. That equivalence is what the tests check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AttentionLinears:
+    """The projections of one attention block; ``module`` is the block itself (holds attributes)."""
+
+    module: nn.Module
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+
+
+@dataclass(frozen=True)
+class MlpLinears:
+    """The projections of one MLP: ``expand`` produce intermediate channels, ``closing`` consumes them."""
+
+    module: nn.Module
+    expand: tuple[nn.Linear, ...]
+    closing: nn.Linear
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Widths of one decoder layer's prunable structures."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate: int
+
+    @property
+    def heads_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+class ArchAdapter:
+    """Base class: subclasses name the modules of one family and say how widths live in the config."""
+
+    #: ``config.model_type`` values served by this adapter.
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def attention(self, layer: nn.Module) -> AttentionLinears:
+        raise NotImplementedError
+
+    def mlp(self, layer: nn.Module) -> MlpLinears:
+        raise NotImplementedError
+
+    def head_dim(self, config: Any) -> int:
+        explicit = getattr(config, "head_dim", None)
+        return int(explicit) if explicit else config.hidden_size // config.num_attention_heads
+
+    def num_kv_heads(self, config: Any) -> int:
+        value = getattr(config, "num_key_value_heads", None)
+        return int(value) if value else int(config.num_attention_heads)
+
+    def intermediate_size(self, config: Any) -> int:
+        return int(config.intermediate_size)
+
+    def layer_shape(self, model: nn.Module, index: int) -> LayerShape:
+        """Current widths of layer ``index``, read from its weights (so it is right after surgery too)."""
+        layer = self.decoder_layers(model)[index]
+        attn, mlp = self.attention(layer), self.mlp(layer)
+        head_dim = self.head_dim(model.config)
+        return LayerShape(
+            num_heads=attn.q.out_features // head_dim,
+            num_kv_heads=attn.k.out_features // head_dim,
+            head_dim=head_dim,
+            intermediate=mlp.closing.in_features,
+        )
+
+    def attention_attributes(self, num_heads: int, num_kv_heads: int) -> dict[str, int]:
+        """Module attributes of the attention block that depend on its head counts."""
+        return {"num_key_value_groups": num_heads // num_kv_heads}
+
+    def uniform_config_update(self, config: Any, shape: LayerShape) -> dict[str, int] | None:
+        """Config fields that express every layer having ``shape``, or ``None`` if the config cannot."""
+        return {
+            "num_attention_heads": shape.num_heads,
+            "num_key_value_heads": shape.num_kv_heads,
+            "head_dim": shape.head_dim,
+            "intermediate_size": shape.intermediate,
+        }

@@ -1,0 +1,1 @@
+"""Calibration: text loading and sampling, forward hooks, running activation statistics."""

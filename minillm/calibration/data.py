@@ -1,0 +1,140 @@
+"""Calibration and evaluation text, read through 🤗 datasets, tokenised, cut into fixed-length windows.
+
+A source is a local ``.txt`` / ``.jsonl`` / ``.json`` file or a dataset alias (``wikitext2``, ``c4``,
+``ptb``) or any ``datasets`` name (``name`` or ``name:config``). Calibration takes ``n`` windows of
+``seq_len`` tokens at seeded random offsets of the concatenated text (the Wanda / LLM-Pruner recipe);
+perplexity uses every non-overlapping window in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minillm.errors import UsageError
+
+#: alias -> (path, config name, split, text field, data_files)
+DATASET_ALIASES: dict[str, tuple[str, str | None, str, str, str | None]] = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "text", None),
+    "wikitext2-test": ("wikitext", "wikitext-2-raw-v1", "test", "text", None),
+    "ptb": ("ptb_text_only", "penn_treebank", "train", "sentence", None),
+    "ptb-test": ("ptb_text_only", "penn_treebank", "test", "sentence", None),
+    "c4": ("allenai/c4", None, "train", "text", "en/c4-train.00000-of-01024.json.gz"),
+    "c4-validation": ("allenai/c4", None, "validation", "text", "en/c4-validation.00000-of-00008.json.gz"),
+}
+TEXT_FIELDS = ("text", "content", "sentence")
+LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json"}
+
+
+def _rows_to_text(rows: Any, source: str) -> str:
+    columns = list(rows.column_names)
+    field = next((f for f in TEXT_FIELDS if f in columns), None)
+    if field is None:
+        if {"instruction", "output"} <= set(columns):
+            parts = [
+                "\n".join(x for x in (r["instruction"], r.get("input") or "", r["output"]) if x) for r in rows
+            ]
+            return "\n\n".join(parts)
+        raise UsageError(
+            f"{source}: no text field found (columns: {', '.join(columns)}); expected one of "
+            f"{', '.join(TEXT_FIELDS)} or Alpaca-style instruction/input/output"
+        )
+    return "\n".join(str(t) for t in rows[field])
+
+
+def load_text(source: str, max_chars: int | None = None) -> str:
+    """Read a local file or dataset into one string (``max_chars`` bounds huge corpora such as C4)."""
+    import datasets
+
+    path = Path(source)
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise UsageError(f"calibration/evaluation file {source!r} does not exist; pass a .txt/.jsonl/.json file "
+                             f"or a dataset name ({', '.join(DATASET_ALIASES)})")
+        if path.stat().st_size == 0:
+            raise UsageError(f"calibration/evaluation file {source!r} is empty")
+        builder = LOCAL_SUFFIXES.get(path.suffix.lower(), "text")
+        rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+    else:
+        name, config, split, _, data_files = DATASET_ALIASES.get(
+            source, (source.split(":")[0], (source.split(":") + [None])[1], "train", "text", None)
+        )
+        try:
+            rows = datasets.load_dataset(name, config, split=split, data_files=data_files)
+        except Exception as exc:  # datasets raises many types for "not reachable / not found"
+            raise UsageError(f"could not load dataset {source!r} ({type(exc).__name__}: {exc}); "
+                             "pass a local .txt/.jsonl/.json file instead") from exc
+    if max_chars is not None and len(rows) > 1:
+        rows = _take_until(rows, max_chars)
+    text = _rows_to_text(rows, source)
+    if not text.strip():
+        raise UsageError(f"{source!r} contains no text")
+    return text
+
+
+def _take_until(rows: Any, max_chars: int) -> Any:
+    total, count = 0, 0
+    field = next((f for f in TEXT_FIELDS if f in rows.column_names), None)
+    if field is None:
+        return rows
+    for value in rows[field]:
+        total += len(str(value))
+        count += 1
+        if total >= max_chars:
+            break
+    return rows.select(range(count))
+
+
+def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
+    """The whole text as one token stream (long texts are fine: no model-length truncation)."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"][0]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None:
+        ids = torch.cat([torch.tensor([bos]), ids])
+    return ids
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """``input_ids`` of shape (n, seq_len), consumed in micro-batches of ``batch_size``."""
+
+    input_ids: torch.Tensor
+    batch_size: int = 8
+
+    def batches(self) -> list[torch.Tensor]:
+        return list(self.input_ids.split(self.batch_size))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+
+def sample_windows(tokens: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``n`` windows of ``seq_len`` tokens at seeded random offsets."""
+    if n < 1 or seq_len < 2:
+        raise UsageError("--calib-samples must be >= 1 and --seq-len >= 2")
+    if tokens.numel() <= seq_len:
+        raise UsageError(f"calibration text has {tokens.numel()} tokens, fewer than --seq-len {seq_len}; "
+                         "give more text or a smaller --seq-len")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seq_len, (n,), generator=generator)
+    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+
+
+def calibration_set(tokenizer: Any, source: str, n: int = 32, seq_len: int = 128, seed: int = 0,
+                    batch_size: int = 8) -> CalibrationSet:
+    """Load, tokenise and sample the calibration windows in one call."""
+    text = load_text(source, max_chars=max(n * seq_len * 40, 2_000_000))
+    return CalibrationSet(sample_windows(tokenize(tokenizer, text), n, seq_len, seed), batch_size)
+
+
+def evaluation_windows(tokenizer: Any, source: str, seq_len: int) -> torch.Tensor:
+    """Every non-overlapping window of ``seq_len`` tokens, in order (a trailing partial window is dropped)."""
+    tokens = tokenize(tokenizer, load_text(source))
+    count = tokens.numel() // seq_len
+    if count == 0:
+        raise UsageError(f"{source!r} has fewer tokens ({tokens.numel()}) than --seq-len {seq_len}")
+    return tokens[: count * seq_len].view(count, seq_len)

@@ -1,0 +1,35 @@
+"""Forward passes over a calibration set: the loss SPSA differentiates, and plain passes for hooks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minillm.calibration.data import CalibrationSet
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids must go: the device of the input embeddings (accelerate maps may spread the rest)."""
+    return model.get_input_embeddings().weight.device
+
+
+def mean_loss(model: nn.Module, calibration: CalibrationSet) -> float:
+    """Mean next-token cross-entropy over the calibration set, without any autograd state."""
+    device = input_device(model)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for batch in calibration.batches():
+            batch = batch.to(device)
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            tokens = batch.numel() - batch.shape[0]
+            total += float(loss) * tokens
+            count += tokens
+    return total / count
+
+
+def run_forward(model: nn.Module, calibration: CalibrationSet) -> None:
+    """Forward every calibration batch (for hooks); logits are discarded as soon as they exist."""
+    device = input_device(model)
+    with torch.inference_mode():
+        for batch in calibration.batches():
+            model(input_ids=batch.to(device), use_cache=False, logits_to_keep=1)

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity on non-overlapping windows (and the lm-eval bridge)."""

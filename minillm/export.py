@@ -1,0 +1,124 @@
+"""Atomic export of a pruned model: safetensors, config, tokenizer, ``minillm.json`` and a model card.
+
+Everything is written to a temporary folder beside ``out`` and renamed into place at the end, so a
+failure never leaves a half-written checkpoint. Uniform plans produce a stock config that vanilla
+``from_pretrained`` loads. Per-layer widths get a small ``modeling_minillm.py`` registered through
+``auto_map`` (load with ``trust_remote_code=True``); it imports only transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from minillm.arch.base import ArchAdapter
+from minillm.errors import UsageError
+
+REMOTE_CODE_FILE = "modeling_minillm.py"
+METADATA_FILE = "minillm.json"
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Fail early (before any work) if ``out`` cannot be written or would clobber something."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {str(path)!r} is a file; give a folder path")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UsageError(f"--out {str(path)!r} exists and is not empty; pass --overwrite or choose another folder")
+    parent = path.absolute().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise UsageError(f"cannot write to {str(parent)!r} (permission denied); choose another --out")
+    return path
+
+
+@contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temp folder; on success it replaces ``out`` in one rename, on failure it is deleted."""
+    path = check_output_dir(out, overwrite)
+    path.absolute().parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.absolute().parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+    tmp.rename(path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _layer_shape_overrides(model: nn.Module, adapter: ArchAdapter) -> tuple[dict, dict]:
+    """Linear shapes and attention attributes that differ from what the stock config would build."""
+    names = {module: name for name, module in model.named_modules()}
+    shapes: dict[str, list[int]] = {}
+    attributes: dict[str, dict[str, int]] = {}
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+        for linear in (attn.q, attn.k, attn.v, attn.o, *mlp.expand, mlp.closing):
+            shapes[names[linear]] = [linear.out_features, linear.in_features]
+        shape = adapter.layer_shape(model, index)
+        attributes[names[attn.module]] = adapter.attention_attributes(shape.num_heads, shape.num_kv_heads)
+    return shapes, attributes
+
+
+def _remote_code(base_class: str) -> str:
+    template = resources.files("minillm").joinpath("templates/modeling_minillm.py.tmpl").read_text()
+    return template.replace("{base_class}", base_class)
+
+
+def needs_remote_code(model: nn.Module, adapter: ArchAdapter) -> bool:
+    """True when the stock config cannot rebuild these layer widths."""
+    layers = adapter.decoder_layers(model)
+    shapes = {adapter.layer_shape(model, i) for i in range(len(layers))}
+    if len(shapes) != 1:
+        return True
+    update = adapter.uniform_config_update(model.config, next(iter(shapes)))
+    return update is None or any(getattr(model.config, k, None) != v for k, v in update.items())
+
+
+def save_pruned(model: nn.Module, tokenizer: Any, adapter: ArchAdapter, out: str | Path, metadata: dict,
+                card: str, overwrite: bool = False, max_shard_size: str | int = "5GB",
+                extra_files: Callable[[Path], None] | None = None) -> Path:
+    """Write the export atomically; returns the final folder."""
+    with atomic_output_dir(out, overwrite) as tmp:
+        config = model.config
+        if needs_remote_code(model, adapter):
+            shapes, attributes = _layer_shape_overrides(model, adapter)
+            base_class = type(model).__name__
+            if base_class == "MinillmPrunedForCausalLM":  # re-exporting one of our own per-layer models
+                base_class = type(model).__mro__[1].__name__
+            config.minillm_layer_shapes = shapes
+            config.minillm_module_attributes = attributes
+            config.auto_map = {"AutoModelForCausalLM": "modeling_minillm.MinillmPrunedForCausalLM"}
+            (tmp / REMOTE_CODE_FILE).write_text(_remote_code(base_class))
+            metadata = {**metadata, "trust_remote_code": True}
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1, default=str))
+        (tmp / "README.md").write_text(card)
+        if extra_files is not None:
+            extra_files(tmp)
+    return Path(out)
+
+
+def read_metadata(folder: str | Path) -> dict[str, Any]:
+    """``minillm.json`` of an export ({} when the folder is not a minillm export)."""
+    path = Path(folder) / METADATA_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,95 @@
+"""Load a causal LM and its tokenizer from a hub id, a local folder or a GGUF file.
+
+Loading goes through ``AutoModelForCausalLM.from_pretrained`` with an accelerate ``device_map`` (``auto``
+by default) and optional ``max_memory``, so the same call works on a laptop CPU and on GPUs. GGUF files
+are dequantised by transformers (needs the ``gguf`` package) into a plain model of the requested dtype.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minillm.errors import UsageError
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> Any:
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise UsageError(f"unknown --dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def parse_max_memory(spec: str | None) -> dict[int | str, str] | None:
+    """``"0=20GiB,cpu=30GiB"`` → ``{0: "20GiB", "cpu": "30GiB"}`` (accelerate's format)."""
+    if not spec:
+        return None
+    result: dict[int | str, str] = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not value.strip():
+            raise UsageError(f"--max-memory entries look like 0=20GiB,cpu=30GiB (got {part!r})")
+        key = key.strip()
+        result[int(key) if key.isdigit() else key] = value.strip()
+    return result
+
+
+def _split_gguf(source: str) -> tuple[str, str | None]:
+    path = Path(source)
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise UsageError(f"GGUF file {source!r} does not exist")
+        return str(path.parent), path.name
+    return source, None
+
+
+def load_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    folder, gguf_file = _split_gguf(source)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+
+
+def load_model(source: str, device_map: str | dict | None = "auto", max_memory: str | dict | None = None,
+               dtype: str = "auto", trust_remote_code: bool = False, offload_dir: str | None = None) -> Any:
+    """The model in eval mode; per-layer-width minillm exports need ``trust_remote_code=True``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder, gguf_file = _split_gguf(source)
+    if gguf_file is None and not Path(folder).exists() and folder.startswith((".", "/")):
+        raise UsageError(f"model folder {source!r} does not exist")
+    memory = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if gguf_file is not None and torch_dtype == "auto":
+        torch_dtype = torch.float32  # dequantised weights: store them in full precision unless told
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise UsageError(f"cannot load a model config from {source!r}: {str(exc).splitlines()[0]}") from exc
+    if not trust_remote_code and getattr(config, "minillm_layer_shapes", None):
+        # our own per-layer-width export: its only remote code is the resizing file minillm wrote itself
+        trust_remote_code = (Path(folder) / "minillm.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(
+        folder,
+        gguf_file=gguf_file,
+        dtype=torch_dtype,
+        device_map=device_map,
+        max_memory=memory,
+        offload_folder=offload_dir,
+        trust_remote_code=trust_remote_code,
+    )
+    if gguf_file is not None and hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")  # weights are plain tensors after dequantisation
+    model.eval()
+    return model
+
+
+def describe_source(source: str) -> dict[str, str]:
+    """What a model card and minillm.json record about where the model came from."""
+    folder, gguf_file = _split_gguf(source)
+    return {"source": source, "gguf_file": gguf_file or ""}

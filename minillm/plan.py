@@ -1,0 +1,287 @@
+"""Prune plans: the serialisable decision of which heads and channels each layer keeps.
+
+The plan separates "how important is it" (scoring) from "how to cut it" (surgery): scores go in,
+kept indices come out, and the plan is JSON that ``--dry-run`` prints and every export stores.
+
+Head granularity with grouped-query attention (GQA):
+
+* ``head_mode="kv"``: the unit is a whole key/value group (its k and v heads and every query head that
+  reads them). With plain multi-head attention a unit is simply one head.
+* ``head_mode="query"``: the unit is a *slot*: the j-th least important query head of **every** kv
+  group, so each kv group keeps the same number of query heads and ``num_key_value_groups`` stays an
+  integer; key/value heads are all kept.
+
+``--ratio`` is the fraction of the model's total parameters removed (the LLM-Pruner convention).
+``uniform`` allocation removes the same number of units from every pruned layer (a standard config can
+express the result); ``global`` ranks units of all pruned layers together by score per parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from minillm.arch.base import LayerShape
+from minillm.errors import UsageError
+
+HeadMode = Literal["kv", "query"]
+Allocation = Literal["uniform", "global"]
+Structures = Literal["both", "mlp", "attn"]
+PLAN_FORMAT = "minillm-prune-plan/1"
+
+
+@dataclass
+class LayerScores:
+    """Importance of every group of one layer (higher = more important).
+
+    ``heads``: one score per query head (its q rows and o columns). ``kv_heads``: one score per
+    key/value head (its k and v rows). ``channels``: one score per MLP intermediate channel.
+    """
+
+    heads: torch.Tensor
+    kv_heads: torch.Tensor
+    channels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """Parameters removed with one query head, one key/value head, one MLP channel of a layer."""
+
+    query_head: int
+    kv_head: int
+    channel: int
+
+
+@dataclass
+class LayerPlan:
+    """Kept indices of one layer, in the original numbering."""
+
+    index: int
+    heads: list[int]
+    kv_heads: list[int]
+    channels: list[int]
+
+    def shape(self, head_dim: int) -> LayerShape:
+        return LayerShape(len(self.heads), len(self.kv_heads), head_dim, len(self.channels))
+
+
+@dataclass
+class PrunePlan:
+    """The whole decision, plus the bookkeeping a user wants to see (target vs achieved)."""
+
+    head_mode: HeadMode
+    allocation: Allocation
+    layers: list[LayerPlan]
+    params_before: int
+    params_after: int
+    target_ratio: float
+    format: str = PLAN_FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def achieved_ratio(self) -> float:
+        return 1.0 - self.params_after / self.params_before
+
+    def is_uniform(self) -> bool:
+        return len({(len(p.heads), len(p.kv_heads), len(p.channels)) for p in self.layers}) <= 1
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["achieved_ratio"] = self.achieved_ratio
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrunePlan:
+        if data.get("format") != PLAN_FORMAT:
+            raise UsageError(f"not a minillm prune plan (format {data.get('format')!r}, want {PLAN_FORMAT})")
+        fields = {k: v for k, v in data.items() if k not in ("achieved_ratio", "layers")}
+        return cls(layers=[LayerPlan(**layer) for layer in data["layers"]], **fields)
+
+
+def _check_ratio(ratio: float) -> None:
+    if not 0.0 < ratio < 1.0:
+        raise UsageError(f"--ratio must be strictly between 0 and 1 (got {ratio}); e.g. --ratio 0.2")
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One removable unit of the allocation: a kv group, a query-head slot, or a channel."""
+
+    layer: int
+    kind: Literal["head", "channel"]
+    members: tuple[int, ...]  # query heads (kv mode: plus the kv head in kv_member) or channels
+    kv_member: int | None
+    score: float
+    cost: int
+
+
+def _head_units(layer: int, shape: LayerShape, scores: LayerScores, costs: LayerCosts, mode: HeadMode
+                ) -> list[_Unit]:
+    group = shape.heads_per_kv
+    heads = scores.heads.double()
+    if mode == "kv" or shape.num_kv_heads == shape.num_heads:
+        units = []
+        for kv in range(shape.num_kv_heads):
+            members = tuple(range(kv * group, (kv + 1) * group))
+            score = float(heads[list(members)].sum() + scores.kv_heads.double()[kv])
+            units.append(_Unit(layer, "head", members, kv, score, group * costs.query_head + costs.kv_head))
+        return units
+    # query mode: slot j holds the j-th least important query head of every kv group
+    per_group = heads.view(shape.num_kv_heads, group)
+    order = torch.argsort(per_group, dim=1, stable=True)
+    units = []
+    for slot in range(group):
+        members = tuple(int(kv * group + order[kv, slot]) for kv in range(shape.num_kv_heads))
+        score = float(heads[list(members)].sum())
+        units.append(_Unit(layer, "head", members, None, score, shape.num_kv_heads * costs.query_head))
+    return units
+
+
+def _channel_units(layer: int, scores: LayerScores, costs: LayerCosts) -> list[_Unit]:
+    values = scores.channels.double().tolist()
+    return [_Unit(layer, "channel", (c,), None, v, costs.channel) for c, v in enumerate(values)]
+
+
+def _remove_lowest(units: list[_Unit], count: int) -> set[_Unit]:
+    order = sorted(range(len(units)), key=lambda i: (units[i].score, i))
+    return {units[i] for i in order[:count]}
+
+
+def _layer_plan(layer: int, shape: LayerShape, removed: set[_Unit]) -> LayerPlan:
+    gone_heads = {m for u in removed if u.kind == "head" for m in u.members}
+    gone_kv = {u.kv_member for u in removed if u.kind == "head" and u.kv_member is not None}
+    gone_channels = {m for u in removed if u.kind == "channel" for m in u.members}
+    return LayerPlan(
+        index=layer,
+        heads=[h for h in range(shape.num_heads) if h not in gone_heads],
+        kv_heads=[k for k in range(shape.num_kv_heads) if k not in gone_kv],
+        channels=[c for c in range(shape.intermediate) if c not in gone_channels],
+    )
+
+
+def build_plan(
+    shapes: dict[int, LayerShape],
+    costs: dict[int, LayerCosts],
+    scores: dict[int, LayerScores],
+    total_params: int,
+    ratio: float,
+    allocation: Allocation = "uniform",
+    head_mode: HeadMode = "kv",
+    structures: Structures = "both",
+) -> PrunePlan:
+    """Turn group scores into a plan removing ``ratio`` of ``total_params`` from the scored layers.
+
+    ``shapes`` and ``costs`` cover every decoder layer; layers without ``scores`` are kept whole (the
+    plan still lists them, so it describes the complete architecture).
+    """
+    _check_ratio(ratio)
+    if allocation not in ("uniform", "global"):
+        raise UsageError(f"--allocation must be 'uniform' or 'global' (got {allocation!r})")
+    if head_mode not in ("kv", "query"):
+        raise UsageError(f"--head-mode must be 'kv' or 'query' (got {head_mode!r})")
+    if structures not in ("both", "mlp", "attn"):
+        raise UsageError(f"--structures must be 'both', 'mlp' or 'attn' (got {structures!r})")
+    target = ratio * total_params
+    scored = sorted(scores)
+    head_units = {i: _head_units(i, shapes[i], scores[i], costs[i], head_mode) for i in scored}
+    channel_units = {i: _channel_units(i, scores[i], costs[i]) for i in scored}
+    if structures == "mlp":
+        head_units = {i: [] for i in scored}
+    if structures == "attn":
+        channel_units = {i: [] for i in scored}
+    if allocation == "uniform":
+        removed = _uniform(head_units, channel_units, target, len(scored), total_params)
+    else:
+        removed = _global(head_units, channel_units, target)
+    layers = [_layer_plan(i, shapes[i], removed.get(i, set())) for i in sorted(shapes)]
+    removed_params = sum(u.cost for units in removed.values() for u in units)
+    return PrunePlan(
+        head_mode=head_mode,
+        allocation=allocation,
+        layers=layers,
+        params_before=total_params,
+        params_after=total_params - removed_params,
+        target_ratio=ratio,
+    )
+
+
+def _capacity(head_units: list[_Unit], channel_units: list[_Unit]) -> int:
+    """Most parameters one layer can lose while keeping at least one head unit and one channel."""
+    heads = sum(u.cost for u in head_units[:-1]) if head_units else 0
+    channels = sum(u.cost for u in channel_units[:-1]) if channel_units else 0
+    return heads + channels
+
+
+def _uniform(head_units: dict[int, list[_Unit]], channel_units: dict[int, list[_Unit]], target: float,
+             n_layers: int, total_params: int) -> dict[int, set[_Unit]]:
+    first = min(head_units)
+    heads, channels = head_units[first], channel_units[first]
+    per_layer = target / n_layers
+    capacity = _capacity(heads, channels)
+    if per_layer > capacity:
+        reachable = capacity * n_layers / total_params
+        raise UsageError(
+            f"this ratio would empty a layer: each pruned layer must lose {per_layer:,.0f} parameters but can "
+            f"lose at most {capacity:,.0f}; use --ratio below {reachable:.3f} or prune more layers "
+            "(lower --skip-first/--skip-last)"
+        )
+    layer_total = sum(u.cost for u in heads) + sum(u.cost for u in channels)
+    fraction = per_layer / layer_total
+    n_heads = min(round(fraction * len(heads)), max(len(heads) - 1, 0)) if heads else 0
+    head_cost = heads[0].cost if heads else 0
+    rest = per_layer - n_heads * head_cost
+    if channels:
+        n_channels = min(max(math.ceil(rest / channels[0].cost - 1e-9), 0), len(channels) - 1)
+    else:
+        n_channels = 0
+        n_heads = min(math.ceil(per_layer / head_cost - 1e-9), len(heads) - 1)
+    return {
+        i: _remove_lowest(head_units[i], n_heads) | _remove_lowest(channel_units[i], n_channels)
+        for i in head_units
+    }
+
+
+def _global(head_units: dict[int, list[_Unit]], channel_units: dict[int, list[_Unit]], target: float
+            ) -> dict[int, set[_Unit]]:
+    pool = [u for units in (*head_units.values(), *channel_units.values()) for u in units]
+    pool.sort(key=lambda u: (u.score / u.cost, u.layer, u.kind, u.members))
+    left_heads = {i: len(units) for i, units in head_units.items()}
+    left_channels = {i: len(units) for i, units in channel_units.items()}
+    removed: dict[int, set[_Unit]] = {i: set() for i in head_units}
+    done = 0
+    skipped: list[_Unit] = []
+
+    def take(unit: _Unit) -> bool:
+        nonlocal done
+        left = left_heads if unit.kind == "head" else left_channels
+        if left[unit.layer] <= 1:
+            return False
+        left[unit.layer] -= 1
+        removed[unit.layer].add(unit)
+        done += unit.cost
+        return True
+
+    for unit in pool:  # least important first; a unit that would overshoot the target waits
+        if done >= target:
+            break
+        if done + unit.cost > target:
+            skipped.append(unit)
+            continue
+        take(unit)
+    for unit in skipped:  # close the last gap with the least important unit that still fits a layer
+        if done >= target:
+            break
+        take(unit)
+    if done < target:
+        raise UsageError(
+            f"cannot remove {target:,.0f} parameters from the scored layers without emptying one; "
+            "lower --ratio or prune more layers (--skip-first/--skip-last)"
+        )
+    return removed

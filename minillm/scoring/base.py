@@ -1,0 +1,63 @@
+"""What every LLM scoring criterion receives and returns.
+
+A criterion is a function ``(ScoringContext) -> ScoreResult`` registered by name in
+:mod:`minillm.scoring`. It sees the model only through the adapter and the calibration set, and returns
+one :class:`~minillm.plan.LayerScores` per scored layer plus the passes it spent (for ``compare``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from minillm.arch.base import ArchAdapter, LayerShape
+from minillm.calibration.data import CalibrationSet
+from minillm.plan import LayerScores
+from minillm.scoring.spsa import SpsaConfig
+
+
+@dataclass
+class ScoringContext:
+    """Inputs shared by all criteria. ``options`` carries criterion-specific settings."""
+
+    model: nn.Module
+    adapter: ArchAdapter
+    layers: list[int]
+    shapes: dict[int, LayerShape]
+    calibration: CalibrationSet
+    seed: int = 0
+    spsa: SpsaConfig = field(default_factory=SpsaConfig)
+    options: dict[str, Any] = field(default_factory=dict)
+    progress: Callable[[str, int, int], None] | None = None
+
+    def report(self, task: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(task, done, total)
+
+    def layer(self, index: int) -> nn.Module:
+        return self.adapter.decoder_layers(self.model)[index]
+
+    def linears(self) -> list[nn.Linear]:
+        """Every prunable Linear of the scored layers, in a fixed order (q, k, v, o, expand…, closing)."""
+        result: list[nn.Linear] = []
+        for index in self.layers:
+            layer = self.layer(index)
+            attn, mlp = self.adapter.attention(layer), self.adapter.mlp(layer)
+            result += [attn.q, attn.k, attn.v, attn.o, *mlp.expand, mlp.closing]
+        return result
+
+
+@dataclass
+class ScoreResult:
+    """Group scores per scored layer, and the cost of getting them."""
+
+    scores: dict[int, LayerScores]
+    forward_passes: int = 0
+    backward_passes: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+Criterion = Callable[[ScoringContext], ScoreResult]

@@ -1,0 +1,75 @@
+"""Tiny models of every supported family, built from configs in-test (no network, no weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+VOCAB = 128
+
+
+def tiny_config(family: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=256)
+    if family == "llama":
+        return tf.LlamaConfig(**common, num_key_value_heads=2, intermediate_size=96)
+    if family == "mistral":
+        return tf.MistralConfig(**common, num_key_value_heads=2, intermediate_size=96, sliding_window=None)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common, num_key_value_heads=2, intermediate_size=96)
+    if family == "qwen3":
+        return tf.Qwen3Config(**common, num_key_value_heads=2, intermediate_size=96, head_dim=16)
+    if family == "opt":
+        return tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            ffn_dim=96, max_position_embeddings=256, word_embed_proj_dim=64)
+    if family == "llama-mha-tied":
+        return tf.LlamaConfig(**common, num_key_value_heads=4, intermediate_size=96, tie_word_embeddings=True)
+    raise KeyError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "opt"]
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)  # test-only: library code takes explicit generators
+    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    with torch.no_grad():  # random biases, so bias handling is exercised (they init to zero)
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.02)
+    return model.eval()
+
+
+def random_ids(n: int = 4, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, seq_len), generator=generator)
+
+
+def tiny_tokenizer():
+    """A real fast tokenizer (word-level over a small vocabulary), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def write_text(path: Path, words: int = 3000, seed: int = 0) -> Path:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (words,), generator=generator).tolist()
+    lines = [" ".join(f"w{i - 3}" for i in ids[k : k + 20]) for k in range(0, words, 20)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def calib_file(tmp_path: Path) -> Path:
+    return write_text(tmp_path / "calib.txt")
