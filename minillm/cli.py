@@ -59,7 +59,7 @@ def _widths_rows(widths: list[dict[str, int]]) -> list[tuple[str, int, int, int]
     rows: list[tuple[str, int, int, int]] = []
     start = 0
     for i in range(1, len(widths) + 1):
-        key = lambda w: (w["heads"], w["kv_heads"], w["channels"])  # noqa: E731
+        key = lambda w: (w["heads"], w["kv_heads"], w["channels"])
         if i == len(widths) or key(widths[i]) != key(widths[start]):
             first, last = widths[start]["layer"], widths[i - 1]["layer"]
             label = str(first) if first == last else f"{first}-{last}"
@@ -138,43 +138,6 @@ def prune(
     print_prune_summary(result)
 
 
-@app.command("eval")
-@friendly_errors
-def evaluate(
-    model: str = typer.Argument(..., help="Hub id, local folder (a minillm export too), or .gguf file."),
-    ppl: str = typer.Option(None, help="Perplexity text: .txt/.jsonl/.json file or dataset name."),
-    seq_len: int = typer.Option(128, help="Tokens per perplexity window."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
-    device_map: str = typer.Option("auto", help="accelerate device map."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
-    json_out: str = typer.Option(None, "--json", help="Also write the results as JSON here."),
-) -> None:
-    """Measure perplexity (non-overlapping windows) of a model or an export."""
-    import json
-    from pathlib import Path
-
-    from minillm.calibration.data import evaluation_windows
-    from minillm.evaluate.perplexity import perplexity
-    from minillm.loading import load_model, load_tokenizer
-
-    if ppl is None:
-        raise UsageError("nothing to evaluate: pass --ppl <text file or dataset name>")
-    tokenizer = load_tokenizer(model)
-    windows = evaluation_windows(tokenizer, ppl, seq_len)
-    loaded = load_model(model, device_map=device_map, dtype=dtype)
-    with progress_bars() as progress:
-        result = perplexity(loaded, windows, batch_size, lambda d, t: progress("perplexity", d, t))
-    table = Table(title=f"minillm eval {model}", show_header=False)
-    table.add_row("perplexity", f"{result.perplexity:.3f}")
-    table.add_row("protocol", result.protocol)
-    console.print(table)
-    typer.echo(f"perplexity {result.perplexity:.4f} ({result.windows} windows x {result.seq_len} tokens)")
-    if json_out:
-        payload = {"model": model, "ppl_source": ppl, "perplexity": result.perplexity, "windows": result.windows,
-                   "seq_len": result.seq_len, "tokens": result.tokens, "protocol": result.protocol}
-        Path(json_out).write_text(json.dumps(payload, indent=1))
-
-
 @app.command("criteria")
 def list_criteria() -> None:
     """List the scoring criteria."""
@@ -184,23 +147,45 @@ def list_criteria() -> None:
         typer.echo(name)
 
 
-def _register_subapps() -> None:
-    """Secondary pruners (CNN, LSTM) bring their own typer sub-apps, when present."""
+#: Command modules that each expose ``register(app)``; one line per command family.
+COMMAND_MODULES = (
+    "minillm.commands.evaluate",
+    "minillm.commands.compare",
+    "minillm.commands.recover",
+    "minillm.commands.push",
+    "minillm.commands.inspect",
+    "minillm.commands.bench",
+)
+#: Secondary pruners (CNN, LSTM) bring their own typer sub-apps.
+SUBAPPS = (
+    ("cnn", "minillm.vision.cli", "CNN channel pruning (IFSO and baselines)."),
+    ("lstm", "minillm.lstm.cli", "LSTM hidden-unit pruning and dynamic sparse training."),
+)
+
+
+def _optional_module(name: str) -> Any:
+    """Import a command module, or ``None`` if it does not exist (yet) in this installation."""
     import importlib
 
-    for name, module, help_text in (
-        ("cnn", "minillm.vision.cli", "CNN channel pruning (IFSO and baselines)."),
-        ("lstm", "minillm.lstm.cli", "LSTM hidden-unit pruning and dynamic sparse training."),
-    ):
-        try:
-            sub = importlib.import_module(module).app
-        except ModuleNotFoundError as exc:
-            if not exc.name or not module.startswith(exc.name):
-                raise
-            continue
-        app.add_typer(sub, name=name, help=help_text)
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if not exc.name or not name.startswith(exc.name):
+            raise
+        return None
+
+
+def register_commands() -> None:
+    for name in COMMAND_MODULES:
+        module = _optional_module(name)
+        if module is not None:
+            module.register(app)
+    for name, module_name, help_text in SUBAPPS:
+        module = _optional_module(module_name)
+        if module is not None:
+            app.add_typer(module.app, name=name, help=help_text)
 
 
 def main() -> None:
-    _register_subapps()
+    register_commands()
     app()
