@@ -1,49 +1,107 @@
-"""``minillm eval``: perplexity (and, with the eval extra, lm-eval tasks) of a model or an export."""
+"""``minillm eval``: perplexity and lm-eval zero-shot tasks of a model or an export, optionally side by side
+with a reference model (``--compare-to dense/``) as retained fractions."""
 
 from __future__ import annotations
+
+import math
 
 import typer
 from rich.table import Table
 
 from minillm.cli import console, friendly_errors, progress_bars
-from minillm.errors import UsageError
+
+
+def _fmt(key: str, value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3f}" if key == "perplexity" else f"{value:.4f}"
+
+
+def _limit(value: float | None) -> int | float | None:
+    return int(value) if value is not None and value >= 1 and float(value).is_integer() else value
 
 
 @friendly_errors
 def evaluate(
     model: str = typer.Argument(..., help="Hub id, local folder (a minillm export too), or .gguf file."),
     ppl: str = typer.Option(None, help="Perplexity text: .txt/.jsonl/.json file or dataset name."),
+    tasks: str = typer.Option(
+        None,
+        help="lm-eval tasks, comma-separated: boolq,piqa,hellaswag,winogrande,"
+        "arc_easy,arc_challenge,openbookqa.",
+    ),
+    tasks_dir: str = typer.Option(
+        None, help="Folder of your own lm-eval task YAMLs (lm-eval's include_path)."
+    ),
+    data_dir: str = typer.Option(
+        None,
+        help="Folder of local task files (piqa.validation.jsonl, …): runs "
+        "minillm's shipped task YAMLs with no network.",
+    ),
+    num_fewshot: int = typer.Option(0, help="Few-shot examples per task prompt."),
+    limit: float = typer.Option(None, help="Examples per task (a fraction if < 1); state it when reporting."),
+    compare_to: str = typer.Option(None, help="Reference model (e.g. the dense one) evaluated the same way."),
     seq_len: int = typer.Option(128, help="Tokens per perplexity window."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    batch_size: int = typer.Option(8, help="Windows / lm-eval requests per forward pass."),
+    seed: int = typer.Option(0, help="Seed for lm-eval's sampling (few-shot examples)."),
     device_map: str = typer.Option("auto", help="accelerate device map."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
     json_out: str = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ) -> None:
-    """Measure perplexity (non-overlapping windows) of a model or an export."""
+    """Measure perplexity (non-overlapping windows) and zero-shot accuracy (lm-eval) of a model."""
     import json
     from pathlib import Path
 
-    from minillm.calibration.data import evaluation_windows
-    from minillm.evaluate.perplexity import perplexity
-    from minillm.loading import load_model, load_tokenizer
+    from minillm.evaluate.suite import evaluate_model, retained
 
-    if ppl is None:
-        raise UsageError("nothing to evaluate: pass --ppl <text file or dataset name>")
-    tokenizer = load_tokenizer(model)
-    windows = evaluation_windows(tokenizer, ppl, seq_len)
-    loaded = load_model(model, device_map=device_map, dtype=dtype)
+    options = dict(
+        ppl=ppl,
+        seq_len=seq_len,
+        tasks=tasks,
+        tasks_dir=tasks_dir,
+        data_dir=data_dir,
+        num_fewshot=num_fewshot,
+        limit=_limit(limit),
+        batch_size=batch_size,
+        device_map=device_map,
+        dtype=dtype,
+        seed=seed,
+    )
     with progress_bars() as progress:
-        result = perplexity(loaded, windows, batch_size, lambda d, t: progress("perplexity", d, t))
-    table = Table(title=f"minillm eval {model}", show_header=False)
-    table.add_row("perplexity", f"{result.perplexity:.3f}")
-    table.add_row("protocol", result.protocol)
+        report = evaluate_model(model, progress=progress, **options)
+        reference = evaluate_model(compare_to, progress=progress, **options) if compare_to else None
+    for name, result in (("", report), (f" (reference {compare_to})", reference)):
+        if result is not None and result.zeroshot is not None:
+            typer.echo(f"lm-eval{name}:\n{result.zeroshot.table}")
+    mine = report.metrics()
+    ref = reference.metrics() if reference else {}
+    kept = retained(report, reference) if reference else {}
+    table = Table(title=f"minillm eval {model}")
+    table.add_column("metric")
+    table.add_column(model, justify="right")
+    if reference:
+        table.add_column(compare_to, justify="right")
+        table.add_column("retained", justify="right")
+    for key, value in mine.items():
+        row = [key, _fmt(key, value)]
+        if reference:
+            row += [_fmt(key, ref.get(key)), f"{kept[key]:.1%}" if key in kept else "-"]
+        table.add_row(*row)
     console.print(table)
-    typer.echo(f"perplexity {result.perplexity:.4f} ({result.windows} windows x {result.seq_len} tokens)")
+    if report.perplexity is not None:
+        result = report.perplexity
+        typer.echo(f"perplexity {result.perplexity:.4f} ({result.windows} windows x {result.seq_len} tokens)")
+    if report.zeroshot is not None:
+        typer.echo(
+            f"zero-shot mean {report.zeroshot.mean:.4f} over {len(report.zeroshot.scores)} tasks"
+            + (f" (retained {kept['mean']:.1%} of {compare_to})" if "mean" in kept else "")
+        )
     if json_out:
-        payload = {"model": model, "ppl_source": ppl, "perplexity": result.perplexity, "windows": result.windows,
-                   "seq_len": result.seq_len, "tokens": result.tokens, "protocol": result.protocol}
-        Path(json_out).write_text(json.dumps(payload, indent=1))
-
+        payload = {**report.to_dict(), "options": {k: v for k, v in options.items() if k != "device_map"}}
+        if reference is not None:
+            payload["reference"] = reference.to_dict()
+            payload["retained"] = kept
+        Path(json_out).write_text(json.dumps(payload, indent=1, default=str))
 
 
 def register(app: typer.Typer) -> None:

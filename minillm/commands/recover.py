@@ -1,0 +1,141 @@
+"""``minillm recover``: LoRA fine-tuning of a pruned export, merged and re-exported.
+
+Runs as is on one device, or data-parallel with ``accelerate launch minillm recover …``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from minillm.cli import console, friendly_errors
+
+
+@friendly_errors
+def recover(
+    pruned: str = typer.Argument(..., help="Pruned export folder (or any local/Hub causal LM)."),
+    data: str = typer.Option(
+        ...,
+        help="Training data: .txt, .jsonl/.json (text or Alpaca instruction/input/output) or a dataset name.",
+    ),
+    out: str = typer.Option(..., "--out", "-o", help="Folder for the recovered (merged) export."),
+    val_data: str = typer.Option(
+        None, help="Validation data (default: hold out --val-size training examples)."
+    ),
+    rank: int = typer.Option(8, help="LoRA rank r."),
+    alpha: float = typer.Option(16.0, help="LoRA alpha."),
+    dropout: float = typer.Option(0.05, help="LoRA dropout."),
+    target_modules: str = typer.Option(
+        None, help="Comma-separated Linear names (default: every projection)."
+    ),
+    lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW, linear warm-up and decay)."),
+    epochs: float = typer.Option(2.0, help="Passes over the training data."),
+    max_steps: int = typer.Option(None, help="Optimizer steps (overrides --epochs)."),
+    batch_size: int = typer.Option(4, help="Examples per micro-batch (per device)."),
+    grad_accum: int = typer.Option(16, help="Micro-batches per optimizer step."),
+    max_length: int = typer.Option(256, help="Tokens per example / text window."),
+    warmup_steps: int = typer.Option(100, help="Warm-up steps (at most 10% of the run)."),
+    val_size: int = typer.Option(128, help="Held-out examples for validation perplexity."),
+    eval_every: int = typer.Option(50, help="Validation perplexity every N steps (0: only start and end)."),
+    save_every: int = typer.Option(100, help="Checkpoint every N steps (0: never)."),
+    max_examples: int = typer.Option(None, help="Use at most this many training examples."),
+    train_on_inputs: bool = typer.Option(False, help="Alpaca data: also train on the prompt."),
+    checkpoint_dir: str = typer.Option(None, help="Checkpoint folder (default: <out>.checkpoints)."),
+    resume: bool = typer.Option(False, help="Continue from the latest checkpoint in the checkpoint folder."),
+    keep_checkpoints: bool = typer.Option(False, help="Keep the checkpoints after a successful export."),
+    seed: int = typer.Option(0, help="Seed for the validation split, shuffling and LoRA init."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
+    max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard."),
+) -> None:
+    """Recover a pruned model with LoRA (peft + accelerate), merge the adapters, export it like prune does."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from minillm.recover import RecoverConfig
+    from minillm.recover import recover as recover_api
+
+    config = RecoverConfig(
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        target_modules=[t.strip() for t in target_modules.split(",") if t.strip()]
+        if target_modules
+        else None,
+        lr=lr,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_length=max_length,
+        warmup_steps=warmup_steps,
+        val_size=val_size,
+        eval_every=eval_every,
+        save_every=save_every,
+        train_on_inputs=train_on_inputs,
+        max_examples=max_examples,
+        seed=seed,
+    )
+    bar = Progress(
+        TextColumn("recover"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("lr {task.fields[lr]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    task: dict[str, Any] = {}
+
+    def on_step(step: int, total: int, loss: float, rate: float) -> None:
+        if "id" not in task:
+            task["id"] = bar.add_task("recover", total=total, loss="-", lr="-")
+        bar.update(task["id"], completed=step, total=total, loss=f"{loss:.4f}", lr=f"{rate:.2e}")
+
+    with bar:
+        result = recover_api(
+            pruned,
+            data,
+            out,
+            config,
+            val_data=val_data,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            keep_checkpoints=keep_checkpoints,
+            overwrite=overwrite,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            on_step=on_step,
+            log=bar.console.print,
+            command=shlex.join(["minillm", *sys.argv[1:]]),
+        )
+    log = result.log
+    table = Table(title="minillm recover", show_header=False)
+    table.add_row(
+        "steps",
+        f"{len(log.losses)} of {log.total_steps} ({log.steps_per_epoch} per epoch, "
+        f"{log.train_examples} train / {log.val_examples} validation examples)",
+    )
+    if log.losses:
+        table.add_row("train loss", f"{log.losses[0]:.4f} → {log.losses[-1]:.4f}")
+    if log.val_ppl:
+        table.add_row("validation perplexity", f"{log.val_ppl[0][1]:.3f} → {log.val_ppl[-1][1]:.3f}")
+    table.add_row("training time", f"{log.seconds:.1f} s")
+    if result.out is not None:
+        table.add_row("saved to", str(result.out))
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("recover")(recover)

@@ -1,0 +1,95 @@
+"""Recovery settings: one typed field per knob, defaults from LLM-Pruner's post-training recipe.
+
+LLM-Pruner (Ma et al., 2023, https://arxiv.org/abs/2305.11627) recovers pruned LLaMA with LoRA
+r=8, alpha=16, dropout 0.05 on every projection, lr 1e-4, 2 epochs, 256-token examples, 100 warm-up
+steps and an effective batch of 64 (micro-batches of 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from minillm.errors import UsageError
+
+
+@dataclass
+class RecoverConfig:
+    """LoRA and training-loop settings of ``minillm recover``."""
+
+    rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha (update scaled by alpha / r)."})
+    dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Linear names to adapt; None = every prunable projection (from the adapter)."},
+    )
+    lr: float = field(
+        default=1e-4, metadata={"help": "AdamW peak learning rate (linear warm-up, linear decay)."}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the LoRA weights."})
+    epochs: float = field(
+        default=2.0, metadata={"help": "Passes over the training set (ignored with max_steps)."}
+    )
+    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps; overrides epochs."})
+    batch_size: int = field(default=4, metadata={"help": "Examples per micro-batch (per device)."})
+    grad_accum: int = field(default=16, metadata={"help": "Micro-batches per optimizer step."})
+    max_length: int = field(
+        default=256, metadata={"help": "Tokens per example (text is cut into windows of it)."}
+    )
+    warmup_steps: int = field(
+        default=100, metadata={"help": "Linear warm-up steps (capped at 10% of the run)."}
+    )
+    val_size: int = field(default=128, metadata={"help": "Held-out examples for validation perplexity."})
+    eval_every: int = field(
+        default=50, metadata={"help": "Validation perplexity every N optimizer steps (0: off)."}
+    )
+    save_every: int = field(default=100, metadata={"help": "Checkpoint every N optimizer steps (0: off)."})
+    train_on_inputs: bool = field(
+        default=False, metadata={"help": "Alpaca data: also learn the prompt (else only the response)."}
+    )
+    max_examples: int | None = field(
+        default=None, metadata={"help": "Use at most this many training examples."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for the split, shuffling and LoRA initialisation."})
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.rank >= 1, f"--rank must be >= 1 (got {self.rank})"),
+            (0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1) (got {self.dropout})"),
+            (self.lr > 0, f"--lr must be positive (got {self.lr})"),
+            (self.epochs > 0 or (self.max_steps or 0) > 0, "give --epochs > 0 or --max-steps > 0"),
+            (
+                self.max_steps is None or self.max_steps >= 1,
+                f"--max-steps must be >= 1 (got {self.max_steps})",
+            ),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1"),
+            (self.max_length >= 8, f"--max-length must be >= 8 tokens (got {self.max_length})"),
+            (
+                self.val_size >= 0 and self.eval_every >= 0 and self.save_every >= 0,
+                "--val-size, --eval-every and --save-every must be >= 0",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    #: settings that must match for ``--resume`` to continue the same run
+    RESUME_KEYS = (
+        "rank",
+        "alpha",
+        "target_modules",
+        "lr",
+        "epochs",
+        "max_steps",
+        "batch_size",
+        "grad_accum",
+        "max_length",
+        "val_size",
+        "max_examples",
+        "seed",
+        "train_on_inputs",
+    )
