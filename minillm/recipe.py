@@ -1,0 +1,167 @@
+"""Recipes: one validated schema holding everything ``minillm prune`` takes, as YAML or JSON.
+
+Why: a pruning run has ~20 settings; a recipe file names them once, is reviewed like code, and every
+export stores the fully resolved recipe in ``minillm.json`` (under ``"recipe"``), so
+``minillm prune --recipe pruned/minillm.json --out again`` reproduces a run. Flags given on the command
+line override the recipe. Modelled on llm-compressor's recipes: pydantic with ``extra="forbid"``, and
+unknown keys fail with a "did you mean …?" naming the closest field.
+
+Every option of the ``prune`` command is a field here (the test suite checks that); only ``--recipe``
+itself and the logging flags ``-v/-q`` are about the invocation rather than the run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from minillm.errors import UsageError
+
+RECIPE_KEY = "recipe"  # where an export's minillm.json keeps the resolved recipe
+
+
+class Recipe(BaseModel):
+    """The complete, validated settings of one ``minillm prune`` run (field = CLI option, ``-`` → ``_``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    description: str = Field("", description="Free text: what this recipe reproduces (ignored by the run).")
+    model: str | None = Field(None, description="Hub id, local HF folder, or .gguf file.")
+    ratio: float = Field(0.2, gt=0.0, lt=1.0, description="Fraction of the model's total parameters to remove.")
+    out: str | None = Field(None, description="Export folder (required unless dry_run).")
+    criterion: str = Field("fms", description="Scoring criterion (see `minillm criteria`).")
+    allocation: Literal["uniform", "global"] = Field("uniform", description="uniform widths or global ranking.")
+    head_mode: Literal["kv", "query"] = Field("kv", description="kv: whole key/value groups; query: query heads.")
+    structures: Literal["both", "mlp", "attn"] = Field("both", description="What to prune.")
+    skip_first: int = Field(0, ge=0, description="Keep the first N decoder layers whole.")
+    skip_last: int = Field(0, ge=0, description="Keep the last N decoder layers whole.")
+    calib: str = Field("wikitext2", description="Calibration text: .txt/.jsonl/.json file or dataset name.")
+    calib_samples: int = Field(32, ge=1, description="Number of calibration windows.")
+    seq_len: int = Field(128, ge=2, description="Tokens per calibration window.")
+    batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
+    seed: int = Field(0, description="Seed for calibration sampling and SPSA perturbations.")
+    spsa_steps: int = Field(16, ge=1, description="SPSA perturbations (2 forward passes each).")
+    spsa_eps: float = Field(1e-3, gt=0.0, description="SPSA perturbation size.")
+    criterion_options: dict[str, Any] = Field(default_factory=dict, description="Criterion-specific settings.")
+    device_map: str | dict[str, Any] | None = Field("auto", description="accelerate device map.")
+    max_memory: str | dict[str, Any] | None = Field(None, description="Per-device cap, e.g. 0=20GiB,cpu=30GiB.")
+    dtype: str = Field("auto", description="auto, float32, bfloat16, float16.")
+    overwrite: bool = Field(False, description="Replace a non-empty out folder.")
+    dry_run: bool = Field(False, description="Score and print the plan; write nothing.")
+    max_shard_size: str | int = Field("5GB", description="Largest safetensors shard.")
+    report: str | None = Field(None, description="Write an HTML report (and PNGs) here.")
+
+    # --- construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> Recipe:
+        """Validate ``data``; any problem becomes one :class:`UsageError` line naming the key."""
+        if not isinstance(data, dict):
+            raise UsageError(f"{source}: a recipe is a mapping of settings (got {type(data).__name__})")
+        normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
+        try:
+            return cls.model_validate(normalised)
+        except ValidationError as exc:
+            raise UsageError(f"{source}: {_explain(exc)}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """Read a ``.yaml``/``.yml`` recipe, a ``.json`` recipe, or an export's ``minillm.json`` (or its folder)."""
+        file = Path(path)
+        if file.is_dir():
+            file = file / "minillm.json"
+        if not file.is_file():
+            raise UsageError(f"recipe {str(path)!r} does not exist; pass a recipes/*.yaml file or an export's "
+                             "minillm.json")
+        text = file.read_text()
+        try:
+            if file.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except (ValueError, ImportError) as exc:  # yaml.YAMLError and JSONDecodeError are ValueErrors
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UsageError(f"cannot parse recipe {str(file)!r}: {first}") from None
+        if data is None:
+            raise UsageError(f"recipe {str(file)!r} is empty")
+        if isinstance(data, dict) and "minillm_version" in data:  # an export's minillm.json
+            data = _from_export_metadata(data, str(file))
+        return cls.from_dict(data, source=str(file))
+
+    @classmethod
+    def resolve(cls, path: str | Path | None, overrides: dict[str, Any]) -> Recipe:
+        """The settings of a run: the recipe at ``path`` (or the defaults), ``overrides`` on top, checked."""
+        recipe = (cls.load(path) if path else cls()).merged(overrides)
+        if recipe.model is None:
+            raise UsageError("no model to prune: pass --model (hub id, folder or .gguf) or set `model:` in the recipe")
+        if recipe.out is None and not recipe.dry_run:
+            raise UsageError("--out is required (or set `out:` in the recipe, or pass --dry-run to only print the plan)")
+        return recipe
+
+    # --- output -------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def merged(self, overrides: dict[str, Any]) -> Recipe:
+        """A new recipe with ``overrides`` (e.g. flags given on the command line) applied and re-validated."""
+        return Recipe.from_dict({**self.to_dict(), **overrides}, source="command line")
+
+    def prune_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`minillm.api.prune` (everything but the model and descriptive fields)."""
+        data = self.model_dump()
+        for key in ("description", "model", "report"):
+            data.pop(key)
+        return data
+
+
+def _explain(exc: ValidationError) -> str:
+    """The first validation error as one line; unknown keys get the closest field name."""
+    messages = []
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"]) or "recipe"
+        if error["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, Recipe.model_fields, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(Recipe.model_fields)})"
+            messages.append(f"unknown key {key!r}{hint}")
+        else:
+            messages.append(f"{key}: {error['msg']} (got {error.get('input')!r})")
+    return "; ".join(messages)
+
+
+def _from_export_metadata(metadata: dict[str, Any], source: str) -> dict[str, Any]:
+    """The recipe stored in an export; older exports without one are rebuilt from their ``options``."""
+    if isinstance(metadata.get(RECIPE_KEY), dict):
+        return metadata[RECIPE_KEY]
+    options = metadata.get("options")
+    if not isinstance(options, dict):
+        raise UsageError(f"{source} is a minillm export without a stored recipe; pass the recipe file instead")
+    return {"model": metadata.get("base_model"), **options}
+
+
+def export_recipe(model: str, out: str | Path | None, options: dict[str, Any], **settings: Any) -> dict[str, Any]:
+    """The resolved recipe an export stores: what ran, with ``overwrite``/``dry_run`` off.
+
+    ``options`` is the run's option dict (as :func:`minillm.api.prune` records it); ``settings`` adds the
+    loading/export settings it does not hold (device_map, max_memory, dtype, max_shard_size, report).
+    ``overwrite`` is stored as false on purpose: replaying a recipe must never clobber a folder unasked.
+    """
+    data = {key: str(value) if isinstance(value, Path) else value
+            for key, value in {**options, **settings}.items() if key in Recipe.model_fields}
+    data.update(model=model, out=None if out is None else str(out), overwrite=False, dry_run=False)
+    if isinstance(data.get("device_map"), dict):
+        data["device_map"] = {str(k): v for k, v in data["device_map"].items()}
+    if isinstance(data.get("max_memory"), dict):
+        data["max_memory"] = {str(k): v for k, v in data["max_memory"].items()}
+    return Recipe.from_dict(data, source="resolved recipe").to_dict()
