@@ -24,6 +24,8 @@ from minillm.export import check_output_dir, save_pruned
 from minillm.groups import layer_costs, prunable_layers
 from minillm.memory import Measurement, measure
 from minillm.plan import Allocation, HeadMode, PrunePlan, Structures, build_plan
+from minillm.recipe import export_recipe
+from minillm.report.timeline import Timeline
 from minillm.scoring import CRITERIA, ScoreResult, ScoringContext
 from minillm.scoring.spsa import SpsaConfig
 from minillm.surgery import apply_plan, pruned_widths
@@ -42,6 +44,7 @@ class PruneResult:
     total_seconds: float
     out: Path | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    timeline: Timeline | None = None  # memory/params per stage (reports, closing timings)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -103,22 +106,30 @@ def prune(
     overwrite: bool = False,
     dry_run: bool = False,
     max_shard_size: str | int = "5GB",
+    report: str | Path | None = None,
     progress: Progress | None = None,
     command: str | None = None,
 ) -> PruneResult:
     """Prune ``model`` (hub id, folder, ``.gguf`` file, or a loaded model) by ``ratio`` of its parameters.
 
     With ``out`` the pruned model is exported there atomically; with ``dry_run`` only the plan is made.
+    With ``report`` an HTML report (and PNGs beside it) is written at the end (needs matplotlib).
     """
     import time
 
     start = time.perf_counter()
+    timeline = Timeline(progress)
+    progress = timeline.progress
     if not 0.0 < ratio < 1.0:
         raise UsageError(f"--ratio must be strictly between 0 and 1 (got {ratio}); e.g. --ratio 0.2")
     if criterion not in CRITERIA:
         CRITERIA.get(criterion)  # raises the did-you-mean error
     if out is not None and not dry_run:
         check_output_dir(out, overwrite)
+    if report is not None:
+        from minillm.report import require_matplotlib
+
+        require_matplotlib()  # fail before the work, not after it
     source = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "in-memory model")
     if isinstance(model, str):
         from minillm.loading import load_model, load_tokenizer
@@ -126,6 +137,7 @@ def prune(
         tokenizer = tokenizer or load_tokenizer(model)
         model = load_model(model, device_map=device_map, max_memory=max_memory, dtype=dtype)
     adapter = adapter_for(model.config)
+    timeline.mark("loaded", model)
     layers = prunable_layers(len(adapter.decoder_layers(model)), skip_first, skip_last)
     if isinstance(calib, CalibrationSet):
         calibration = calib
@@ -136,6 +148,7 @@ def prune(
     spsa = SpsaConfig(steps=spsa_steps, eps=spsa_eps, seed=seed)
     with measure() as scoring:
         score = score_model(model, criterion, calibration, layers, seed, spsa, criterion_options, progress)
+    timeline.mark("scored", model)
     plan = plan_from_scores(model, score, ratio, allocation, head_mode, structures)
     plan.extra = {"criterion": criterion, "layers_scored": layers}
     options = {
@@ -145,18 +158,31 @@ def prune(
         "seq_len": calibration.input_ids.shape[1], "batch_size": calibration.batch_size, "seed": seed,
         "spsa_steps": spsa_steps, "spsa_eps": spsa_eps, "criterion_options": criterion_options or {},
     }
-    result = PruneResult(plan=plan, model=model, score=score, scoring=scoring, total_seconds=0.0)
+    result = PruneResult(plan=plan, model=model, score=score, scoring=scoring, total_seconds=0.0, timeline=timeline)
     if dry_run:
         result.total_seconds = time.perf_counter() - start
+        _write_report(result, report)
         return result
     apply_plan(model, adapter, plan)
     plan.params_after = count_parameters(model)
+    timeline.mark("pruned", model)
     result.total_seconds = time.perf_counter() - start
     result.metadata = _metadata(source, plan, options, score, scoring, result.total_seconds, command)
+    result.metadata["recipe"] = export_recipe(source, out, options, device_map=device_map, max_memory=max_memory,
+                                              dtype=dtype, max_shard_size=max_shard_size, report=report)
     if out is not None:
         result.out = save_pruned(model, tokenizer, adapter, out, result.metadata, render_card(result.metadata),
                                  overwrite=overwrite, max_shard_size=max_shard_size)
+        timeline.mark("exported", model)
+    _write_report(result, report)
     return result
+
+
+def _write_report(result: PruneResult, report: str | Path | None) -> None:
+    if report is not None:
+        from minillm.report import write_prune_report
+
+        write_prune_report(result, report)
 
 
 def _metadata(source: str, plan: PrunePlan, options: dict[str, Any], score: ScoreResult, scoring: Measurement,

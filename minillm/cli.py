@@ -37,21 +37,12 @@ def friendly_errors(fn: F) -> F:
 
 
 @contextmanager
-def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
-    """A ``progress(task, done, total)`` callback drawing one rich bar per task name."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def progress_bars(verbosity: int = 1) -> Iterator[Callable[[str, int, int], None]]:
+    """A ``progress(task, done, total)`` callback: rich bars on a terminal, one plain line per update in logs."""
+    from minillm.progress import progress_reporter
 
-    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
-    tasks: dict[str, Any] = {}
-
-    def update(task: str, done: int, total: int) -> None:
-        if task not in tasks:
-            tasks[task] = bars.add_task(task, total=total)
-        bars.update(tasks[task], completed=done, total=total)
-
-    with bars:
-        yield update
+    with progress_reporter(console, verbosity) as reporter:
+        yield reporter
 
 
 def _widths_rows(widths: list[dict[str, int]]) -> list[tuple[str, int, int, int]]:
@@ -93,10 +84,24 @@ def print_prune_summary(result: Any) -> None:
     console.print(widths)
 
 
+#: prune options about the invocation, not the run: everything else is a recipe field.
+INVOCATION_OPTIONS = ("recipe", "verbose", "quiet")
+
+
+def command_line_values(ctx: typer.Context) -> dict[str, Any]:
+    """Options given on the command line (or through the environment): they override the recipe."""
+    given = ("COMMANDLINE", "ENVIRONMENT")  # compared by name: typer ships its own ParameterSource enum
+    return {name: value for name, value in ctx.params.items()
+            if name not in INVOCATION_OPTIONS and getattr(ctx.get_parameter_source(name), "name", "") in given}
+
+
 @app.command()
 @friendly_errors
 def prune(
-    model: str = typer.Option(..., "--model", "-m", help="Hub id, local HF folder, or .gguf file."),
+    ctx: typer.Context,
+    recipe: str = typer.Option(None, "--recipe", "-r", help="Recipe (.yaml/.json, or an export's minillm.json); "
+                               "flags given here override it."),
+    model: str = typer.Option(None, "--model", "-m", help="Hub id, local HF folder, or .gguf file."),
     ratio: float = typer.Option(0.2, help="Fraction of the model's total parameters to remove."),
     out: str = typer.Option(None, "--out", "-o", help="Export folder (required unless --dry-run)."),
     criterion: str = typer.Option("fms", help="Scoring criterion (see `minillm criteria`)."),
@@ -118,24 +123,34 @@ def prune(
     overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
     dry_run: bool = typer.Option(False, help="Score and print the plan as JSON; write nothing."),
     max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard."),
+    report: str = typer.Option(None, help="Write an HTML report (plots as PNGs beside it), e.g. report.html."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Library logs and download bars too."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables: one result line."),
 ) -> None:
     """Score every attention head and MLP channel, remove the least important, export the smaller model."""
     from minillm.api import prune as prune_api
+    from minillm.progress import configure_logging, timings_line
+    from minillm.recipe import Recipe
 
-    if out is None and not dry_run:
-        raise UsageError("--out is required (or pass --dry-run to only print the plan)")
-    with progress_bars() as progress:
-        result = prune_api(
-            model, ratio=ratio, out=out, criterion=criterion, allocation=allocation, head_mode=head_mode,
-            structures=structures, skip_first=skip_first, skip_last=skip_last, calib=calib,
-            calib_samples=calib_samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
-            spsa_steps=spsa_steps, spsa_eps=spsa_eps, device_map=device_map, max_memory=max_memory,
-            dtype=dtype, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size,
-            progress=progress, command=shlex.join(["minillm", *sys.argv[1:]]),
-        )
-    if dry_run:
+    settings = Recipe.resolve(recipe, command_line_values(ctx))
+    verbosity = 1 + int(verbose) - int(quiet)
+    configure_logging(verbosity, console.is_terminal)
+    with progress_bars(verbosity) as progress:
+        result = prune_api(settings.model, **settings.prune_kwargs(), report=settings.report, progress=progress,
+                           command=shlex.join(["minillm", *sys.argv[1:]]))
+    if settings.dry_run:
         typer.echo(result.plan.to_json())
-    print_prune_summary(result)
+    if verbosity > 0:
+        print_prune_summary(result)
+        total = max(result.total_seconds, result.timeline.samples[-1].seconds)
+        console.print(timings_line(result.timeline.stage_seconds(), progress.step_seconds(), total),
+                      highlight=False, soft_wrap=True)
+        if settings.report:
+            console.print(f"report: {settings.report}", highlight=False)
+    else:
+        saved = f"; saved to {result.out}" if result.out is not None else ""
+        console.print(f"pruned {result.plan.params_before:,} → {result.plan.params_after:,} parameters "
+                      f"({result.plan.achieved_ratio:.2%}) in {result.total_seconds:.1f} s{saved}", highlight=False)
 
 
 @app.command("criteria")
@@ -175,7 +190,15 @@ def _optional_module(name: str) -> Any:
         return None
 
 
+_registered = False
+
+
 def register_commands() -> None:
+    """Attach every available command module and sub-app to ``app`` (once)."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
     for name in COMMAND_MODULES:
         module = _optional_module(name)
         if module is not None:
