@@ -38,7 +38,7 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     probe = parent
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
         raise UsageError(f"cannot write to {str(parent)!r} (permission denied); choose another --out")
     return path
 

@@ -97,7 +97,13 @@ class ArchAdapter:
         return {"num_key_value_groups": num_heads // num_kv_heads}
 
     def uniform_config_update(self, config: Any, shape: LayerShape) -> dict[str, int] | None:
-        """Config fields that express every layer having ``shape``, or ``None`` if the config cannot."""
+        """Config fields that express every layer having ``shape``, or ``None`` if the config cannot.
+
+        transformers validates ``hidden_size % num_attention_heads == 0`` when a config is built, even
+        with an explicit ``head_dim``; head counts that break it go through the per-layer export path.
+        """
+        if config.hidden_size % shape.num_heads:
+            return None
         return {
             "num_attention_heads": shape.num_heads,
             "num_key_value_heads": shape.num_kv_heads,
