@@ -165,6 +165,7 @@ def list_criteria() -> None:
 #: Command modules that each expose ``register(app)``; one line per command family.
 COMMAND_MODULES = (
     "minillm.commands.evaluate",
+    "minillm.commands.example",
     "minillm.commands.compare",
     "minillm.commands.recover",
     "minillm.commands.push",
