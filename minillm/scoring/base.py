@@ -58,6 +58,10 @@ class ScoreResult:
     forward_passes: int = 0
     backward_passes: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
+    #: Per-layer mean input of the closing projections, ``{"<layer>.attn" | "<layer>.mlp": tensor}``, for
+    #: criteria that fold removed groups' mean output into a bias (FLAP); applied by
+    #: :func:`minillm.scoring.compensation.fold_removed_means` before surgery or masking.
+    compensation: dict[str, Any] = field(default_factory=dict)
 
 
 Criterion = Callable[[ScoringContext], ScoreResult]

@@ -1,0 +1,48 @@
+"""Bias compensation: fold the mean output of removed groups into the closing projection's bias.
+
+FLAP's observation: a removed channel ``j`` contributed ``W[:, j] · x_j`` to the closing projection's
+output; replacing ``x_j`` by its calibration mean ``x̄_j`` keeps the first moment of the output, and the
+constant ``Σ_{j removed} W[:, j] · x̄_j`` is a bias. Applied to the *dense* model before surgery (or
+before masking, for the mask ≡ surgery check), so both see exactly the same compensation. Projections
+without a bias gain one; the export then records it (see :mod:`minillm.export`), so the checkpoint
+loads with the bias instead of silently dropping it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minillm.arch.base import ArchAdapter
+from minillm.plan import PrunePlan
+
+
+@torch.no_grad()
+def _fold(linear: nn.Linear, columns: list[int], mean: torch.Tensor) -> None:
+    if not columns:
+        return
+    index = torch.tensor(columns, dtype=torch.long, device=linear.weight.device)
+    shift = linear.weight.index_select(1, index).double() @ mean.to(linear.weight.device).double()[index]
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                               device=linear.weight.device), requires_grad=False)
+    linear.bias.add_(shift.to(linear.bias.dtype))
+
+
+def fold_removed_means(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan,
+                       means: dict[str, torch.Tensor]) -> None:
+    """Add ``W[:, removed] @ mean[removed]`` to each closing projection's bias (dense model, in place)."""
+    layers = adapter.decoder_layers(model)
+    head_dim = adapter.head_dim(model.config)
+    for layer_plan in plan.layers:
+        layer = layers[layer_plan.index]
+        shape = adapter.layer_shape(model, layer_plan.index)
+        attn_mean = means.get(f"{layer_plan.index}.attn")
+        if attn_mean is not None:
+            removed = sorted(set(range(shape.num_heads)) - set(layer_plan.heads))
+            columns = [h * head_dim + d for h in removed for d in range(head_dim)]
+            _fold(adapter.attention(layer).o, columns, attn_mean)
+        mlp_mean = means.get(f"{layer_plan.index}.mlp")
+        if mlp_mean is not None:
+            removed = sorted(set(range(shape.intermediate)) - set(layer_plan.channels))
+            _fold(adapter.mlp(layer).closing, removed, mlp_mean)

@@ -1,0 +1,66 @@
+"""``flap``: FLAP — fluctuation-based structured pruning with bias compensation (An et al., AAAI 2024).
+
+1. Fluctuation metric per input channel ``j`` of a closing projection: the sample variance of ``x_j``
+   over calibration tokens times the squared norm of weight column ``j``: ``Var(x_j) · ‖W[:, j]‖²``
+   (``o`` for attention — a head's score is the mean over its ``head_dim`` channels — and down / fc2
+   for the MLP).
+2. Standardisation per structure type: attention channels of all scored layers together, MLP channels
+   together, ``z = (s − mean) / std``, which makes heads and channels comparable.
+3. Adaptive structure search: FLAP ranks all heads and channels of all layers by ``z`` alone and cuts
+   below one global threshold. We emit ``score = cost × z`` (cost = parameters of the unit), so the
+   plan's ``global`` allocation — which ranks units by score per parameter — ranks them by ``z`` exactly
+   as FLAP does, with the parameter budget filled the same way. Under ``uniform`` it is FLAP's UL-UM.
+4. Bias compensation: the calibration mean of every removed channel is folded into a bias of the
+   closing projection (:mod:`minillm.scoring.compensation`).
+
+Paper: https://arxiv.org/abs/2312.11983
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minillm.calibration.forward import run_forward
+from minillm.calibration.stats import collect_input_stats
+from minillm.groups import layer_costs
+from minillm.plan import LayerScores
+from minillm.scoring.base import ScoreResult, ScoringContext
+
+
+def fluctuation(weight: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    """``Var(x_j) · ‖W[:, j]‖²`` for every input column j."""
+    return variance.double().cpu() * weight.detach().double().pow(2).sum(0).cpu()
+
+
+def standardise(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Z-score a family of tensors with the mean and std of all their elements together."""
+    flat = torch.cat([v.reshape(-1) for v in values])
+    mean, std = flat.mean(), flat.std().clamp_min(1e-30)
+    return [(v - mean) / std for v in values]
+
+
+def score_flap(ctx: ScoringContext) -> ScoreResult:
+    closings = []
+    for index in ctx.layers:
+        layer = ctx.layer(index)
+        closings += [ctx.adapter.attention(layer).o, ctx.adapter.mlp(layer).closing]
+    stats = collect_input_stats(closings, lambda: run_forward(ctx.model, ctx.calibration))
+    attn_raw, mlp_raw = [], []
+    for o, closing in zip(closings[::2], closings[1::2], strict=True):
+        attn_raw.append(fluctuation(o.weight, stats[o].variance))
+        mlp_raw.append(fluctuation(closing.weight, stats[closing].variance))
+    attn_z, mlp_z = standardise(attn_raw), standardise(mlp_raw)
+    scores, compensation = {}, {}
+    columns = zip(ctx.layers, closings[::2], closings[1::2], attn_z, mlp_z, strict=True)
+    for index, o, closing, az, mz in columns:
+        shape = ctx.shapes[index]
+        costs = layer_costs(ctx.adapter, ctx.layer(index), shape)
+        heads = az.view(shape.num_heads, shape.head_dim).mean(1)
+        kv = heads.view(shape.num_kv_heads, shape.heads_per_kv).mean(1)
+        scores[index] = LayerScores(heads=(heads * costs.query_head).float(),
+                                    kv_heads=(kv * costs.kv_head).float(),
+                                    channels=(mz * costs.channel).float())
+        compensation[f"{index}.attn"] = stats[o].mean.float().cpu()
+        compensation[f"{index}.mlp"] = stats[closing].mean.float().cpu()
+    return ScoreResult(scores=scores, forward_passes=1, compensation=compensation,
+                       notes={"bias_compensation": True})

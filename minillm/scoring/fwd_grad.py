@@ -1,0 +1,99 @@
+"""``fwd-grad``: forward-mode gate gradients with activity perturbation — exact directional derivatives.
+
+Instead of SPSA's finite differences, ``torch.func.jvp`` gives the exact directional derivative
+``∇L · v`` along a tangent ``v`` in one forward-mode pass (memory of about two forward passes, no ε
+to tune, no autograd graph). One direction per pass would still suffer the ``sqrt(K/d)`` law, so each
+sequence of a batch gets **its own copy of the gates and its own tangent** (activity perturbation):
+the per-sequence summed losses ``L_b`` give ``(∇_{g_b} L_b · v_b) v_b``, an unbiased estimate of
+``∇ L_b`` — ``B`` independent directions per pass instead of one. Averaged over sequences and passes:
+
+    Ĝ = (1/N) Σ_passes Σ_b (∇_{g_b} L_b · v_b) v_b / passes,   v_b ~ N(0, I),  N = predicted tokens.
+
+``mode="token"`` goes further — one gate copy and tangent per token, paired with that token's own
+loss — which cuts variance again but is biased: it keeps only each gate's effect on the loss at the
+same position (attention carries effects to later positions). Options: ``fwd_grad_mode``
+(``sequence`` default or ``token``); ``--spsa-steps`` sets the number of passes over the calibration set.
+Score: ``|Ĝ|`` as in ``taylor-gate``, whose exact gradient this estimates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.func import jvp
+
+from minillm.calibration.forward import input_device
+from minillm.scoring.base import ScoreResult, ScoringContext
+from minillm.scoring.gates import GateHolder, GateLayout, gated, token_losses
+from minillm.scoring.spsa import frozen
+
+_SEED_STRIDE = 1_000_003
+
+
+def _tangent(shape: tuple[int, ...], seed: int, step: int, batch: int, dtype: torch.dtype,
+             device: torch.device) -> torch.Tensor:
+    generator = torch.Generator(device=device).manual_seed(seed * 31 + step * _SEED_STRIDE + batch)
+    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+
+@contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Plain-PyTorch attention for the duration: fused SDPA kernels have no forward-mode derivative."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def forward_gradient(ctx: ScoringContext, layout: GateLayout, passes: int, mode: str = "sequence",
+                     on_pass: object = None) -> list[torch.Tensor]:
+    """Running estimates of ∂L/∂gates after each pass (float64, CPU): ``result[k-1]`` uses k passes."""
+    if mode not in ("sequence", "token"):
+        raise ValueError(f"fwd_grad_mode must be 'sequence' or 'token', got {mode!r}")
+    model = ctx.model
+    device = input_device(model)
+    dtype = ctx.adapter.mlp(ctx.layer(layout.layers[0])).closing.weight.dtype
+    ids = ctx.calibration.input_ids
+    total_tokens = ids.shape[0] * (ids.shape[1] - 1)
+    holder = GateHolder(torch.ones(layout.size, dtype=dtype, device=device))
+    running = torch.zeros(layout.size, dtype=torch.float64)
+    history = []
+    with frozen(list(model.parameters())), torch.inference_mode(False), torch.no_grad(), \
+            gated(ctx, layout, holder), eager_attention(model):
+        for step in range(passes):
+            for b, batch in enumerate(ctx.calibration.batches()):
+                batch = batch.to(device)
+                lead = (batch.shape[0],) if mode == "sequence" else (batch.shape[0], batch.shape[1])
+                primal = torch.ones(*lead, layout.size, dtype=dtype, device=device)
+                tangent = _tangent((*lead, layout.size), ctx.seed, step, b, dtype, device)
+
+                def losses(gates: torch.Tensor, _batch: torch.Tensor = batch) -> torch.Tensor:
+                    holder.value = gates
+                    per_token = token_losses(model, _batch, save_memory=False)
+                    return per_token.sum(1) if mode == "sequence" else per_token
+
+                _, directional = jvp(losses, (primal,), (tangent,))
+                if mode == "token":
+                    tangent = tangent[:, :-1]  # the last position predicts nothing
+                weighted = directional.double()[..., None] * tangent.double()
+                weighted = weighted.reshape(-1, layout.size).sum(0)
+                running += weighted.cpu() / total_tokens
+            history.append(running / (step + 1))
+            ctx.report("forward-gradient passes", step + 1, passes)
+    holder.value = torch.ones(1)
+    return history
+
+
+def score_fwd_grad(ctx: ScoringContext) -> ScoreResult:
+    layout = GateLayout.from_context(ctx)
+    mode = str(ctx.options.get("fwd_grad_mode", "sequence"))
+    history = forward_gradient(ctx, layout, ctx.spsa.steps, mode)
+    return ScoreResult(scores=layout.layer_scores(history[-1].abs()), forward_passes=ctx.spsa.steps,
+                       notes={"jvp_passes": ctx.spsa.steps, "mode": mode, "gates": layout.size,
+                              "directions_per_pass": ctx.calibration.input_ids.shape[0]
+                              * (1 if mode == "sequence" else ctx.calibration.input_ids.shape[1] - 1)})

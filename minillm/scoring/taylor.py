@@ -1,0 +1,83 @@
+"""LLM-Pruner's Taylor importance from back-propagated gradients (Ma et al., 2023).
+
+Registry names and formulas (per weight, then per group):
+
+* ``taylor``: element-wise first order ``Σ_group |W ⊙ G|``.
+* ``taylor-fisher``: element-wise with the second-order term, LLM-Pruner's ``param_mix``:
+  ``Σ_group |W ⊙ G − ½ W ⊙ F ⊙ W|`` where ``F`` (the diagonal Fisher standing in for the Hessian) is
+  the mean over calibration sequences of the squared per-sequence gradient.
+* ``taylor-vector``: vector-wise ``Σ_linear |Σ_{group slice of that linear} W ⊙ G|`` — the first-order
+  loss change of removing the group's whole slice of each projection, then summed over projections.
+
+``G`` is the gradient of the mean calibration loss (:mod:`minillm.scoring.backprop`).
+Paper: "LLM-Pruner: On the Structural Pruning of Large Language Models", https://arxiv.org/abs/2305.11627
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minillm.arch.base import ArchAdapter, LayerShape
+from minillm.groups import sum_by_group
+from minillm.plan import LayerScores
+from minillm.scoring.backprop import weight_gradients
+from minillm.scoring.base import ScoreResult, ScoringContext
+
+
+def elementwise(weight: torch.Tensor, gradient: torch.Tensor, fisher: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """``|W ⊙ G|`` or, with ``fisher``, ``|W ⊙ G − ½ W ⊙ F ⊙ W|``."""
+    w = weight.float()
+    salience = w * gradient
+    if fisher is not None:
+        salience = salience - 0.5 * w * fisher * w
+    return salience.abs()
+
+
+def vectorwise_scores(adapter: ArchAdapter, layer: nn.Module, shape: LayerShape,
+                      signed: dict[nn.Linear, torch.Tensor]) -> LayerScores:
+    """Sum the signed ``W ⊙ G`` over each group's slice of each Linear, take |·|, add over Linears."""
+    attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+    heads = signed[attn.q].reshape(shape.num_heads, -1).sum(1).abs()
+    heads = heads + signed[attn.o].reshape(-1, shape.num_heads, shape.head_dim).sum((0, 2)).abs()
+    kv = signed[attn.k].reshape(shape.num_kv_heads, -1).sum(1).abs()
+    kv = kv + signed[attn.v].reshape(shape.num_kv_heads, -1).sum(1).abs()
+    channels = signed[mlp.closing].sum(0).abs()
+    for linear in mlp.expand:
+        channels = channels + signed[linear].sum(1).abs()
+    return LayerScores(heads=heads.float().cpu(), kv_heads=kv.float().cpu(), channels=channels.float().cpu())
+
+
+def _score(ctx: ScoringContext, variant: str) -> ScoreResult:
+    linears = ctx.linears()
+    grads = weight_gradients(ctx, linears, fisher=variant == "fisher")
+    scores = {}
+    with torch.no_grad():
+        for index in ctx.layers:
+            layer = ctx.layer(index)
+            if variant == "vector":
+                attn, mlp = ctx.adapter.attention(layer), ctx.adapter.mlp(layer)
+                signed = {lin: lin.weight.float() * grads.gradient[lin]
+                          for lin in (attn.q, attn.k, attn.v, attn.o, *mlp.expand, mlp.closing)}
+                scores[index] = vectorwise_scores(ctx.adapter, layer, ctx.shapes[index], signed)
+            else:
+                def importance(linear: nn.Linear) -> torch.Tensor:
+                    fisher = grads.fisher[linear] if grads.fisher is not None else None
+                    return elementwise(linear.weight, grads.gradient[linear], fisher)
+
+                scores[index] = sum_by_group(ctx.adapter, layer, ctx.shapes[index], importance)
+    return ScoreResult(scores=scores, forward_passes=grads.forward_passes,
+                       backward_passes=grads.backward_passes, notes={"variant": variant})
+
+
+def score_taylor(ctx: ScoringContext) -> ScoreResult:
+    return _score(ctx, "element")
+
+
+def score_taylor_fisher(ctx: ScoringContext) -> ScoreResult:
+    return _score(ctx, "fisher")
+
+
+def score_taylor_vector(ctx: ScoringContext) -> ScoreResult:
+    return _score(ctx, "vector")
