@@ -163,6 +163,10 @@ def prune(
         result.total_seconds = time.perf_counter() - start
         _write_report(result, report)
         return result
+    if score.compensation:  # e.g. FLAP: fold removed groups' mean output into biases before slicing
+        from minillm.scoring.compensation import fold_removed_means
+
+        fold_removed_means(model, adapter, plan, score.compensation)
     apply_plan(model, adapter, plan)
     plan.params_after = count_parameters(model)
     timeline.mark("pruned", model)
