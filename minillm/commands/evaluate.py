@@ -4,6 +4,8 @@ with a reference model (``--compare-to dense/``) as retained fractions."""
 from __future__ import annotations
 
 import math
+import shlex
+import sys
 
 import typer
 from rich.table import Table
@@ -97,7 +99,11 @@ def evaluate(
             + (f" (retained {kept['mean']:.1%} of {compare_to})" if "mean" in kept else "")
         )
     if json_out:
-        payload = {**report.to_dict(), "options": {k: v for k, v in options.items() if k != "device_map"}}
+        payload = {
+            **report.to_dict(),
+            "options": {k: v for k, v in options.items() if k != "device_map"},
+            "command": shlex.join(["minillm", *sys.argv[1:]]),
+        }
         if reference is not None:
             payload["reference"] = reference.to_dict()
             payload["retained"] = kept

@@ -112,6 +112,12 @@ def recover(
     }
     metadata = {**metadata, "base_model": metadata.get("base_model", source), "recovery": recovery}
     metadata.setdefault("params_after", sum(p.numel() for p in merged.parameters()))
+    if not metadata.get("license"):
+        from minillm.hub import base_license
+
+        license_id = base_license(metadata.get("base_model"))  # local README only: no network here
+        if license_id:
+            metadata["license"] = license_id
     result = RecoverResult(merged, record, None, metadata)
     from accelerate import PartialState
 
