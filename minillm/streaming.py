@@ -1,0 +1,220 @@
+"""Pruning models larger than memory: which criteria stream, how much one block needs, where offload goes.
+
+``minillm prune --streaming --max-memory cpu=4GiB`` loads the model with accelerate (``device_map``,
+``max_memory``, disk offload; safetensors checkpoints are read in place, nothing is copied), scores it
+one resident block at a time (:mod:`minillm.calibration.blockwise`) and exports it block by block
+(:mod:`minillm.streaming_export`).
+
+In streaming mode ``--max-memory`` is the budget of the whole process on the compute device: before
+loading, minillm reserves room for one loaded block, a loaded copy of the embeddings / LM head, the
+calibration activations and (on CPU) the Python runtime itself, and gives accelerate the rest for the
+weights it may keep resident. A cap that cannot hold that reserve is refused with the figure it needs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from minillm.errors import UsageError
+from minillm.registry import Registry
+from minillm.scoring.base import Criterion
+
+#: Criteria with a block-by-block implementation (same names as in ``minillm.scoring.CRITERIA``).
+STREAMING: Registry[Criterion] = Registry("streaming criterion")
+STREAMING.register("fms", "minillm.scoring.streaming_fms:stream_fms")
+STREAMING.register("fms-local", "minillm.scoring.streaming_fms:stream_fms_local")
+STREAMING.register("wanda-sp", "minillm.scoring.streaming_stats:stream_wanda_sp")
+STREAMING.register("magnitude", "minillm.scoring.streaming_stats:stream_magnitude_l1")
+STREAMING.register("magnitude-l2", "minillm.scoring.streaming_stats:stream_magnitude_l2")
+
+GiB = 1024**3
+
+
+def streaming_criterion(name: str) -> Criterion:
+    if name not in STREAMING:
+        raise UsageError(
+            f"criterion {name!r} has no block-by-block mode; with --streaming use one of "
+            f"{', '.join(STREAMING.names())}"
+        )
+    return STREAMING.get(name)
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux ``/proc``; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@dataclass(frozen=True)
+class BlockBudget:
+    """What streaming needs beyond the weights accelerate keeps resident (bytes)."""
+
+    block: int
+    head: int
+    activations: int
+    runtime: int
+
+    @property
+    def reserve(self) -> int:
+        return self.block + self.head + self.activations + self.runtime
+
+    def describe(self) -> str:
+        return (
+            f"one decoder block {self.block / GiB:.2f} GiB + embeddings/LM head {self.head / GiB:.2f} GiB + "
+            f"calibration activations {self.activations / GiB:.2f} GiB + runtime {self.runtime / GiB:.2f} GiB"
+        )
+
+
+def block_budget(
+    config: Any, dtype: torch.dtype, batch_size: int, seq_len: int, samples: int, runtime_bytes: int
+) -> BlockBudget:
+    """Sizes from a weightless model built from ``config`` (accelerate's ``compute_module_sizes``)."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import compute_module_sizes
+    from transformers import AutoModelForCausalLM
+
+    from minillm.arch import adapter_for
+
+    adapter = adapter_for(config)
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    sizes = compute_module_sizes(meta, dtype=dtype)
+    names = {id(m): n for n, m in meta.named_modules()}
+    layers = adapter.decoder_layers(meta)
+    block = max(sizes[names[id(layer)]] for layer in layers)
+    head = max(sizes[""] - sum(sizes[names[id(layer)]] for layer in layers), 0)
+    size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+    hidden = int(config.hidden_size)
+    inter = adapter.intermediate_size(config)
+    heads = int(config.num_attention_heads)
+    vocab = int(config.vocab_size)
+    tokens = batch_size * seq_len
+    working = tokens * (8 * hidden + 3 * inter + heads * seq_len) * size + tokens * vocab * 4 * 3
+    streams = 4 * samples * seq_len * hidden * size  # first-block inputs, "+"/"−" streams, outputs
+    return BlockBudget(block=block, head=head, activations=working + streams, runtime=runtime_bytes)
+
+
+def _compute_key(max_memory: dict[Any, Any]) -> Any:
+    """The device whose cap the reserve comes from: the first GPU listed, else ``cpu``."""
+    gpus = [k for k in max_memory if isinstance(k, int) or str(k).startswith(("cuda", "xpu", "mps"))]
+    return gpus[0] if gpus and torch.cuda.is_available() else "cpu"
+
+
+def streaming_max_memory(max_memory: dict[Any, Any] | None, budget: BlockBudget) -> dict[Any, Any] | None:
+    """``max_memory`` for accelerate: the compute device's cap minus the streaming reserve.
+
+    Raises a :class:`UsageError` naming the smallest workable cap when one block does not fit.
+    """
+    from accelerate.utils import convert_file_size_to_int
+
+    if not max_memory:
+        return max_memory
+    key = _compute_key(max_memory)
+    if key not in max_memory:
+        return max_memory
+    cap = (
+        convert_file_size_to_int(max_memory[key])
+        if isinstance(max_memory[key], str)
+        else int(max_memory[key])
+    )
+    reserve = budget.reserve if key == "cpu" else budget.reserve - budget.runtime
+    if cap <= reserve:
+        need = (reserve + 256 * 1024**2) / GiB
+        raise UsageError(
+            f"--max-memory {key}={cap / GiB:.2f}GiB is too small for block-by-block pruning: it needs "
+            f"{budget.describe()}; give at least {key}={need:.1f}GiB (or lower --batch-size)"
+        )
+    return {**max_memory, key: cap - reserve}
+
+
+def default_offload_dir() -> str:
+    """A temporary folder for accelerate's disk offload, removed when the process exits.
+
+    Safetensors checkpoints are offloaded in place (transformers reads them from the checkpoint files),
+    so this folder stays empty for them; other formats are written here.
+    """
+    folder = tempfile.mkdtemp(prefix="minillm-offload-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def score_streaming(
+    model: Any,
+    criterion: str,
+    calibration: Any,
+    layers: list[int],
+    seed: int = 0,
+    spsa: Any = None,
+    options: dict[str, Any] | None = None,
+    progress: Any = None,
+) -> Any:
+    """:func:`minillm.api.score_model`, block by block (same arguments, same result type)."""
+    from minillm.api import layer_shapes
+    from minillm.arch import adapter_for
+    from minillm.scoring.base import ScoringContext
+    from minillm.scoring.spsa import SpsaConfig
+
+    score_fn = streaming_criterion(criterion)
+    adapter = adapter_for(model.config)
+    ctx = ScoringContext(
+        model=model,
+        adapter=adapter,
+        layers=layers,
+        shapes=layer_shapes(model, adapter),
+        calibration=calibration,
+        seed=seed,
+        spsa=spsa or SpsaConfig(seed=seed),
+        options=dict(options or {}),
+        progress=progress,
+    )
+    return score_fn(ctx)
+
+
+def _config_dtype(config: Any, dtype: Any) -> torch.dtype:
+    from minillm.loading import parse_dtype
+
+    chosen = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if chosen == "auto":
+        chosen = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        if isinstance(chosen, str):
+            chosen = getattr(torch, chosen)
+    return chosen
+
+
+def prepare_streaming_load(
+    source: str,
+    max_memory: str | dict | None,
+    offload_dir: str | None,
+    dtype: Any,
+    batch_size: int,
+    seq_len: int,
+    samples: int,
+) -> tuple[dict | None, str]:
+    """``max_memory`` and offload folder for ``load_model`` in streaming mode (checks the cap first)."""
+    from transformers import AutoConfig
+
+    from minillm.loading import parse_max_memory
+
+    memory = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
+    if memory:
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot load a model config from {source!r}: {str(exc).splitlines()[0]}"
+            ) from exc
+        budget = block_budget(
+            config, _config_dtype(config, dtype), batch_size, seq_len, samples, current_rss_bytes()
+        )
+        memory = streaming_max_memory(memory, budget)
+    return memory, offload_dir or default_offload_dir()

@@ -1,0 +1,207 @@
+"""Export a pruned model block by block, never holding more than one block (and one shard) in memory.
+
+Why not ``save_pretrained``: in streaming mode most weights live in accelerate's offload (``meta``
+parameters + a weights map), and surgery on the live model would only change the meta shapes. So:
+
+1. a *meta skeleton* of the model (``init_empty_weights``) receives the whole plan through the normal
+   :func:`~minillm.surgery.apply_plan`: it knows every pruned shape and the updated config, at no memory cost;
+2. a second, dense meta skeleton is the workbench: for each decoder block, the live block is made
+   resident, its weights are assigned into the workbench block, ``apply_plan`` with that block's part of
+   the plan slices them (the same surgery code as in memory, so mask ≡ surgery holds), the pruned
+   tensors go to the shard writer and the workbench block returns to ``meta``;
+3. the shard writer appends tensors in state-dict order and flushes a safetensors file whenever the next
+   tensor would overflow ``max_shard_size``; the index (``model.safetensors.index.json``) is the same
+   format ``save_pretrained`` writes, so vanilla ``from_pretrained`` loads the folder.
+
+Tied weights are dropped exactly as transformers does (``remove_tied_weights_from_state_dict``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from minillm.arch.base import ArchAdapter
+from minillm.calibration.blockwise import resident
+from minillm.export import (
+    METADATA_FILE,
+    REMOTE_CODE_FILE,
+    _layer_shape_overrides,
+    _remote_code,
+    atomic_output_dir,
+    needs_remote_code,
+)
+from minillm.plan import PrunePlan
+from minillm.surgery import apply_plan
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def meta_skeleton(model: nn.Module) -> nn.Module:
+    """A weightless copy of ``model``'s architecture (same class, config copy and dtype, same ties)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        skeleton = type(model)._from_config(copy.deepcopy(model.config), dtype=model.dtype)
+    return skeleton.eval()
+
+
+def _sub_plan(plan: PrunePlan, index: int) -> PrunePlan | None:
+    layer = next((p for p in plan.layers if p.index == index), None)
+    if layer is None:
+        return None
+    return PrunePlan(
+        head_mode=plan.head_mode,
+        allocation=plan.allocation,
+        layers=[layer],
+        params_before=plan.params_before,
+        params_after=plan.params_after,
+        target_ratio=plan.target_ratio,
+    )
+
+
+def _owner(names: list[str], key: str) -> str:
+    """The longest module name that prefixes ``key`` (``""`` for the root)."""
+    best = ""
+    for name in names:
+        if name and key.startswith(name + ".") and len(name) > len(best):
+            best = name
+    return best
+
+
+class _Producer:
+    """Pruned tensors on CPU, one unit (decoder block or other module) resident at a time."""
+
+    def __init__(self, model: nn.Module, adapter: ArchAdapter, plan: PrunePlan) -> None:
+        self.model, self.adapter, self.plan = model, adapter, plan
+        self.workbench = meta_skeleton(model)
+        names = {id(m): n for n, m in model.named_modules()}
+        self.blocks = {names[id(layer)]: i for i, layer in enumerate(adapter.decoder_layers(model))}
+        self.unit_names = list(names.values())
+        self.current: tuple[str, dict[str, torch.Tensor]] | None = None
+
+    def unit_of(self, key: str) -> str:
+        for prefix in self.blocks:
+            if key.startswith(prefix + "."):
+                return prefix
+        return _owner(self.unit_names, key)
+
+    def get(self, key: str) -> torch.Tensor:
+        unit = self.unit_of(key)
+        if self.current is None or self.current[0] != unit:
+            self.current = None  # drop the previous unit before loading the next
+            self.current = (unit, self._load(unit))
+        return self.current[1].pop(key)
+
+    @torch.no_grad()
+    def _load(self, unit: str) -> dict[str, torch.Tensor]:
+        live = self.model.get_submodule(unit) if unit else self.model
+        prefix = f"{unit}." if unit else ""
+        if unit not in self.blocks:
+            with resident(live):
+                tensors = {
+                    **dict(live.named_parameters(recurse=False)),
+                    **dict(live.named_buffers(recurse=False)),
+                }
+                return {prefix + k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+        index = self.blocks[unit]
+        bench = self.adapter.decoder_layers(self.workbench)[index]
+        with resident(live):
+            state = {k: v.detach().to("cpu", copy=True) for k, v in live.state_dict().items()}
+        bench.load_state_dict(state, assign=True)
+        sub = _sub_plan(self.plan, index)
+        if sub is not None:
+            apply_plan(self.workbench, self.adapter, sub)
+        result = {prefix + k: v.contiguous() for k, v in bench.state_dict().items()}
+        bench.to("meta")
+        return result
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _write_shards(
+    keys: list[str], sizes: dict[str, int], produce: Any, folder: Path, max_shard_bytes: int
+) -> dict[str, str]:
+    """Contiguous shards in key order; returns key → final file name."""
+    from safetensors.torch import save_file
+
+    groups: list[list[str]] = [[]]
+    filled = 0
+    for key in keys:
+        if groups[-1] and filled + sizes[key] > max_shard_bytes:
+            groups.append([])
+            filled = 0
+        groups[-1].append(key)
+        filled += sizes[key]
+    total = len(groups)
+    weight_map = {}
+    for number, group in enumerate(groups, start=1):
+        name = WEIGHTS_NAME if total == 1 else f"model-{number:05d}-of-{total:05d}.safetensors"
+        shard = {key: produce(key) for key in group}
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        del shard
+        weight_map.update(dict.fromkeys(group, name))
+    if total > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return weight_map
+
+
+def pruned_skeleton(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan) -> nn.Module:
+    """The meta skeleton with the whole plan applied: final shapes and config, no weights."""
+    skeleton = meta_skeleton(model)
+    apply_plan(skeleton, adapter, plan)
+    return skeleton
+
+
+def save_pruned_streaming(
+    model: nn.Module,
+    tokenizer: Any,
+    adapter: ArchAdapter,
+    plan: PrunePlan,
+    out: str | Path,
+    metadata: dict,
+    card: str,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+    skeleton: nn.Module | None = None,
+) -> Path:
+    """Apply ``plan`` block by block and write the export atomically (same files as :func:`save_pruned`)."""
+    from accelerate.utils import convert_file_size_to_int
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    skeleton = skeleton if skeleton is not None else pruned_skeleton(model, adapter, plan)
+    max_bytes = (
+        convert_file_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    )
+    with atomic_output_dir(out, overwrite) as tmp:
+        config = skeleton.config
+        if needs_remote_code(skeleton, adapter):
+            shapes, attributes = _layer_shape_overrides(skeleton, adapter)
+            config.minillm_layer_shapes = shapes
+            config.minillm_module_attributes = attributes
+            config.auto_map = {"AutoModelForCausalLM": "modeling_minillm.MinillmPrunedForCausalLM"}
+            (tmp / REMOTE_CODE_FILE).write_text(_remote_code(type(model).__name__))
+            metadata = {**metadata, "trust_remote_code": True}
+        state = remove_tied_weights_from_state_dict(skeleton.state_dict(), skeleton)
+        keys = list(state)
+        sizes = {key: _nbytes(tensor) for key, tensor in state.items()}
+        producer = _Producer(model, adapter, plan)
+        _write_shards(keys, sizes, producer.get, tmp, max_bytes)
+        config.dtype = model.dtype
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1, default=str))
+        (tmp / "README.md").write_text(card)
+    return Path(out)
