@@ -53,6 +53,8 @@ class Recipe(BaseModel):
     overwrite: bool = Field(False, description="Replace a non-empty out folder.")
     dry_run: bool = Field(False, description="Score and print the plan; write nothing.")
     max_shard_size: str | int = Field("5GB", description="Largest safetensors shard.")
+    streaming: bool = Field(False, description="Score and export block by block (models larger than memory).")
+    offload_dir: str | None = Field(None, description="Folder for accelerate's disk offload (streaming).")
     report: str | None = Field(None, description="Write an HTML report (and PNGs) here.")
 
     # --- construction -------------------------------------------------------------------------------
@@ -66,7 +68,7 @@ class Recipe(BaseModel):
         try:
             return cls.model_validate(normalised)
         except ValidationError as exc:
-            raise UsageError(f"{source}: {_explain(exc)}") from None
+            raise UsageError(f"{source}: {_explain(exc, as_flags=source == 'command line')}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
@@ -126,11 +128,16 @@ class Recipe(BaseModel):
         return data
 
 
-def _explain(exc: ValidationError) -> str:
-    """The first validation error as one line; unknown keys get the closest field name."""
+def _explain(exc: ValidationError, as_flags: bool = False) -> str:
+    """The validation errors as one line; unknown keys get the closest field name.
+
+    ``as_flags`` names settings as the command line spells them (``--seq-len``), so the fix is obvious.
+    """
     messages = []
     for error in exc.errors():
         key = ".".join(str(p) for p in error["loc"]) or "recipe"
+        if as_flags and error["type"] != "extra_forbidden":
+            key = "--" + key.replace("_", "-")
         if error["type"] == "extra_forbidden":
             close = difflib.get_close_matches(key, Recipe.model_fields, n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(Recipe.model_fields)})"
