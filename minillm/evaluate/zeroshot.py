@@ -87,8 +87,15 @@ def parse_tasks(spec: str | list[str]) -> list[str]:
     return out
 
 
-def task_manager(tasks_dir: str | Path | None = None, data_dir: str | Path | None = None) -> Any:
-    """lm-eval's TaskManager over the right task folders (see the module docstring)."""
+def task_manager(
+    tasks_dir: str | Path | None = None, data_dir: str | Path | None = None, names: list[str] | None = None
+) -> Any:
+    """lm-eval's TaskManager over the right task folders (see the module docstring).
+
+    Indexing lm-eval's ~15k built-in task YAMLs takes tens of seconds on a small CPU, so local folders are
+    indexed alone first; the built-ins are added only when a requested name is not found locally (and
+    never with ``data_dir`` alone: offline, the built-ins could not load their data anyway).
+    """
     require_lm_eval()
     from lm_eval.tasks import TaskManager
 
@@ -109,10 +116,11 @@ def task_manager(tasks_dir: str | Path | None = None, data_dir: str | Path | Non
         if not Path(tasks_dir).is_dir():
             raise UsageError(f"--tasks-dir {str(tasks_dir)!r} is not a folder of lm-eval task YAMLs")
         include.append(str(tasks_dir))
-    # local-only runs skip lm-eval's built-in index: those tasks would try the Hub anyway
-    return TaskManager(
-        include_path=include or None, include_defaults=data_dir is None, metadata=metadata or None
-    )
+    if include:
+        local = TaskManager(include_path=include, include_defaults=False, metadata=metadata or None)
+        if tasks_dir is None or all(n in local.all_tasks or local.match_tasks([n]) for n in names or []):
+            return local
+    return TaskManager(include_path=include or None, include_defaults=True, metadata=metadata or None)
 
 
 def check_tasks(manager: Any, names: list[str]) -> None:
@@ -164,7 +172,7 @@ def evaluate_tasks(
     names = parse_tasks(tasks)
     if limit is not None and limit <= 0:
         raise UsageError(f"--limit must be positive (got {limit})")
-    manager = task_manager(tasks_dir, data_dir)
+    manager = task_manager(tasks_dir, data_dir, names)
     check_tasks(manager, names)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(input_device(model)))
     try:
