@@ -15,8 +15,8 @@ from minillm.hub import build_upload, push
 
 EVAL = {
     "model": "pruned", "params": 1000,
-    "perplexity": {"perplexity": 23.5, "windows": 10, "seq_len": 128, "tokens": 1270, "source": "wiki.test.txt",
-                   "protocol": "10 non-overlapping windows of 128 tokens"},
+    "perplexity": {"perplexity": 23.5, "windows": 10, "seq_len": 128, "tokens": 1270,
+                   "source": "wiki.test.txt", "protocol": "10 non-overlapping windows of 128 tokens"},
     "zeroshot": {"tasks": {"piqa": {"task": "piqa", "metric": "acc_norm", "value": 0.61, "stderr": 0.02,
                                     "samples": 200}}, "mean": 0.61, "num_fewshot": 0, "limit": 200},
     "reference": {"model": "dense", "perplexity": {"perplexity": 21.0},
@@ -35,8 +35,9 @@ def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tiny_tokenizer().save_pretrained(base)
     (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# base\n")
     out = root / "pruned"
-    prune(str(base), ratio=0.3, allocation="global", calib=CalibrationSet(random_ids(4, 16, seed=1), batch_size=2),
-          spsa_steps=1, out=out, device_map=None, command="minillm prune --model base --ratio 0.3")
+    calibration = CalibrationSet(random_ids(4, 16, seed=1), batch_size=2)
+    prune(str(base), ratio=0.3, allocation="global", calib=calibration, spsa_steps=1,
+          out=out, device_map=None, command="minillm prune --model base --ratio 0.3")
     (out / "minillm_eval.json").write_text(json.dumps(EVAL))
     return out
 
@@ -106,7 +107,7 @@ def test_bad_input_and_dry_run(export: Path, tmp_path: Path, monkeypatch: pytest
 
     with pytest.raises(UsageError, match="not a valid Hub repo id"):
         build_upload(export, "user/bad name")
-    with pytest.raises(UsageError, match="no config.json"):
+    with pytest.raises(UsageError, match=r"no config\.json"):
         build_upload(tmp_path, "user/tiny")
     with pytest.raises(UsageError, match="does not exist"):
         build_upload(export, "user/tiny", evaluation=tmp_path / "none.json")
