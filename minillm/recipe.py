@@ -79,15 +79,12 @@ class Recipe(BaseModel):
         if not file.is_file():
             raise UsageError(f"recipe {str(path)!r} does not exist; pass a recipes/*.yaml file or an export's "
                              "minillm.json")
+        import yaml
+
         text = file.read_text()
         try:
-            if file.suffix.lower() == ".json":
-                data = json.loads(text)
-            else:
-                import yaml
-
-                data = yaml.safe_load(text)
-        except (ValueError, ImportError) as exc:  # yaml.YAMLError and JSONDecodeError are ValueErrors
+            data = json.loads(text) if file.suffix.lower() == ".json" else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as exc:  # JSONDecodeError is a ValueError
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UsageError(f"cannot parse recipe {str(file)!r}: {first}") from None
         if data is None:

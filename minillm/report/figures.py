@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-KEPT, REMOVED, ACCENT = "#2f6db5", "#d9dee4", "#c2410c"
+KEPT, REMOVED, ACCENT = "#2f6db5", "#c9d1da", "#c2410c"
 
 
 def _png(fig: Any) -> bytes:
@@ -33,7 +33,8 @@ def widths_figure(layers: Sequence[Mapping[str, int]]) -> bytes:
     index = [row["layer"] for row in layers]
     panels = (("heads", "query heads"), ("kv_heads", "key/value heads"), ("channels", "MLP channels"))
     for ax, (key, label) in zip(axes[:, 0], panels, strict=True):
-        ax.bar(index, [row[f"{key}_before"] for row in layers], color=REMOVED, label="removed", width=0.8)
+        ax.bar(index, [row[f"{key}_before"] for row in layers], color=REMOVED, label="removed", width=0.8,
+               edgecolor="#8c959f", linewidth=0.5)
         ax.bar(index, [row[key] for row in layers], color=KEPT, label="kept", width=0.8)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
@@ -75,30 +76,52 @@ def scores_figure(scores: Mapping[int, Mapping[str, Sequence[float]]]) -> bytes:
     return _png(fig)
 
 
+def _merged_marks(marks: Sequence[Mapping[str, Any]], span: float) -> list[tuple[float, str]]:
+    """Stage labels, with marks closer than 3% of the run merged into one label ("scored / pruned")."""
+    merged: list[tuple[float, str]] = []
+    for s in marks:
+        if merged and s["seconds"] - merged[-1][0] < 0.03 * span:
+            merged[-1] = (merged[-1][0], f"{merged[-1][1]} / {s['stage']}")
+        else:
+            merged.append((s["seconds"], s["stage"]))
+    return merged
+
+
+def _count_unit(largest: float) -> tuple[float, str]:
+    return (1e9, "B") if largest >= 1e9 else (1e6, "M") if largest >= 1e6 else (1e3, "K") if largest >= 1e3 else (1, "")
+
+
 def timeline_figure(samples: Sequence[Mapping[str, Any]]) -> bytes:
-    """Resident memory (and CUDA memory) over the run, with stage marks and the parameter count."""
+    """Resident memory (and CUDA memory) at each sample, with stage marks and the parameter count.
+
+    Samples are taken at stage marks and scoring steps only (no background thread), so points are
+    joined by dashed lines: memory between two samples is not observed.
+    """
     fig, axes = _figure(11, 4.2)
     ax = axes[0, 0]
     t = [s["seconds"] for s in samples]
-    ax.plot(t, [s["rss_bytes"] / 2**20 for s in samples], marker=".", color=KEPT, label="process RSS")
+    span = max(t[-1] - t[0], 1e-9)
+    line = {"marker": "o", "markersize": 4, "linestyle": "--", "linewidth": 1}
+    ax.plot(t, [s["rss_bytes"] / 2**20 for s in samples], color=KEPT, label="process RSS", **line)
     if any(s.get("cuda_bytes") is not None for s in samples):
-        ax.plot(t, [(s.get("cuda_bytes") or 0) / 2**20 for s in samples], marker=".", color="#6b21a8",
-                label="CUDA allocated")
+        ax.plot(t, [(s.get("cuda_bytes") or 0) / 2**20 for s in samples], color="#6b21a8",
+                label="CUDA allocated", **line)
     ax.set_xlabel("seconds since start")
     ax.set_ylabel("memory (MiB)")
     ax.grid(alpha=0.3)
     marks = [s for s in samples if s.get("params") is not None or s["stage"] == "start"]
-    for s in marks:
-        ax.axvline(s["seconds"], color="#8c959f", linestyle=":", linewidth=1)
-        ax.annotate(s["stage"], (s["seconds"], 1.0), xycoords=("data", "axes fraction"), rotation=90,
+    for seconds, label in _merged_marks(marks, span):
+        ax.axvline(seconds, color="#8c959f", linestyle=":", linewidth=1)
+        ax.annotate(label, (seconds, 0.98), xycoords=("data", "axes fraction"), rotation=90,
                     va="top", ha="right", fontsize=8, color="#57606a")
     counted = [s for s in samples if s.get("params") is not None]
     if counted:
+        scale, unit = _count_unit(max(s["params"] for s in counted))
         twin = ax.twinx()
-        twin.step([s["seconds"] for s in counted], [s["params"] / 1e6 for s in counted], where="post",
+        twin.step([s["seconds"] for s in counted], [s["params"] / scale for s in counted], where="post",
                   color=ACCENT, marker="s", label="parameters")
-        twin.set_ylabel("parameters (M)", color=ACCENT)
-        twin.set_ylim(0, max(s["params"] for s in counted) / 1e6 * 1.15)
+        twin.set_ylabel(f"parameters ({unit})" if unit else "parameters", color=ACCENT)
+        twin.set_ylim(0, max(s["params"] for s in counted) / scale * 1.15)
         twin.legend(loc="lower right", frameon=False)
     ax.legend(loc="lower left", frameon=False)
     ax.set_title("Memory and parameters over the run")
