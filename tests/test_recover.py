@@ -129,3 +129,33 @@ def test_wrong_fields_name_the_expected_ones_and_write_nothing(pruned: Path, tmp
     run = CliRunner().invoke(app, args)
     assert run.exit_code == 2 and "instruction" in run.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_run_exports_once(pruned: Path, tmp_path: Path) -> None:
+    """The accelerate path of ``accelerate launch``: two CPU processes (gloo) shard the data, reduce the
+    validation loss, and only the main process writes checkpoints and the export."""
+    import os
+    import subprocess
+    import sys
+
+    data = _pattern_text(tmp_path / "train.txt")
+    out = tmp_path / "ddp"
+    script = "from minillm.cli import main; main()"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    launcher = tmp_path / "launch_minillm.py"
+    launcher.write_text(script + "\n")
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(launcher), "recover",
+            str(pruned), "--data", str(data), "--out", str(out), "--max-steps", "4", "--batch-size", "4",
+            "--grad-accum", "1", "--max-length", "16", "--val-size", "4", "--eval-every", "2",
+            "--save-every", "2"]
+    run = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    metadata = json.loads((out / "minillm.json").read_text())
+    train_log = metadata["recovery"]["train"]
+    assert len(train_log["losses"]) == 4
+    single_process_steps = -(-train_log["train_examples"] // 4)
+    assert train_log["steps_per_epoch"] == -(-single_process_steps // 2)  # the data is split across 2 ranks
+    output = run.stdout + run.stderr  # one log and one summary, from the main process only
+    assert output.count("checkpoint saved to") == 1 and output.count("step 0: validation perplexity") == 1
+    assert not (tmp_path / "ddp.checkpoints").exists()

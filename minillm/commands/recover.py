@@ -120,6 +120,10 @@ def recover(
             log=bar.console.print,
             command=shlex.join(["minillm", *sys.argv[1:]]),
         )
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
     log = result.log
     table = Table(title="minillm recover", show_header=False)
     table.add_row(

@@ -214,8 +214,10 @@ def train(
     from accelerate import Accelerator
     from transformers import get_linear_schedule_with_warmup
 
-    say = log or (lambda message: None)
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum)
+    if not accelerator.is_main_process:  # one progress bar and one log, however many processes
+        on_step, log = None, None
+    say = log or (lambda message: None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     micro_per_epoch = math.ceil(len(train_set) / (config.batch_size * accelerator.num_processes))
