@@ -1,7 +1,8 @@
 """The compare report: the per-method table and one bar chart per numeric metric.
 
-Input is deliberately loose so any producer can feed it: a list of rows, each a mapping, a dataclass, or
-an object with ``to_dict()``/``as_dict()``. The label column is the first of ``method``, ``criterion``,
+Input is deliberately loose so any producer can feed it: a list of rows (or an object with ``.rows``,
+such as :class:`minillm.compare.CompareResult`), each a mapping, a dataclass, or an object with
+``to_dict()``/``as_dict()``; nested mappings (per-task accuracy) become one column per key. The label column is the first of ``method``, ``criterion``,
 ``name``, ``label`` present (else the first text column); every other column whose values are numbers
 gets a chart. Column order follows the rows.
 """
@@ -20,14 +21,31 @@ LABEL_KEYS = ("method", "criterion", "name", "label")
 
 
 def as_row(row: Any) -> dict[str, Any]:
+    """A flat dict: nested mappings (e.g. ``accuracy: {piqa: …}``) become ``accuracy.piqa`` columns."""
     if isinstance(row, Mapping):
-        return dict(row)
-    if dataclasses.is_dataclass(row) and not isinstance(row, type):
-        return dataclasses.asdict(row)
-    for attr in ("to_dict", "as_dict"):
-        if callable(getattr(row, attr, None)):
-            return dict(getattr(row, attr)())
-    raise UsageError(f"compare rows must be mappings or dataclasses (got {type(row).__name__})")
+        data = dict(row)
+    elif dataclasses.is_dataclass(row) and not isinstance(row, type):
+        data = dataclasses.asdict(row)
+    elif callable(getattr(row, "to_dict", None)) or callable(getattr(row, "as_dict", None)):
+        data = dict(getattr(row, "to_dict", None) and row.to_dict() or row.as_dict())
+    else:
+        raise UsageError(f"compare rows must be mappings or dataclasses (got {type(row).__name__})")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def row_labels(rows: list[dict[str, Any]], label: str) -> list[str]:
+    """The label column, extended by the text/ratio columns that vary when labels alone repeat."""
+    labels = [str(r.get(label, i)) if label else str(i) for i, r in enumerate(rows)]
+    if len(set(labels)) == len(labels):
+        return labels
+    extra = [k for k in ("allocation", "ratio", "head_mode", "structures") if len({str(r.get(k)) for r in rows}) > 1]
+    return [" ".join([labels[i], *(str(rows[i].get(k)) for k in extra)]) for i in range(len(rows))]
 
 
 def _is_number(value: Any) -> bool:
@@ -51,11 +69,13 @@ def render_compare_report(rows: Iterable[Any], path: str | Path, title: str = "m
     from minillm.report import require_matplotlib
 
     require_matplotlib()
+    if hasattr(rows, "rows"):  # a whole CompareResult
+        rows = rows.rows
     data = [as_row(r) for r in rows]
     if not data:
         raise UsageError("nothing to report: compare produced no rows")
     label, order, numeric = columns(data)
-    labels = [str(r.get(label, i)) for i, r in enumerate(data)] if label else [str(i) for i in range(len(data))]
+    labels = row_labels(data, label)
     nested = [k for k in order if any(isinstance(r.get(k), (dict, list)) for r in data)]
     shown = [k for k in order if k not in nested]
     table = html.table(shown, [[r.get(k, "") if r.get(k) is not None else "-" for k in shown] for r in data])
@@ -64,7 +84,10 @@ def render_compare_report(rows: Iterable[Any], path: str | Path, title: str = "m
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     if numeric:
-        png = figures.metrics_figure(labels, {k: [r.get(k) for r in data] for k in numeric})
+        metrics = {(f"{k} (MiB)" if k.endswith("_bytes") else k):
+                   [None if r.get(k) is None else (r[k] / 2**20 if k.endswith("_bytes") else r[k]) for r in data]
+                   for k in numeric}
+        png = figures.metrics_figure(labels, metrics)
         sections.append(("Metrics by method", html.figure(png, "One panel per numeric column of the table.",
                                                           "compare metrics")))
         file = target.with_name(f"{target.stem}.metrics.png")

@@ -1,0 +1,76 @@
+"""``minillm bench MODEL [--compare-to DENSE]``: prefill/decode tokens/s, peak memory, ratio to dense."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from minillm.cli import console, friendly_errors, progress_bars
+
+
+@friendly_errors
+def bench(
+    model: str = typer.Argument(..., help="Hub id, local folder (a minillm export too), or .gguf file."),
+    compare_to: str = typer.Option(None, "--compare-to", help="Reference model (the dense one), timed interleaved."),
+    batch_sizes: str = typer.Option("1,4", help="Comma-separated batch sizes."),
+    prompt_lens: str = typer.Option("128,512", help="Comma-separated prompt lengths (prefill tokens per sequence)."),
+    new_tokens: int = typer.Option(32, help="Greedy decode steps per case."),
+    repeats: int = typer.Option(5, help="Timed repeats per case (medians are reported)."),
+    warmup: int = typer.Option(1, help="Untimed warm-up rounds."),
+    device: str = typer.Option("auto", help="auto (CUDA if available), cpu, cuda, cuda:1, …"),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    seed: int = typer.Option(0, help="Seed of the random prompt ids."),
+    json_out: str = typer.Option(None, "--json", help="Also write rows and ratios as JSON here."),
+) -> None:
+    """Time prefill and decode (tokens/s) at a few batch sizes and lengths; with --compare-to, the ratios."""
+    import json
+
+    import torch
+
+    from minillm.loading import load_model
+    from minillm.progress import configure_logging
+    from minillm.speed import benchmark, cases, geometric_mean, markdown, parse_ints, ratios
+
+    if threads:
+        torch.set_num_threads(threads)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    speed_cases = cases(parse_ints(batch_sizes, "--batch-sizes"), parse_ints(prompt_lens, "--prompt-lens"), new_tokens)
+    configure_logging(1, console.is_terminal)
+    labels = _labels(model, compare_to)
+    models = {}
+    if compare_to:
+        models[labels[1]] = load_model(compare_to, device_map=device, dtype=dtype)
+    models[labels[0]] = load_model(model, device_map=device, dtype=dtype)
+    with progress_bars() as progress:
+        rows = benchmark(models, speed_cases, repeats, warmup, seed, progress)
+    reference = labels[1] if compare_to else None
+    typer.echo(f"minillm bench ({device}, {torch.get_num_threads()} threads, median of {repeats} interleaved repeats)")
+    typer.echo(markdown(rows, reference))
+    summary = {}
+    if reference:
+        r = ratios(rows, reference)
+        summary = {"prefill_latency_ratio_geomean": geometric_mean([x["prefill_latency_ratio"] for x in r]),
+                   "decode_latency_ratio_geomean": geometric_mean([x["decode_latency_ratio"] for x in r])}
+        typer.echo(f"latency vs {reference} (geometric mean over cases): prefill "
+                   f"{summary['prefill_latency_ratio_geomean']:.3f}×, decode {summary['decode_latency_ratio_geomean']:.3f}×")
+    if json_out:
+        payload = {"model": model, "reference": compare_to, "device": device, "threads": torch.get_num_threads(),
+                   "rows": [r.to_dict() for r in rows], "ratios": ratios(rows, reference) if reference else [],
+                   **summary}
+        Path(json_out).write_text(json.dumps(payload, indent=1))
+
+
+def _labels(model: str, reference: str | None) -> tuple[str, str]:
+    """Short, distinct row labels: folder names, or the full sources when those collide."""
+    short = Path(model.rstrip("/")).name or model
+    if reference is None:
+        return short, ""
+    ref = Path(reference.rstrip("/")).name or reference
+    return (short, ref) if short != ref else (model, reference)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)
