@@ -10,8 +10,10 @@ parameters + a weights map), and surgery on the live model would only change the
    the plan slices them (the same surgery code as in memory, so mask ≡ surgery holds), the pruned
    tensors go to the shard writer and the workbench block returns to ``meta``;
 3. the shard writer appends tensors in state-dict order and flushes a safetensors file whenever the next
-   tensor would overflow ``max_shard_size``; the index (``model.safetensors.index.json``) is the same
-   format ``save_pretrained`` writes, so vanilla ``from_pretrained`` loads the folder.
+   tensor would overflow the shard limit: ``max_shard_size``, but at most one (pruned) decoder block,
+   because safetensors buffers a shard and copies it once while writing; the index
+   (``model.safetensors.index.json``) is the format ``save_pretrained`` writes, so vanilla
+   ``from_pretrained`` loads the folder.
 
 Tied weights are dropped exactly as transformers does (``remove_tied_weights_from_state_dict``).
 """
@@ -194,6 +196,9 @@ def save_pruned_streaming(
         state = remove_tied_weights_from_state_dict(skeleton.state_dict(), skeleton)
         keys = list(state)
         sizes = {key: _nbytes(tensor) for key, tensor in state.items()}
+        # a shard is buffered (and copied once by safetensors) before it is written: keep it to one block
+        first_block = adapter.decoder_layers(skeleton)[0]
+        max_bytes = min(max_bytes, max(sum(_nbytes(t) for t in first_block.state_dict().values()), 1))
         producer = _Producer(model, adapter, plan)
         _write_shards(keys, sizes, producer.get, tmp, max_bytes)
         config.dtype = model.dtype

@@ -99,9 +99,15 @@ def _digest(folder: Path) -> str:
     return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.glob("*.safetensors")))).hexdigest()
 
 
-@pytest.mark.parametrize(("criterion", "allocation"), [("wanda-sp", "uniform"), ("fms", "global")])
+@pytest.mark.parametrize(
+    ("criterion", "allocation", "cap", "placement"),
+    [
+        ("wanda-sp", "uniform", "30KB", {"disk"}),  # everything offloaded to disk
+        ("fms", "global", "300KB", {"cpu", "disk"}),  # a mixed map: the multi-device code path
+    ],
+)
 def test_offloaded_prune_exports_shards_and_mask_equals_surgery(
-    tmp_path: Path, criterion: str, allocation: str
+    tmp_path: Path, criterion: str, allocation: str, cap: str, placement: set[str]
 ) -> None:
     dense = tiny_model("llama")
     source = _write_checkpoint(dense, tmp_path / "src")
@@ -109,10 +115,11 @@ def test_offloaded_prune_exports_shards_and_mask_equals_surgery(
     disk = load_model(
         str(source),
         device_map="auto",
-        max_memory={"cpu": "30KB"},
+        max_memory={"cpu": cap},
         dtype="float32",
         offload_dir=str(tmp_path / "offload"),
     )
+    assert set(disk.hf_device_map.values()) == placement
     result = prune(
         disk,
         ratio=0.3,
