@@ -34,6 +34,9 @@ STREAMING.register("wanda-sp", "minillm.scoring.streaming_stats:stream_wanda_sp"
 STREAMING.register("magnitude", "minillm.scoring.streaming_stats:stream_magnitude_l1")
 STREAMING.register("magnitude-l2", "minillm.scoring.streaming_stats:stream_magnitude_l2")
 
+#: Streaming criteria that evaluate the model's loss (they need the LM head and a batch of logits).
+NEEDS_LOSS = frozenset({"fms"})
+
 GiB = 1024**3
 
 
@@ -76,30 +79,42 @@ class BlockBudget:
 
 
 def block_budget(
-    config: Any, dtype: torch.dtype, batch_size: int, seq_len: int, samples: int, runtime_bytes: int
+    config: Any,
+    dtype: torch.dtype,
+    batch_size: int,
+    seq_len: int,
+    samples: int,
+    runtime_bytes: int,
+    with_loss: bool = True,
 ) -> BlockBudget:
-    """Sizes from a weightless model built from ``config`` (accelerate's ``compute_module_sizes``)."""
+    """Sizes from a weightless model built from ``config`` (accelerate's ``compute_module_sizes``).
+
+    ``with_loss``: the criterion evaluates the model's loss (SPSA full loss), so the embeddings, final
+    norm and LM head are loaded together and the logits of a batch exist; otherwise only the largest of
+    them is ever loaded at once (by the export) and no logits are made.
+    """
     from accelerate import init_empty_weights
     from accelerate.utils import compute_module_sizes
     from transformers import AutoModelForCausalLM
 
     from minillm.arch import adapter_for
+    from minillm.calibration.blockwise import non_block_modules
 
     adapter = adapter_for(config)
     with init_empty_weights():
         meta = AutoModelForCausalLM.from_config(config, dtype=dtype)
     sizes = compute_module_sizes(meta, dtype=dtype)
     names = {id(m): n for n, m in meta.named_modules()}
-    layers = adapter.decoder_layers(meta)
-    block = max(sizes[names[id(layer)]] for layer in layers)
-    head = max(sizes[""] - sum(sizes[names[id(layer)]] for layer in layers), 0)
+    block = max(sizes[names[id(layer)]] for layer in adapter.decoder_layers(meta))
+    others = [sizes[names[id(m)]] for m in non_block_modules(meta, adapter)] or [0]
+    head = sum(others) if with_loss else max(others)
     size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
     hidden = int(config.hidden_size)
-    inter = adapter.intermediate_size(config)
     heads = int(config.num_attention_heads)
-    vocab = int(config.vocab_size)
     tokens = batch_size * seq_len
-    working = tokens * (8 * hidden + 3 * inter + heads * seq_len) * size + tokens * vocab * 4 * 3
+    working = tokens * (8 * hidden + 3 * adapter.intermediate_size(config) + heads * seq_len) * size
+    if with_loss:
+        working += tokens * int(config.vocab_size) * 4 * 3  # logits, log-softmax, loss temporaries
     streams = 4 * samples * seq_len * hidden * size  # first-block inputs, "+"/"−" streams, outputs
     return BlockBudget(block=block, head=head, activations=working + streams, runtime=runtime_bytes)
 
@@ -192,6 +207,7 @@ def _config_dtype(config: Any, dtype: Any) -> torch.dtype:
 
 
 def prepare_streaming_load(
+    criterion: str,
     source: str,
     max_memory: str | dict | None,
     offload_dir: str | None,
@@ -214,7 +230,13 @@ def prepare_streaming_load(
                 f"cannot load a model config from {source!r}: {str(exc).splitlines()[0]}"
             ) from exc
         budget = block_budget(
-            config, _config_dtype(config, dtype), batch_size, seq_len, samples, current_rss_bytes()
+            config,
+            _config_dtype(config, dtype),
+            batch_size,
+            seq_len,
+            samples,
+            current_rss_bytes(),
+            with_loss=criterion in NEEDS_LOSS,
         )
         memory = streaming_max_memory(memory, budget)
     return memory, offload_dir or default_offload_dir()

@@ -172,12 +172,15 @@ def test_block_local_variant_scores_every_layer() -> None:
 def test_max_memory_too_small_for_one_block_says_how_much(tmp_path: Path) -> None:
     source = _write_checkpoint(tiny_model("llama"), tmp_path / "src")
     with pytest.raises(UsageError, match=r"one decoder block .* give at least cpu=\d"):
-        prepare_streaming_load(str(source), "cpu=1MiB", None, "float32", 8, 128, 32)
+        prepare_streaming_load("fms", str(source), "cpu=1MiB", None, "float32", 8, 128, 32)
 
 
 def test_reserve_is_taken_from_the_cap() -> None:
     model = tiny_model("llama")
     budget = block_budget(model.config, torch.float32, 4, 16, 6, runtime_bytes=10_000)
+    lean = block_budget(model.config, torch.float32, 4, 16, 6, runtime_bytes=10_000, with_loss=False)
+    assert lean.head == model.model.embed_tokens.weight.numel() * 4  # largest of embeddings / head / norm
+    assert budget.head > lean.head and budget.activations > lean.activations  # + LM head and logits
     assert budget.block == sum(p.numel() * 4 for p in model.model.layers[0].parameters())
     capped = streaming_max_memory({"cpu": 10 * 1024**2}, budget)
     assert capped == {"cpu": 10 * 1024**2 - budget.reserve}

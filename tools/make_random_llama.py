@@ -6,8 +6,8 @@ and tie structure; each tensor is then drawn from a seeded generator (N(0, 0.02Â
 for norm weights, like ``LlamaPreTrainedModel._init_weights``) and appended to the current shard, which
 is flushed at ``--shard-size``. Peak memory â‰ˆ one shard. The tokenizer is copied from ``--tokenizer``.
 
-    python tools/make_random_llama.py --size 0.1B --out /tmp/rand-0.1b \
-        --tokenizer ~/.cache/minillm-bench/smollm2-135m
+    python tools/make_random_llama.py --size 0.1B --out /tmp/rand-0.1b --tokenizer DIR  # e.g.
+    (DIR = ~/.cache/minillm-bench/smollm2-135m, the benchmark model, whose vocabulary is 49152)
 """
 
 from __future__ import annotations
