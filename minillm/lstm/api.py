@@ -141,7 +141,7 @@ class PruneSettings:
     calib_batch_size: int = 16
     bptt: int = 35
     spsa: SpsaConfig = field(default_factory=lambda: SpsaConfig(steps=32, eps=1e-3, seed=0))
-    group_lasso: float = 1e-3
+    group_lasso: float = 5e-3
     group_lasso_steps: int = 200
     finetune: TrainConfig | None = None
     seed: int = 0

@@ -131,7 +131,9 @@ def prune(
     calib_windows: int = typer.Option(8, help="Calibration BPTT windows (from train) for data criteria."),
     spsa_steps: int = typer.Option(32, help="SPSA perturbations for fms (two forward passes each)."),
     spsa_eps: float = typer.Option(1e-3, help="SPSA perturbation size."),
-    group_lasso: float = typer.Option(1e-3, help="λ of the group-lasso phase (criterion group_lasso)."),
+    group_lasso: float = typer.Option(
+        5e-3, help="λ of the group-lasso phase; start near the typical per-unit gradient norm."
+    ),
     group_lasso_steps: int = typer.Option(
         200, help="Regularised steps before scoring (0 = the model was trained with the penalty)."
     ),

@@ -37,7 +37,7 @@ class ScoreContext:
     calib: Sequence[Window]
     train_ids: torch.Tensor | None = None
     regularize: TrainConfig | None = None
-    group_lasso: float = 1e-3
+    group_lasso: float = 5e-3
     spsa: SpsaConfig = field(default_factory=SpsaConfig)
     seed: int = 0
     on_step: Callable[[int, int, float], None] | None = None
