@@ -159,3 +159,15 @@ def test_load_errors_are_one_clear_line(tmp_path: Path) -> None:
     (tmp_path / "m" / "config.json").write_text("{not json")
     with pytest.raises(ModelFileError, match="not valid JSON"):
         load_model(tmp_path / "m")
+
+
+def test_inference_speed_times_both_parts() -> None:
+    from minillm.lstm.speed import inference_speed, median_seconds
+
+    config = LstmLmConfig(vocab_size=20, embed_size=4, hidden_sizes=(6, 5))
+    model = LstmLm(config, torch.Generator().manual_seed(0))
+    result = inference_speed(model, batch_size=2, seq_len=5, repeats=3, clock="thread")
+    assert result.lm_ms > 0 and result.lstm_ms > 0 and result.lm_tokens_per_s > 0
+    assert model.training  # mode restored
+    with pytest.raises(ValueError, match="unknown clock"):
+        median_seconds(lambda: None, clock="sundial")

@@ -60,10 +60,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, default=Path("runs/bench_lstm"))
     p.add_argument("--only-dense", action="store_true", help="train (or load) the dense model and stop")
+    p.add_argument("--only-speed", action="store_true", help="time the smaller models and stop")
+    p.add_argument("--clock", default="thread", choices=["thread", "wall"],
+                   help="thread CPU time (robust on a shared box; needs --threads 1) or wall time")
     p.add_argument("--markdown", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
     return p.parse_args()
+
+
+STARTED = (time.process_time(), time.perf_counter())
 
 
 def log(message: str) -> None:
@@ -95,7 +101,6 @@ def main() -> None:
     from minillm.lstm.train import TrainConfig, evaluate_nll, perplexity, train_lm
     from minillm.scoring.spsa import SpsaConfig
 
-    started_cpu, started_wall = time.process_time(), time.perf_counter()
     corpus = Corpus.load(args.data)
     config = LstmLmConfig(vocab_size=len(corpus.vocab), embed_size=args.embed,
                           hidden_sizes=(args.hidden, args.hidden), dropout=args.dropout)
@@ -147,11 +152,15 @@ def main() -> None:
         model = apply_plan(dense, plan)
         row = {"keep": keep, "hidden": list(model.config.hidden_sizes), "parameters": count_parameters(model)}
         for batch in (1, 20):
-            speed = inference_speed(model, batch_size=batch, seq_len=args.bptt, repeats=30, seed=args.seed)
+            speed = inference_speed(model, batch_size=batch, seq_len=args.bptt, repeats=30, seed=args.seed,
+                                    clock=args.clock)
             row[f"lm_ms_b{batch}"], row[f"lstm_ms_b{batch}"] = speed.lm_ms, speed.lstm_ms
         speed_rows.append(row)
         log(f"speed {row}")
     results["speed"] = speed_rows
+    if args.only_speed:
+        finish(results, args)
+        return
 
     # --- criteria × kept fraction, short fine-tune ---
     prune_rows = []
@@ -197,8 +206,13 @@ def main() -> None:
                           "train_cpu_s": clock.cpu, "train_wall_s": clock.wall}
         log(f"dst density {summary.dst_density:.4f} test ppl {summary.test_ppl:.2f}")
 
-    results["total_cpu_s"] = time.process_time() - started_cpu
-    results["total_wall_s"] = time.perf_counter() - started_wall
+    finish(results, args)
+
+
+def finish(results: dict, args: argparse.Namespace) -> None:
+    """Print and write the tables, the JSON record and the plot."""
+    results["total_cpu_s"] = time.process_time() - STARTED[0]
+    results["total_wall_s"] = time.perf_counter() - STARTED[1]
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1, default=str))
@@ -207,7 +221,7 @@ def main() -> None:
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(text)
-    if args.plot:
+    if args.plot and results.get("prune"):
         plot(results, args.plot)
 
 
@@ -261,7 +275,8 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
         out.append("")
     if results.get("speed"):
         base = results["speed"][0]
-        out.append("Inference time (median of 30, 35 tokens, 1 thread), speedup vs the first row:\n")
+        out.append(f"Inference time in ms ({args.clock} clock, median of 30 runs over 35 tokens, "
+                   f"{args.threads} thread), speedup vs the first row:\n")
         out.append("| kept | hidden | params | LM ms B=1 | LSTM ms B=1 | LM ms B=20 | LSTM ms B=20 |")
         out.append("|---:|---|---:|---:|---:|---:|---:|")
         for r in results["speed"]:
