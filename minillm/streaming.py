@@ -72,9 +72,11 @@ class BlockBudget:
         return self.block + self.head + self.activations + self.runtime
 
     def describe(self) -> str:
+        from minillm.memory import human_bytes
+
         return (
-            f"one decoder block {self.block / GiB:.2f} GiB + embeddings/LM head {self.head / GiB:.2f} GiB + "
-            f"calibration activations {self.activations / GiB:.2f} GiB + runtime {self.runtime / GiB:.2f} GiB"
+            f"one decoder block {human_bytes(self.block)} + embeddings/LM head {human_bytes(self.head)} + "
+            f"calibration activations {human_bytes(self.activations)} + runtime {human_bytes(self.runtime)}"
         )
 
 
@@ -146,7 +148,7 @@ def streaming_max_memory(max_memory: dict[Any, Any] | None, budget: BlockBudget)
     if cap <= reserve:
         need = (reserve + 256 * 1024**2) / GiB
         raise UsageError(
-            f"--max-memory {key}={cap / GiB:.2f}GiB is too small for block-by-block pruning: it needs "
+            f"--max-memory {key}={max_memory[key]} is too small for block-by-block pruning: it needs "
             f"{budget.describe()}; give at least {key}={need:.1f}GiB (or lower --batch-size)"
         )
     return {**max_memory, key: cap - reserve}

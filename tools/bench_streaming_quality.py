@@ -26,6 +26,10 @@ TEXT = Path(__file__).resolve().parent.parent.parent / "shared/data/text"
 STREAMING_ONLY = {"fms-local"}
 
 
+def _locked(command: list[str], lock: str) -> list[str]:
+    return (["flock", lock, "nice", "-n", "5"] if lock else []) + command
+
+
 def prune(criterion: str, out: Path, streaming: bool, args: argparse.Namespace) -> dict:
     command = [
         "/usr/bin/time",
@@ -56,7 +60,7 @@ def prune(criterion: str, out: Path, streaming: bool, args: argparse.Namespace) 
     if streaming:
         command += ["--streaming", "--max-memory", f"cpu={args.cap}"]
     start = time.perf_counter()
-    done = subprocess.run(["flock", args.lock, "nice", "-n", "5", *command], capture_output=True, text=True)
+    done = subprocess.run(_locked(command, args.lock), capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"prune failed ({criterion}, streaming={streaming}):\n{done.stderr[-3000:]}")
     peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))  # type: ignore[union-attr]
@@ -81,7 +85,7 @@ def perplexity(folder: Path, args: argparse.Namespace) -> float:
         "print(json.dumps(perplexity(m, w).perplexity))"
     )
     done = subprocess.run(
-        ["flock", args.lock, "nice", "-n", "5", sys.executable, "-c", code],
+        _locked([sys.executable, "-c", code], args.lock),
         capture_output=True,
         text=True,
         check=True,
@@ -109,7 +113,7 @@ def main() -> None:
     parser.add_argument("--cap", default="1.5GiB")
     parser.add_argument("--windows", type=int, default=200)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/minillm-bench-streaming"))
-    parser.add_argument("--lock", default="/tmp/minillm-cpu.lock")
+    parser.add_argument("--lock", default="/tmp/minillm-cpu.lock", help="flock file ('' when already locked)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
