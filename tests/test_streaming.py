@@ -196,3 +196,17 @@ def test_streaming_rejects_criterion_without_block_mode() -> None:
             streaming=True,
             dry_run=True,
         )
+
+
+def test_cli_too_small_max_memory_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from minillm.cli import app
+
+    source = _write_checkpoint(tiny_model("llama"), tmp_path / "src")
+    out = tmp_path / "out"
+    args = ["prune", "-m", str(source), "--streaming", "--max-memory", "cpu=10MiB", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "too small for block-by-block pruning" in result.output and "give at least cpu=" in result.output
+    assert not out.exists()  # nothing half-written
