@@ -65,6 +65,16 @@ def columns(rows: list[dict[str, Any]]) -> tuple[str, list[str], list[str]]:
     return label or "", order, numeric
 
 
+def _cell(key: str, value: Any) -> Any:
+    if value is None:
+        return "-"
+    if key.endswith("_bytes") and _is_number(value):
+        from minillm.memory import human_bytes
+
+        return human_bytes(int(value))
+    return value
+
+
 def render_compare_report(rows: Iterable[Any], path: str | Path, title: str = "minillm compare") -> list[Path]:
     from minillm.report import require_matplotlib
 
@@ -78,11 +88,12 @@ def render_compare_report(rows: Iterable[Any], path: str | Path, title: str = "m
     labels = row_labels(data, label)
     nested = [k for k in order if any(isinstance(r.get(k), (dict, list)) for r in data)]
     shown = [k for k in order if k not in nested]
-    table = html.table(shown, [[r.get(k, "") if r.get(k) is not None else "-" for k in shown] for r in data])
+    table = html.table(shown, [[_cell(k, r.get(k)) for k in shown] for r in data])
     sections = [("Results", table)]
     written: list[Path] = []
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    numeric = [k for k in numeric if len({r.get(k) for r in data}) > 1]  # a constant column says nothing
     if numeric:
         metrics = {(f"{k} (MiB)" if k.endswith("_bytes") else k):
                    [None if r.get(k) is None else (r[k] / 2**20 if k.endswith("_bytes") else r[k]) for r in data]

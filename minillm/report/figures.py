@@ -39,17 +39,21 @@ def widths_figure(layers: Sequence[Mapping[str, int]]) -> bytes:
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
-    axes[0, 0].legend(loc="upper right", ncols=2, frameon=False)
-    axes[0, 0].set_title("Kept width per decoder layer")
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside upper right", ncols=2, frameon=False)
+    fig.suptitle("Kept width per decoder layer")
     axes[-1, 0].set_xlabel("decoder layer")
     axes[-1, 0].set_xticks(index if len(index) <= 40 else index[:: math.ceil(len(index) / 40)])
     return _png(fig)
 
 
 def _scale(ax: Any, values: Sequence[float]) -> None:
-    if values and min(values) > 0:
-        ax.set_yscale("log")
-    elif values:
+    """Log scale only when the values span more than 20x (scores often do); linear otherwise."""
+    if not values or max(values) <= 0:
+        return
+    if min(values) > 0:
+        if max(values) / min(values) > 20:
+            ax.set_yscale("log")
+    elif max(abs(v) for v in values) / max(min(abs(v) for v in values if v) if any(values) else 1.0, 1e-30) > 20:
         ax.set_yscale("symlog", linthresh=max(1e-12, min(abs(v) for v in values if v) if any(values) else 1.0))
 
 

@@ -16,7 +16,7 @@ p.sub { color: #57606a; margin-top: 0; }
 table { border-collapse: collapse; margin: 0.8rem 0; font-size: 0.92rem; }
 th, td { border: 1px solid #d0d7de; padding: 0.3rem 0.7rem; text-align: right; }
 th { background: #f6f8fa; } td:first-child, th:first-child { text-align: left; }
-table.kv td:first-child { font-weight: 600; background: #f6f8fa; }
+table.kv td:first-child { font-weight: 600; background: #f6f8fa; } table.kv td { text-align: left; }
 figure { margin: 1rem 0; } figure img { max-width: 100%; border: 1px solid #d0d7de; }
 figcaption { color: #57606a; font-size: 0.9rem; }
 code { background: #f6f8fa; padding: 0.1rem 0.3rem; border-radius: 4px; }

@@ -36,7 +36,7 @@ def _summary(result: Any) -> list[tuple[str, Any]]:
     plan, meta = result.plan, result.metadata
     recipe = meta.get("recipe", {})
     rows: list[tuple[str, Any]] = [
-        ("model", recipe.get("model") or meta.get("base_model", "-")),
+        ("model", recipe.get("model") or meta.get("base_model") or "in-memory model"),
         ("criterion", plan.extra.get("criterion", "-")),
         ("allocation / head mode", f"{plan.allocation} / {plan.head_mode}"),
         ("parameters", f"{plan.params_before:,} → {plan.params_after:,}"),
