@@ -210,3 +210,11 @@ def test_cli_too_small_max_memory_is_one_line_and_exit_2(tmp_path: Path) -> None
     assert result.exit_code == 2
     assert "too small for block-by-block pruning" in result.output and "give at least cpu=" in result.output
     assert not out.exists()  # nothing half-written
+
+
+def test_offloaded_model_switches_to_streaming(tmp_path: Path) -> None:
+    source = _write_checkpoint(tiny_model("llama"), tmp_path / "src")
+    disk = load_model(str(source), max_memory={"cpu": "30KB"}, offload_dir=str(tmp_path / "off"))
+    result = prune(disk, ratio=0.2, criterion="wanda-sp", calib=calibration(), out=tmp_path / "out")
+    assert result.score.notes["streaming"] is True
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out") is not None
