@@ -114,9 +114,19 @@ def _layer_groups(model: nn.Module) -> list[LayerGroups]:
     for i, layer in enumerate(adapter.decoder_layers(model)):
         shape = adapter.layer_shape(model, i)
         costs = layer_costs(adapter, layer, shape)
-        rows.append(LayerGroups(i, shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.intermediate,
-                                costs.query_head, costs.kv_head, costs.channel,
-                                sum(p.numel() for p in layer.parameters())))
+        rows.append(
+            LayerGroups(
+                i,
+                shape.num_heads,
+                shape.num_kv_heads,
+                shape.head_dim,
+                shape.intermediate,
+                costs.query_head,
+                costs.kv_head,
+                costs.channel,
+                sum(p.numel() for p in layer.parameters()),
+            )
+        )
     return rows
 
 
@@ -132,13 +142,18 @@ def _capacity(row: LayerGroups, attention: str, mlp: bool) -> int:
     return heads + channels
 
 
-def reachable_ratios(layers: list[LayerGroups], total: int, skip_first: int = 0, skip_last: int = 0
-                     ) -> dict[str, float]:
+def reachable_ratios(
+    layers: list[LayerGroups], total: int, skip_first: int = 0, skip_last: int = 0
+) -> dict[str, float]:
     """Largest ``--ratio`` per setting; ``global`` sums every layer's capacity, ``uniform`` is bounded
     by the smallest layer (every pruned layer loses the same amount)."""
     chosen = [layers[i] for i in prunable_layers(len(layers), skip_first, skip_last)]
-    settings = {"attention+mlp (head_mode kv)": ("kv", True), "attention+mlp (head_mode query)": ("query", True),
-                "mlp only": ("none", True), "attention only (head_mode kv)": ("kv", False)}
+    settings = {
+        "attention+mlp (head_mode kv)": ("kv", True),
+        "attention+mlp (head_mode query)": ("query", True),
+        "mlp only": ("none", True),
+        "attention only (head_mode kv)": ("kv", False),
+    }
     result = {}
     for name, (attention, mlp) in settings.items():
         capacities = [_capacity(row, attention, mlp) for row in chosen]
@@ -159,15 +174,37 @@ def inspect_model(source: str | nn.Module, skip_first: int = 0, skip_last: int =
     total = sum(parts.values())
     export = {}
     if metadata:
-        export = {key: metadata.get(key) for key in ("base_model", "criterion", "params_before", "params_after",
-                                                      "achieved_ratio", "layer_widths", "recipe", "command")}
-        export["plan"] = {k: metadata.get("plan", {}).get(k) for k in ("allocation", "head_mode", "target_ratio")}
+        export = {
+            key: metadata.get(key)
+            for key in (
+                "base_model",
+                "criterion",
+                "params_before",
+                "params_after",
+                "achieved_ratio",
+                "layer_widths",
+                "recipe",
+                "command",
+            )
+        }
+        export["plan"] = {
+            k: metadata.get("plan", {}).get(k) for k in ("allocation", "head_mode", "target_ratio")
+        }
     output = model.get_output_embeddings()
     tied = output is not None and output.weight is model.get_input_embeddings().weight
     return ModelInfo(
-        source=name, model_type=config.model_type, architecture=type(model).__name__,
-        num_layers=len(layers), hidden_size=int(config.hidden_size), vocab_size=int(config.vocab_size),
-        tied_embeddings=bool(tied), total_params=total, params_by_part=parts, layers=layers,
-        reachable=reachable_ratios(layers, total, skip_first, skip_last), skip_first=skip_first,
-        skip_last=skip_last, export=export,
+        source=name,
+        model_type=config.model_type,
+        architecture=type(model).__name__,
+        num_layers=len(layers),
+        hidden_size=int(config.hidden_size),
+        vocab_size=int(config.vocab_size),
+        tied_embeddings=bool(tied),
+        total_params=total,
+        params_by_part=parts,
+        layers=layers,
+        reachable=reachable_ratios(layers, total, skip_first, skip_last),
+        skip_first=skip_first,
+        skip_last=skip_last,
+        export=export,
     )

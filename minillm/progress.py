@@ -47,8 +47,14 @@ class ProgressReporter:
         if self.live:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeElapsedColumn(), console=self.console, transient=False)
+            self._bars = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=False,
+            )
             self._bars.__enter__()
         return self
 
@@ -67,8 +73,12 @@ class ProgressReporter:
         elif self.verbosity > 0 and (done >= total or now - state.printed >= self.interval):
             state.printed = now
             percent = f" ({done / total:.0%})" if total else ""
-            self.console.print(f"{task}: {done}/{total}{percent} {now - state.started:.1f}s",
-                               highlight=False, markup=False, soft_wrap=True)
+            self.console.print(
+                f"{task}: {done}/{total}{percent} {now - state.started:.1f}s",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
 
     def step_seconds(self) -> dict[str, tuple[int, float]]:
         """Per task: (steps, mean seconds per step), measured between its first and last update.

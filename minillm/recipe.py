@@ -31,11 +31,17 @@ class Recipe(BaseModel):
 
     description: str = Field("", description="Free text: what this recipe reproduces (ignored by the run).")
     model: str | None = Field(None, description="Hub id, local HF folder, or .gguf file.")
-    ratio: float = Field(0.2, gt=0.0, lt=1.0, description="Fraction of the model's total parameters to remove.")
+    ratio: float = Field(
+        0.2, gt=0.0, lt=1.0, description="Fraction of the model's total parameters to remove."
+    )
     out: str | None = Field(None, description="Export folder (required unless dry_run).")
     criterion: str = Field("fms", description="Scoring criterion (see `minillm criteria`).")
-    allocation: Literal["uniform", "global"] = Field("uniform", description="uniform widths or global ranking.")
-    head_mode: Literal["kv", "query"] = Field("kv", description="kv: whole key/value groups; query: query heads.")
+    allocation: Literal["uniform", "global"] = Field(
+        "uniform", description="uniform widths or global ranking."
+    )
+    head_mode: Literal["kv", "query"] = Field(
+        "kv", description="kv: whole key/value groups; query: query heads."
+    )
     structures: Literal["both", "mlp", "attn"] = Field("both", description="What to prune.")
     skip_first: int = Field(0, ge=0, description="Keep the first N decoder layers whole.")
     skip_last: int = Field(0, ge=0, description="Keep the last N decoder layers whole.")
@@ -46,9 +52,13 @@ class Recipe(BaseModel):
     seed: int = Field(0, description="Seed for calibration sampling and SPSA perturbations.")
     spsa_steps: int = Field(16, ge=1, description="SPSA perturbations (2 forward passes each).")
     spsa_eps: float = Field(1e-3, gt=0.0, description="SPSA perturbation size.")
-    criterion_options: dict[str, Any] = Field(default_factory=dict, description="Criterion-specific settings.")
+    criterion_options: dict[str, Any] = Field(
+        default_factory=dict, description="Criterion-specific settings."
+    )
     device_map: str | dict[str, Any] | None = Field("auto", description="accelerate device map.")
-    max_memory: str | dict[str, Any] | None = Field(None, description="Per-device cap, e.g. 0=20GiB,cpu=30GiB.")
+    max_memory: str | dict[str, Any] | None = Field(
+        None, description="Per-device cap, e.g. 0=20GiB,cpu=30GiB."
+    )
     dtype: str = Field("auto", description="auto, float32, bfloat16, float16.")
     overwrite: bool = Field(False, description="Replace a non-empty out folder.")
     dry_run: bool = Field(False, description="Score and print the plan; write nothing.")
@@ -72,13 +82,14 @@ class Recipe(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
-        """Read a ``.yaml``/``.yml`` recipe, a ``.json`` recipe, or an export's ``minillm.json`` (or its folder)."""
+        """Read a ``.yaml``/``.yml`` or ``.json`` recipe, or an export's ``minillm.json`` (or its folder)."""
         file = Path(path)
         if file.is_dir():
             file = file / "minillm.json"
         if not file.is_file():
-            raise UsageError(f"recipe {str(path)!r} does not exist; pass a recipes/*.yaml file or an export's "
-                             "minillm.json")
+            raise UsageError(
+                f"recipe {str(path)!r} does not exist; pass a recipes/*.yaml file or an export's minillm.json"
+            )
         import yaml
 
         text = file.read_text()
@@ -98,9 +109,13 @@ class Recipe(BaseModel):
         """The settings of a run: the recipe at ``path`` (or the defaults), ``overrides`` on top, checked."""
         recipe = (cls.load(path) if path else cls()).merged(overrides)
         if recipe.model is None:
-            raise UsageError("no model to prune: pass --model (hub id, folder or .gguf) or set `model:` in the recipe")
+            raise UsageError(
+                "no model to prune: pass --model (hub id, folder or .gguf) or set `model:` in the recipe"
+            )
         if recipe.out is None and not recipe.dry_run:
-            raise UsageError("--out is required (or set `out:` in the recipe, or pass --dry-run to only print the plan)")
+            raise UsageError(
+                "--out is required (or set `out:` in the recipe, or pass --dry-run to only print the plan)"
+            )
         return recipe
 
     # --- output -------------------------------------------------------------------------------------
@@ -118,7 +133,7 @@ class Recipe(BaseModel):
         return Recipe.from_dict({**self.to_dict(), **overrides}, source="command line")
 
     def prune_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`minillm.api.prune` (everything but the model and descriptive fields)."""
+        """Keyword arguments of :func:`minillm.api.prune` (all but the model and descriptive fields)."""
         data = self.model_dump()
         for key in ("description", "model", "report"):
             data.pop(key)
@@ -137,7 +152,11 @@ def _explain(exc: ValidationError, as_flags: bool = False) -> str:
             key = "--" + key.replace("_", "-")
         if error["type"] == "extra_forbidden":
             close = difflib.get_close_matches(key, Recipe.model_fields, n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(Recipe.model_fields)})"
+            hint = (
+                f" (did you mean {close[0]!r}?)"
+                if close
+                else f" (known keys: {', '.join(Recipe.model_fields)})"
+            )
             messages.append(f"unknown key {key!r}{hint}")
         else:
             messages.append(f"{key}: {error['msg']} (got {error.get('input')!r})")
@@ -150,19 +169,26 @@ def _from_export_metadata(metadata: dict[str, Any], source: str) -> dict[str, An
         return metadata[RECIPE_KEY]
     options = metadata.get("options")
     if not isinstance(options, dict):
-        raise UsageError(f"{source} is a minillm export without a stored recipe; pass the recipe file instead")
+        raise UsageError(
+            f"{source} is a minillm export without a stored recipe; pass the recipe file instead"
+        )
     return {"model": metadata.get("base_model"), **options}
 
 
-def export_recipe(model: str, out: str | Path | None, options: dict[str, Any], **settings: Any) -> dict[str, Any]:
+def export_recipe(
+    model: str, out: str | Path | None, options: dict[str, Any], **settings: Any
+) -> dict[str, Any]:
     """The resolved recipe an export stores: what ran, with ``overwrite``/``dry_run`` off.
 
     ``options`` is the run's option dict (as :func:`minillm.api.prune` records it); ``settings`` adds the
     loading/export settings it does not hold (device_map, max_memory, dtype, max_shard_size, report).
     ``overwrite`` is stored as false on purpose: replaying a recipe must never clobber a folder unasked.
     """
-    data = {key: str(value) if isinstance(value, Path) else value
-            for key, value in {**options, **settings}.items() if key in Recipe.model_fields}
+    data = {
+        key: str(value) if isinstance(value, Path) else value
+        for key, value in {**options, **settings}.items()
+        if key in Recipe.model_fields
+    }
     data.update(model=model, out=None if out is None else str(out), overwrite=False, dry_run=False)
     if isinstance(data.get("device_map"), dict):
         data["device_map"] = {str(k): v for k, v in data["device_map"].items()}

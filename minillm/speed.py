@@ -58,8 +58,11 @@ class SpeedRow:
         return self.batch_size * self.new_tokens / self.decode_seconds
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "prefill_tokens_per_s": self.prefill_tokens_per_s,
-                "decode_tokens_per_s": self.decode_tokens_per_s}
+        return {
+            **asdict(self),
+            "prefill_tokens_per_s": self.prefill_tokens_per_s,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+        }
 
 
 def parse_ints(text: str, option: str) -> list[int]:
@@ -139,15 +142,23 @@ class PeakMemory:
             self.extra = max(0, peak_rss() - self._base)
 
 
-def benchmark(models: dict[str, nn.Module], speed_cases: list[SpeedCase], repeats: int = 5, warmup: int = 1,
-              seed: int = 0, progress: Callable[[str, int, int], None] | None = None) -> list[SpeedRow]:
+def benchmark(
+    models: dict[str, nn.Module],
+    speed_cases: list[SpeedCase],
+    repeats: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[SpeedRow]:
     """Median prefill/decode times of every model on every case, measured interleaved in this process."""
     if repeats < 1 or warmup < 0:
         raise UsageError("--repeats must be >= 1 and --warmup >= 0")
     vocab = min(int(m.config.vocab_size) for m in models.values())
     generator = torch.Generator().manual_seed(seed)
     inputs = {c: torch.randint(vocab, (c.batch_size, c.prompt_len), generator=generator) for c in speed_cases}
-    times: dict[tuple[str, SpeedCase], list[tuple[float, float]]] = {(n, c): [] for n in models for c in speed_cases}
+    times: dict[tuple[str, SpeedCase], list[tuple[float, float]]] = {
+        (n, c): [] for n in models for c in speed_cases
+    }
     peaks: dict[tuple[str, SpeedCase], int | None] = {}
     names = list(models)
     total = (warmup + repeats) * len(speed_cases) * len(names)
@@ -175,9 +186,22 @@ def benchmark(models: dict[str, nn.Module], speed_cases: list[SpeedCase], repeat
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         for case in speed_cases:
             pre, dec = zip(*times[(name, case)], strict=True)
-            rows.append(SpeedRow(name, case.batch_size, case.prompt_len, case.new_tokens, statistics.median(pre),
-                                 statistics.median(dec), peaks.get((name, case)), params, weight_bytes, repeats,
-                                 list(pre), list(dec)))
+            rows.append(
+                SpeedRow(
+                    name,
+                    case.batch_size,
+                    case.prompt_len,
+                    case.new_tokens,
+                    statistics.median(pre),
+                    statistics.median(dec),
+                    peaks.get((name, case)),
+                    params,
+                    weight_bytes,
+                    repeats,
+                    list(pre),
+                    list(dec),
+                )
+            )
     return rows
 
 
@@ -189,10 +213,17 @@ def ratios(rows: list[SpeedRow], reference: str) -> list[dict[str, Any]]:
         ref = base.get((row.batch_size, row.prompt_len, row.new_tokens))
         if row.model == reference or ref is None:
             continue
-        result.append({"model": row.model, "batch_size": row.batch_size, "prompt_len": row.prompt_len,
-                       "new_tokens": row.new_tokens, "prefill_latency_ratio": row.prefill_seconds / ref.prefill_seconds,
-                       "decode_latency_ratio": row.decode_seconds / ref.decode_seconds,
-                       "params_ratio": row.params / ref.params})
+        result.append(
+            {
+                "model": row.model,
+                "batch_size": row.batch_size,
+                "prompt_len": row.prompt_len,
+                "new_tokens": row.new_tokens,
+                "prefill_latency_ratio": row.prefill_seconds / ref.prefill_seconds,
+                "decode_latency_ratio": row.decode_seconds / ref.decode_seconds,
+                "params_ratio": row.params / ref.params,
+            }
+        )
     return result
 
 
@@ -204,18 +235,36 @@ def geometric_mean(values: list[float]) -> float:
 
 def markdown(rows: list[SpeedRow], reference: str | None = None) -> str:
     """The table docs/benchmarks.md shows: tokens/s per case and, with a reference, latency ratios."""
-    ratio = {(r["model"], r["batch_size"], r["prompt_len"]): r for r in (ratios(rows, reference) if reference else [])}
+    ratio = {
+        (r["model"], r["batch_size"], r["prompt_len"]): r
+        for r in (ratios(rows, reference) if reference else [])
+    }
     head = ["model", "params", "batch", "prompt", "new", "prefill tok/s", "decode tok/s", "peak extra MiB"]
     if reference:
         head += ["prefill latency ×", "decode latency ×"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         peak = "-" if r.peak_extra_bytes is None else f"{r.peak_extra_bytes / 2**20:.0f}"
-        cells = [r.model, f"{r.params / 1e6:.2f}M" if r.params >= 1e6 else f"{r.params:,}", str(r.batch_size), str(r.prompt_len), str(r.new_tokens),
-                 f"{r.prefill_tokens_per_s:,.0f}", f"{r.decode_tokens_per_s:,.1f}", peak]
+        cells = [
+            r.model,
+            f"{r.params / 1e6:.2f}M" if r.params >= 1e6 else f"{r.params:,}",
+            str(r.batch_size),
+            str(r.prompt_len),
+            str(r.new_tokens),
+            f"{r.prefill_tokens_per_s:,.0f}",
+            f"{r.decode_tokens_per_s:,.1f}",
+            peak,
+        ]
         if reference:
             x = ratio.get((r.model, r.batch_size, r.prompt_len))
-            cells += ["1.00", "1.00"] if r.model == reference else (
-                [f"{x['prefill_latency_ratio']:.3f}", f"{x['decode_latency_ratio']:.3f}"] if x else ["-", "-"])
+            cells += (
+                ["1.00", "1.00"]
+                if r.model == reference
+                else (
+                    [f"{x['prefill_latency_ratio']:.3f}", f"{x['decode_latency_ratio']:.3f}"]
+                    if x
+                    else ["-", "-"]
+                )
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -46,7 +46,8 @@ def test_benchmark_rows_and_ratios_come_from_the_medians():
     by = {(r.model, r.batch_size): r for r in rows}
     for x in ratios(rows, "dense"):
         assert x["prefill_latency_ratio"] == pytest.approx(
-            by[("pruned", x["batch_size"])].prefill_seconds / by[("dense", x["batch_size"])].prefill_seconds)
+            by[("pruned", x["batch_size"])].prefill_seconds / by[("dense", x["batch_size"])].prefill_seconds
+        )
     assert "prefill latency ×" in markdown(rows, "dense")
 
 
@@ -64,8 +65,22 @@ def test_bench_cli_compare_to(tmp_path):
     for name, family in (("dense", "llama"), ("small", "llama-mha-tied")):
         tiny_model(family).save_pretrained(tmp_path / name)
         tiny_tokenizer().save_pretrained(tmp_path / name)
-    args = ["bench", str(tmp_path / "small"), "--compare-to", str(tmp_path / "dense"), "--batch-sizes", "1",
-            "--prompt-lens", "8", "--new-tokens", "2", "--repeats", "2", "--json", str(tmp_path / "b.json")]
+    args = [
+        "bench",
+        str(tmp_path / "small"),
+        "--compare-to",
+        str(tmp_path / "dense"),
+        "--batch-sizes",
+        "1",
+        "--prompt-lens",
+        "8",
+        "--new-tokens",
+        "2",
+        "--repeats",
+        "2",
+        "--json",
+        str(tmp_path / "b.json"),
+    ]
     out = CliRunner().invoke(app, args)
     assert out.exit_code == 0, out.output
     assert "latency vs dense" in out.output

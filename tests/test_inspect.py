@@ -24,9 +24,15 @@ def test_inspect_counts_equal_the_real_model(family, tmp_path):
     adapter = adapter_for(model.config)
     layers = adapter.decoder_layers(model)
     attention = sum(p.numel() for layer in layers for p in adapter.attention(layer).module.parameters())
-    mlp = sum(p.numel() for layer in layers for lin in (*adapter.mlp(layer).expand, adapter.mlp(layer).closing)
-              for p in lin.parameters())
-    embeddings = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
+    mlp = sum(
+        p.numel()
+        for layer in layers
+        for lin in (*adapter.mlp(layer).expand, adapter.mlp(layer).closing)
+        for p in lin.parameters()
+    )
+    embeddings = sum(
+        p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()
+    )
     assert info.params_by_part["attention"] == attention
     assert info.params_by_part["mlp"] == mlp
     assert info.params_by_part["embeddings"] == embeddings
@@ -39,17 +45,22 @@ def test_inspect_counts_equal_the_real_model(family, tmp_path):
 
 
 def _tied():
-    from transformers import AutoModelForCausalLM
-
     from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)  # test-only
     return AutoModelForCausalLM.from_config(tiny_config("llama-mha-tied"), dtype=torch.float32).eval()
 
 
 def _scores(info_layers, generator):
-    return {r.layer: LayerScores(torch.rand(r.heads, generator=generator), torch.rand(r.kv_heads, generator=generator),
-                                 torch.rand(r.channels, generator=generator)) for r in info_layers}
+    return {
+        r.layer: LayerScores(
+            torch.rand(r.heads, generator=generator),
+            torch.rand(r.kv_heads, generator=generator),
+            torch.rand(r.channels, generator=generator),
+        )
+        for r in info_layers
+    }
 
 
 def test_reachable_ratio_is_the_planner_limit():
@@ -79,12 +90,23 @@ def test_inspect_an_export_shows_its_plan(tmp_path, calib_file):
     from minillm.api import prune
 
     model = tiny_model("llama")
-    result = prune(model, ratio=0.3, allocation="global", out=tmp_path / "out", calib=str(calib_file),
-                   tokenizer=tiny_tokenizer(), calib_samples=4, seq_len=16, spsa_steps=1, device_map=None)
+    result = prune(
+        model,
+        ratio=0.3,
+        allocation="global",
+        out=tmp_path / "out",
+        calib=str(calib_file),
+        tokenizer=tiny_tokenizer(),
+        calib_samples=4,
+        seq_len=16,
+        spsa_steps=1,
+        device_map=None,
+    )
     info = inspect_model(str(tmp_path / "out"))  # per-layer widths: built through the export's remote code
     assert info.total_params == result.plan.params_after
     assert [(r.heads, r.kv_heads, r.channels) for r in info.layers] == [
-        (len(p.heads), len(p.kv_heads), len(p.channels)) for p in result.plan.layers]
+        (len(p.heads), len(p.kv_heads), len(p.channels)) for p in result.plan.layers
+    ]
     assert info.export["plan"]["allocation"] == "global" and info.export["recipe"]["ratio"] == 0.3
     from minillm.cli import app, register_commands
 

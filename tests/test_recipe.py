@@ -60,8 +60,22 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 #: what every recipe run on a tiny model overrides: the model, data and output, and the run's size
-TINY_RUN = ["--calib-samples", "4", "--seq-len", "16", "--batch-size", "4", "--spsa-steps", "1",
-            "--device-map", "cpu", "--dtype", "float32", "--max-memory", ""]
+TINY_RUN = [
+    "--calib-samples",
+    "4",
+    "--seq-len",
+    "16",
+    "--batch-size",
+    "4",
+    "--spsa-steps",
+    "1",
+    "--device-map",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--max-memory",
+    "",
+]
 
 
 def _run(args: list[str]):
@@ -91,18 +105,39 @@ def test_shipped_recipe_parses_and_round_trips(path: Path):
 def test_shipped_recipe_runs_on_a_tiny_model(path: Path, tiny_models, tmp_path):
     recipe = Recipe.load(path)
     out = tmp_path / "out"
-    result = _run(["--recipe", str(path), "--model", str(tiny_models["llama"]), "--out", str(out),
-                   "--calib", str(tiny_models["calib"]), *TINY_RUN])
+    result = _run(
+        [
+            "--recipe",
+            str(path),
+            "--model",
+            str(tiny_models["llama"]),
+            "--out",
+            str(out),
+            "--calib",
+            str(tiny_models["calib"]),
+            *TINY_RUN,
+        ]
+    )
     assert result.exit_code == 0, result.output
     stored = Recipe.from_dict(read_metadata(out)["recipe"])
     assert (stored.ratio, stored.head_mode, stored.skip_first, stored.skip_last, stored.allocation) == (
-        recipe.ratio, recipe.head_mode, recipe.skip_first, recipe.skip_last, recipe.allocation)
+        recipe.ratio,
+        recipe.head_mode,
+        recipe.skip_first,
+        recipe.skip_last,
+        recipe.allocation,
+    )
     plan = PrunePlan.from_dict(read_metadata(out)["plan"])
-    untouched = list(range(recipe.skip_first)) + list(range(len(plan.layers) - recipe.skip_last, len(plan.layers)))
+    untouched = list(range(recipe.skip_first)) + list(
+        range(len(plan.layers) - recipe.skip_last, len(plan.layers))
+    )
     config = tiny_config("llama")
     for index in untouched:
         layer = plan.layers[index]
-        assert (len(layer.heads), len(layer.channels)) == (config.num_attention_heads, config.intermediate_size)
+        assert (len(layer.heads), len(layer.channels)) == (
+            config.num_attention_heads,
+            config.intermediate_size,
+        )
     assert plan.achieved_ratio == pytest.approx(recipe.ratio, abs=0.03)
 
 
@@ -141,9 +176,18 @@ def test_hyphenated_keys_are_accepted():
 
 def test_flags_override_recipe_and_export_replays(tiny_models, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"model": str(tiny_models["llama"]), "ratio": 0.2, "skip_first": 2,
-                                      "allocation": "global", "calib": str(tiny_models["calib"]),
-                                      "out": str(tmp_path / "from-recipe")}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_models["llama"]),
+                "ratio": 0.2,
+                "skip_first": 2,
+                "allocation": "global",
+                "calib": str(tiny_models["calib"]),
+                "out": str(tmp_path / "from-recipe"),
+            }
+        )
+    )
     first = tmp_path / "first"
     result = _run(["--recipe", str(recipe), "--ratio", "0.3", "--out", str(first), *TINY_RUN])
     assert result.exit_code == 0, result.output
@@ -181,7 +225,10 @@ def test_model_and_out_are_required_somewhere(tmp_path):
 
 
 def test_recipe_from_older_export_without_recipe(tmp_path):
-    (tmp_path / "minillm.json").write_text(json.dumps(
-        {"minillm_version": "0.1.0", "base_model": "m", "options": {"ratio": 0.25, "criterion": "fms"}}))
+    (tmp_path / "minillm.json").write_text(
+        json.dumps(
+            {"minillm_version": "0.1.0", "base_model": "m", "options": {"ratio": 0.25, "criterion": "fms"}}
+        )
+    )
     recipe = Recipe.load(tmp_path / "minillm.json")
     assert (recipe.model, recipe.ratio) == ("m", 0.25)

@@ -17,8 +17,17 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _prune(tmp_path: Path, calib_file: Path, **kw):
     from minillm.api import prune
 
-    return prune(tiny_model("llama"), ratio=0.3, calib=str(calib_file), tokenizer=tiny_tokenizer(), calib_samples=4,
-                 seq_len=16, spsa_steps=1, device_map=None, **kw)
+    return prune(
+        tiny_model("llama"),
+        ratio=0.3,
+        calib=str(calib_file),
+        tokenizer=tiny_tokenizer(),
+        calib_samples=4,
+        seq_len=16,
+        spsa_steps=1,
+        device_map=None,
+        **kw,
+    )
 
 
 def test_prune_report_has_the_per_layer_chart(tmp_path, calib_file):
@@ -48,9 +57,28 @@ def test_dry_run_report_and_cli_flag(tmp_path, calib_file):
     folder = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
-    out = CliRunner().invoke(app, ["prune", "-m", str(folder), "--calib", str(calib_file), "--calib-samples", "4",
-                                   "--seq-len", "16", "--spsa-steps", "1", "--device-map", "cpu", "--out",
-                                   str(tmp_path / "o"), "--report", str(tmp_path / "cli.html")])
+    out = CliRunner().invoke(
+        app,
+        [
+            "prune",
+            "-m",
+            str(folder),
+            "--calib",
+            str(calib_file),
+            "--calib-samples",
+            "4",
+            "--seq-len",
+            "16",
+            "--spsa-steps",
+            "1",
+            "--device-map",
+            "cpu",
+            "--out",
+            str(tmp_path / "o"),
+            "--report",
+            str(tmp_path / "cli.html"),
+        ],
+    )
     assert out.exit_code == 0, out.output
     assert "per-layer chart" in (tmp_path / "cli.html").read_text()
     assert "timings: load" in out.output and "\r" not in out.output and "\x1b[" not in out.output
@@ -62,12 +90,33 @@ def test_compare_report_from_synthetic_rows(tmp_path):
     from minillm.report import render_compare_report
 
     rows = [
-        {"method": "fms", "ratio": 0.2, "allocation": "uniform", "perplexity": 31.5, "peak_bytes": 3 * 2**30,
-         "scoring_seconds": 40.2, "accuracy": {"piqa": 0.61, "boolq": 0.55}},
-        {"method": "magnitude", "ratio": 0.2, "allocation": "uniform", "perplexity": 1200.0,
-         "peak_bytes": 2 * 2**30, "scoring_seconds": 1.1, "accuracy": {"piqa": 0.52, "boolq": 0.41}},
-        {"method": "fms", "ratio": 0.2, "allocation": "global", "perplexity": None, "peak_bytes": None,
-         "scoring_seconds": 40.2, "accuracy": {}},
+        {
+            "method": "fms",
+            "ratio": 0.2,
+            "allocation": "uniform",
+            "perplexity": 31.5,
+            "peak_bytes": 3 * 2**30,
+            "scoring_seconds": 40.2,
+            "accuracy": {"piqa": 0.61, "boolq": 0.55},
+        },
+        {
+            "method": "magnitude",
+            "ratio": 0.2,
+            "allocation": "uniform",
+            "perplexity": 1200.0,
+            "peak_bytes": 2 * 2**30,
+            "scoring_seconds": 1.1,
+            "accuracy": {"piqa": 0.52, "boolq": 0.41},
+        },
+        {
+            "method": "fms",
+            "ratio": 0.2,
+            "allocation": "global",
+            "perplexity": None,
+            "peak_bytes": None,
+            "scoring_seconds": 40.2,
+            "accuracy": {},
+        },
     ]
     files = render_compare_report(rows, tmp_path / "compare.html")
     page = files[0].read_text()
@@ -115,7 +164,10 @@ def test_progress_on_a_non_terminal_is_plain_throttled_lines():
     steps = progress.step_seconds()
     assert steps["SPSA perturbations"][0] == 100
     line = timings_line({"loaded": 1.0, "scored": 2.0}, steps, 3.5)
-    assert line.startswith("timings: load 1.0 s · scoring 2.0 s (SPSA perturbations 100 ×") and "total 3.5 s" in line
+    assert (
+        line.startswith("timings: load 1.0 s · scoring 2.0 s (SPSA perturbations 100 ×")
+        and "total 3.5 s" in line
+    )
     quiet = io.StringIO()
     with ProgressReporter(Console(file=quiet, force_terminal=False), verbosity=0) as progress:
         progress("x", 1, 1)

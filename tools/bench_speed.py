@@ -39,29 +39,53 @@ def main() -> None:
     for spec in args.pruned:
         label, _, folder = spec.partition("=")
         models[label] = load_model(folder, device_map=args.device, dtype="float32")
-    speed_cases = cases(parse_ints(args.batch_sizes, "--batch-sizes"), parse_ints(args.prompt_lens, "--prompt-lens"),
-                        args.new_tokens)
-    rows = benchmark(models, speed_cases, args.repeats, args.warmup,
-                     progress=lambda t, d, n: print(f"{t}: {d}/{n}", flush=True) if d % 8 == 0 or d == n else None)
+    speed_cases = cases(
+        parse_ints(args.batch_sizes, "--batch-sizes"),
+        parse_ints(args.prompt_lens, "--prompt-lens"),
+        args.new_tokens,
+    )
+    rows = benchmark(
+        models,
+        speed_cases,
+        args.repeats,
+        args.warmup,
+        progress=lambda t, d, n: print(f"{t}: {d}/{n}", flush=True) if d % 8 == 0 or d == n else None,
+    )
     table = markdown(rows, "dense")
-    print(f"\ndevice {args.device}, {torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}, "
-          f"median of {args.repeats} interleaved repeats (+{args.warmup} warm-up)\n")
+    print(
+        f"\ndevice {args.device}, {torch.get_num_threads()} torch threads, "
+        f"{platform.processor() or platform.machine()}, "
+        f"median of {args.repeats} interleaved repeats (+{args.warmup} warm-up)\n"
+    )
     print(table)
     summary = {}
     for label in models:
         if label == "dense":
             continue
         r = [x for x in ratios(rows, "dense") if x["model"] == label]
-        summary[label] = {"prefill_latency_ratio_geomean": geometric_mean([x["prefill_latency_ratio"] for x in r]),
-                          "decode_latency_ratio_geomean": geometric_mean([x["decode_latency_ratio"] for x in r]),
-                          "params_ratio": r[0]["params_ratio"]}
-        print(f"{label}: params {r[0]['params_ratio']:.3f}× dense; latency (geometric mean over cases) prefill "
-              f"{summary[label]['prefill_latency_ratio_geomean']:.3f}×, decode "
-              f"{summary[label]['decode_latency_ratio_geomean']:.3f}×")
+        summary[label] = {
+            "prefill_latency_ratio_geomean": geometric_mean([x["prefill_latency_ratio"] for x in r]),
+            "decode_latency_ratio_geomean": geometric_mean([x["decode_latency_ratio"] for x in r]),
+            "params_ratio": r[0]["params_ratio"],
+        }
+        print(
+            f"{label}: params {r[0]['params_ratio']:.3f}× dense; latency (geometric mean over cases) prefill "
+            f"{summary[label]['prefill_latency_ratio_geomean']:.3f}×, decode "
+            f"{summary[label]['decode_latency_ratio_geomean']:.3f}×"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": [r.to_dict() for r in rows], "ratios": ratios(rows, "dense"),
-                                               "summary": summary, "args": vars(args),
-                                               "threads": torch.get_num_threads()}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "rows": [r.to_dict() for r in rows],
+                    "ratios": ratios(rows, "dense"),
+                    "summary": summary,
+                    "args": vars(args),
+                    "threads": torch.get_num_threads(),
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

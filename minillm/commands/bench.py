@@ -12,9 +12,13 @@ from minillm.cli import console, friendly_errors, progress_bars
 @friendly_errors
 def bench(
     model: str = typer.Argument(..., help="Hub id, local folder (a minillm export too), or .gguf file."),
-    compare_to: str = typer.Option(None, "--compare-to", help="Reference model (the dense one), timed interleaved."),
+    compare_to: str = typer.Option(
+        None, "--compare-to", help="Reference model (the dense one), timed interleaved."
+    ),
     batch_sizes: str = typer.Option("1,4", help="Comma-separated batch sizes."),
-    prompt_lens: str = typer.Option("128,512", help="Comma-separated prompt lengths (prefill tokens per sequence)."),
+    prompt_lens: str = typer.Option(
+        "128,512", help="Comma-separated prompt lengths (prefill tokens per sequence)."
+    ),
     new_tokens: int = typer.Option(32, help="Greedy decode steps per case."),
     repeats: int = typer.Option(5, help="Timed repeats per case (medians are reported)."),
     warmup: int = typer.Option(1, help="Untimed warm-up rounds."),
@@ -37,7 +41,9 @@ def bench(
         torch.set_num_threads(threads)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    speed_cases = cases(parse_ints(batch_sizes, "--batch-sizes"), parse_ints(prompt_lens, "--prompt-lens"), new_tokens)
+    speed_cases = cases(
+        parse_ints(batch_sizes, "--batch-sizes"), parse_ints(prompt_lens, "--prompt-lens"), new_tokens
+    )
     configure_logging(1, console.is_terminal)
     labels = _labels(model, compare_to)
     models = {}
@@ -47,19 +53,33 @@ def bench(
     with progress_bars() as progress:
         rows = benchmark(models, speed_cases, repeats, warmup, seed, progress)
     reference = labels[1] if compare_to else None
-    typer.echo(f"minillm bench ({device}, {torch.get_num_threads()} threads, median of {repeats} interleaved repeats)")
+    typer.echo(
+        f"minillm bench ({device}, {torch.get_num_threads()} threads, "
+        f"median of {repeats} interleaved repeats)"
+    )
     typer.echo(markdown(rows, reference))
     summary = {}
     if reference:
         r = ratios(rows, reference)
-        summary = {"prefill_latency_ratio_geomean": geometric_mean([x["prefill_latency_ratio"] for x in r]),
-                   "decode_latency_ratio_geomean": geometric_mean([x["decode_latency_ratio"] for x in r])}
-        typer.echo(f"latency vs {reference} (geometric mean over cases): prefill "
-                   f"{summary['prefill_latency_ratio_geomean']:.3f}×, decode {summary['decode_latency_ratio_geomean']:.3f}×")
+        summary = {
+            "prefill_latency_ratio_geomean": geometric_mean([x["prefill_latency_ratio"] for x in r]),
+            "decode_latency_ratio_geomean": geometric_mean([x["decode_latency_ratio"] for x in r]),
+        }
+        typer.echo(
+            f"latency vs {reference} (geometric mean over cases): prefill "
+            f"{summary['prefill_latency_ratio_geomean']:.3f}×, "
+            f"decode {summary['decode_latency_ratio_geomean']:.3f}×"
+        )
     if json_out:
-        payload = {"model": model, "reference": compare_to, "device": device, "threads": torch.get_num_threads(),
-                   "rows": [r.to_dict() for r in rows], "ratios": ratios(rows, reference) if reference else [],
-                   **summary}
+        payload = {
+            "model": model,
+            "reference": compare_to,
+            "device": device,
+            "threads": torch.get_num_threads(),
+            "rows": [r.to_dict() for r in rows],
+            "ratios": ratios(rows, reference) if reference else [],
+            **summary,
+        }
         Path(json_out).write_text(json.dumps(payload, indent=1))
 
 

@@ -1,4 +1,4 @@
-"""``minillm inspect MODEL``: architecture, prunable groups, parameters by part, reachable ratios, export plan."""
+"""``minillm inspect MODEL``: architecture, prunable groups, params by part, reachable ratios, export plan."""
 
 from __future__ import annotations
 
@@ -18,14 +18,32 @@ def _layer_rows(layers: list) -> list[tuple[str, ...]]:
     """Consecutive layers with identical groups share one row."""
     rows: list[tuple[str, ...]] = []
     start = 0
-    key = lambda r: (r.heads, r.kv_heads, r.head_dim, r.channels, r.query_head_cost, r.kv_head_cost, r.channel_cost)
+    key = lambda r: (
+        r.heads,
+        r.kv_heads,
+        r.head_dim,
+        r.channels,
+        r.query_head_cost,
+        r.kv_head_cost,
+        r.channel_cost,
+    )
     for i in range(1, len(layers) + 1):
         if i == len(layers) or key(layers[i]) != key(layers[start]):
             first, last = layers[start].layer, layers[i - 1].layer
             r = layers[start]
-            rows.append((str(first) if first == last else f"{first}-{last}", str(r.heads), str(r.kv_heads),
-                         str(r.head_dim), str(r.channels), f"{r.query_head_cost:,}", f"{r.kv_head_cost:,}",
-                         f"{r.channel_cost:,}", f"{r.params:,}"))
+            rows.append(
+                (
+                    str(first) if first == last else f"{first}-{last}",
+                    str(r.heads),
+                    str(r.kv_heads),
+                    str(r.head_dim),
+                    str(r.channels),
+                    f"{r.query_head_cost:,}",
+                    f"{r.kv_head_cost:,}",
+                    f"{r.channel_cost:,}",
+                    f"{r.params:,}",
+                )
+            )
             start = i
     return rows
 
@@ -59,32 +77,52 @@ def inspect(
             parts.add_row(name, f"{count:,}", f"{count / info.total_params:.1%}")
     stdout.print(parts)
     groups = Table(title="prunable groups per layer (cost = parameters removed with one)")
-    for column in ("layers", "heads", "kv heads", "head dim", "channels", "cost/head", "cost/kv head",
-                   "cost/channel", "layer params"):
+    for column in (
+        "layers",
+        "heads",
+        "kv heads",
+        "head dim",
+        "channels",
+        "cost/head",
+        "cost/kv head",
+        "cost/channel",
+        "layer params",
+    ):
         groups.add_column(column, justify="right")
     for row in _layer_rows(info.layers):
         groups.add_row(*row)
     stdout.print(groups)
-    reach = Table(title=f"largest reachable --ratio (layers {info.skip_first}-{info.num_layers - info.skip_last - 1} "
-                        "pruned, one head unit and one channel kept per layer)")
+    reach = Table(
+        title=f"largest reachable --ratio (layers {info.skip_first}-{info.num_layers - info.skip_last - 1} "
+        "pruned, one head unit and one channel kept per layer)"
+    )
     reach.add_column("setting")
     reach.add_column("global", justify="right")
     reach.add_column("uniform", justify="right")
     for name in dict.fromkeys(key.rsplit(", ", 1)[0] for key in info.reachable):
-        reach.add_row(name, f"{info.reachable[name + ', global']:.1%}", f"{info.reachable[name + ', uniform']:.1%}")
+        reach.add_row(
+            name, f"{info.reachable[name + ', global']:.1%}", f"{info.reachable[name + ', uniform']:.1%}"
+        )
     stdout.print(reach)
     if info.export:
         plan = info.export.get("plan") or {}
         export = Table(title="minillm export", show_header=False)
         export.add_row("pruned from", str(info.export.get("base_model")))
-        export.add_row("criterion", f"{info.export.get('criterion')} ({plan.get('allocation')}, head mode "
-                                    f"{plan.get('head_mode')})")
-        export.add_row("parameters", f"{info.export.get('params_before') or 0:,} → "
-                                     f"{info.export.get('params_after') or 0:,} "
-                                     f"(target {plan.get('target_ratio') or 0:.0%}, achieved "
-                                     f"{info.export.get('achieved_ratio') or 0:.2%})")
+        export.add_row(
+            "criterion",
+            f"{info.export.get('criterion')} ({plan.get('allocation')}, head mode {plan.get('head_mode')})",
+        )
+        export.add_row(
+            "parameters",
+            f"{info.export.get('params_before') or 0:,} → "
+            f"{info.export.get('params_after') or 0:,} "
+            f"(target {plan.get('target_ratio') or 0:.0%}, achieved "
+            f"{info.export.get('achieved_ratio') or 0:.2%})",
+        )
         if info.export.get("recipe"):
-            export.add_row("reproduce", f"minillm prune --recipe {Path(model) / 'minillm.json'} --out <folder>")
+            export.add_row(
+                "reproduce", f"minillm prune --recipe {Path(model) / 'minillm.json'} --out <folder>"
+            )
         stdout.print(export)
     if json_out:
         Path(json_out).write_text(json.dumps(info.to_dict(), indent=1, default=str))

@@ -2,8 +2,9 @@
 
 Input is deliberately loose so any producer can feed it: a list of rows (or an object with ``.rows``,
 such as :class:`minillm.compare.CompareResult`), each a mapping, a dataclass, or an object with
-``to_dict()``/``as_dict()``; nested mappings (per-task accuracy) become one column per key. The label column is the first of ``method``, ``criterion``,
-``name``, ``label`` present (else the first text column); every other column whose values are numbers
+``to_dict()``/``as_dict()``; nested mappings (per-task accuracy) become one column per key.
+The label column is the first of ``method``, ``criterion``, ``name``, ``label``
+present (else the first text column); every other column whose values are numbers
 gets a chart. Column order follows the rows.
 """
 
@@ -27,7 +28,7 @@ def as_row(row: Any) -> dict[str, Any]:
     elif dataclasses.is_dataclass(row) and not isinstance(row, type):
         data = dataclasses.asdict(row)
     elif callable(getattr(row, "to_dict", None)) or callable(getattr(row, "as_dict", None)):
-        data = dict(getattr(row, "to_dict", None) and row.to_dict() or row.as_dict())
+        data = dict((getattr(row, "to_dict", None) and row.to_dict()) or row.as_dict())
     else:
         raise UsageError(f"compare rows must be mappings or dataclasses (got {type(row).__name__})")
     flat: dict[str, Any] = {}
@@ -44,7 +45,11 @@ def row_labels(rows: list[dict[str, Any]], label: str) -> list[str]:
     labels = [str(r.get(label, i)) if label else str(i) for i, r in enumerate(rows)]
     if len(set(labels)) == len(labels):
         return labels
-    extra = [k for k in ("allocation", "ratio", "head_mode", "structures") if len({str(r.get(k)) for r in rows}) > 1]
+    extra = [
+        k
+        for k in ("allocation", "ratio", "head_mode", "structures")
+        if len({str(r.get(k)) for r in rows}) > 1
+    ]
     return [" ".join([labels[i], *(str(rows[i].get(k)) for k in extra)]) for i in range(len(rows))]
 
 
@@ -60,8 +65,13 @@ def columns(rows: list[dict[str, Any]]) -> tuple[str, list[str], list[str]]:
     label = next((k for k in LABEL_KEYS if k in order), None)
     if label is None:
         label = next((k for k in order if all(isinstance(r.get(k), str) for r in rows)), None)
-    numeric = [k for k in order if k != label and any(_is_number(r.get(k)) for r in rows)
-               and all(r.get(k) is None or _is_number(r.get(k)) for r in rows)]
+    numeric = [
+        k
+        for k in order
+        if k != label
+        and any(_is_number(r.get(k)) for r in rows)
+        and all(r.get(k) is None or _is_number(r.get(k)) for r in rows)
+    ]
     return label or "", order, numeric
 
 
@@ -75,7 +85,9 @@ def _cell(key: str, value: Any) -> Any:
     return value
 
 
-def render_compare_report(rows: Iterable[Any], path: str | Path, title: str = "minillm compare") -> list[Path]:
+def render_compare_report(
+    rows: Iterable[Any], path: str | Path, title: str = "minillm compare"
+) -> list[Path]:
     from minillm.report import require_matplotlib
 
     require_matplotlib()
@@ -95,12 +107,19 @@ def render_compare_report(rows: Iterable[Any], path: str | Path, title: str = "m
     target.parent.mkdir(parents=True, exist_ok=True)
     numeric = [k for k in numeric if len({r.get(k) for r in data}) > 1]  # a constant column says nothing
     if numeric:
-        metrics = {(f"{k} (MiB)" if k.endswith("_bytes") else k):
-                   [None if r.get(k) is None else (r[k] / 2**20 if k.endswith("_bytes") else r[k]) for r in data]
-                   for k in numeric}
+        metrics = {
+            (f"{k} (MiB)" if k.endswith("_bytes") else k): [
+                None if r.get(k) is None else (r[k] / 2**20 if k.endswith("_bytes") else r[k]) for r in data
+            ]
+            for k in numeric
+        }
         png = figures.metrics_figure(labels, metrics)
-        sections.append(("Metrics by method", html.figure(png, "One panel per numeric column of the table.",
-                                                          "compare metrics")))
+        sections.append(
+            (
+                "Metrics by method",
+                html.figure(png, "One panel per numeric column of the table.", "compare metrics"),
+            )
+        )
         file = target.with_name(f"{target.stem}.metrics.png")
         file.write_bytes(png)
         written.append(file)

@@ -33,8 +33,15 @@ def widths_figure(layers: Sequence[Mapping[str, int]]) -> bytes:
     index = [row["layer"] for row in layers]
     panels = (("heads", "query heads"), ("kv_heads", "key/value heads"), ("channels", "MLP channels"))
     for ax, (key, label) in zip(axes[:, 0], panels, strict=True):
-        ax.bar(index, [row[f"{key}_before"] for row in layers], color=REMOVED, label="removed", width=0.8,
-               edgecolor="#8c959f", linewidth=0.5)
+        ax.bar(
+            index,
+            [row[f"{key}_before"] for row in layers],
+            color=REMOVED,
+            label="removed",
+            width=0.8,
+            edgecolor="#8c959f",
+            linewidth=0.5,
+        )
         ax.bar(index, [row[key] for row in layers], color=KEPT, label="kept", width=0.8)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
@@ -53,8 +60,13 @@ def _scale(ax: Any, values: Sequence[float]) -> None:
     if min(values) > 0:
         if max(values) / min(values) > 20:
             ax.set_yscale("log")
-    elif max(abs(v) for v in values) / max(min(abs(v) for v in values if v) if any(values) else 1.0, 1e-30) > 20:
-        ax.set_yscale("symlog", linthresh=max(1e-12, min(abs(v) for v in values if v) if any(values) else 1.0))
+    elif (
+        max(abs(v) for v in values) / max(min(abs(v) for v in values if v) if any(values) else 1.0, 1e-30)
+        > 20
+    ):
+        ax.set_yscale(
+            "symlog", linthresh=max(1e-12, min(abs(v) for v in values if v) if any(values) else 1.0)
+        )
 
 
 def scores_figure(scores: Mapping[int, Mapping[str, Sequence[float]]]) -> bytes:
@@ -63,8 +75,16 @@ def scores_figure(scores: Mapping[int, Mapping[str, Sequence[float]]]) -> bytes:
     layers = sorted(scores)
     channels = [list(scores[i]["channels"]) for i in layers]
     ax = axes[0, 0]
-    ax.boxplot(channels, positions=layers, widths=0.6, showfliers=True, flierprops={"markersize": 2, "alpha": 0.4},
-               medianprops={"color": ACCENT}, patch_artist=True, boxprops={"facecolor": "#dbe7f5"})
+    ax.boxplot(
+        channels,
+        positions=layers,
+        widths=0.6,
+        showfliers=True,
+        flierprops={"markersize": 2, "alpha": 0.4},
+        medianprops={"color": ACCENT},
+        patch_artist=True,
+        boxprops={"facecolor": "#dbe7f5"},
+    )
     _scale(ax, [v for c in channels for v in c])
     ax.set_ylabel("MLP channel score")
     ax.set_title("Score distributions per layer (higher = more important)")
@@ -92,7 +112,15 @@ def _merged_marks(marks: Sequence[Mapping[str, Any]], span: float) -> list[tuple
 
 
 def _count_unit(largest: float) -> tuple[float, str]:
-    return (1e9, "B") if largest >= 1e9 else (1e6, "M") if largest >= 1e6 else (1e3, "K") if largest >= 1e3 else (1, "")
+    return (
+        (1e9, "B")
+        if largest >= 1e9
+        else (1e6, "M")
+        if largest >= 1e6
+        else (1e3, "K")
+        if largest >= 1e3
+        else (1, "")
+    )
 
 
 def timeline_figure(samples: Sequence[Mapping[str, Any]]) -> bytes:
@@ -108,22 +136,41 @@ def timeline_figure(samples: Sequence[Mapping[str, Any]]) -> bytes:
     line = {"marker": "o", "markersize": 4, "linestyle": "--", "linewidth": 1}
     ax.plot(t, [s["rss_bytes"] / 2**20 for s in samples], color=KEPT, label="process RSS", **line)
     if any(s.get("cuda_bytes") is not None for s in samples):
-        ax.plot(t, [(s.get("cuda_bytes") or 0) / 2**20 for s in samples], color="#6b21a8",
-                label="CUDA allocated", **line)
+        ax.plot(
+            t,
+            [(s.get("cuda_bytes") or 0) / 2**20 for s in samples],
+            color="#6b21a8",
+            label="CUDA allocated",
+            **line,
+        )
     ax.set_xlabel("seconds since start")
     ax.set_ylabel("memory (MiB)")
     ax.grid(alpha=0.3)
     marks = [s for s in samples if s.get("params") is not None or s["stage"] == "start"]
     for seconds, label in _merged_marks(marks, span):
         ax.axvline(seconds, color="#8c959f", linestyle=":", linewidth=1)
-        ax.annotate(label, (seconds, 0.98), xycoords=("data", "axes fraction"), rotation=90,
-                    va="top", ha="right", fontsize=8, color="#57606a")
+        ax.annotate(
+            label,
+            (seconds, 0.98),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=8,
+            color="#57606a",
+        )
     counted = [s for s in samples if s.get("params") is not None]
     if counted:
         scale, unit = _count_unit(max(s["params"] for s in counted))
         twin = ax.twinx()
-        twin.step([s["seconds"] for s in counted], [s["params"] / scale for s in counted], where="post",
-                  color=ACCENT, marker="s", label="parameters")
+        twin.step(
+            [s["seconds"] for s in counted],
+            [s["params"] / scale for s in counted],
+            where="post",
+            color=ACCENT,
+            marker="s",
+            label="parameters",
+        )
         twin.set_ylabel(f"parameters ({unit})" if unit else "parameters", color=ACCENT)
         twin.set_ylim(0, max(s["params"] for s in counted) / scale * 1.15)
         twin.legend(loc="lower right", frameon=False)
@@ -144,14 +191,22 @@ def metrics_figure(labels: Sequence[str], metrics: Mapping[str, Sequence[float |
             ax.set_visible(False)
             continue
         values = metrics[names[k]]
-        ax.bar(range(len(labels)), [v if v is not None else 0 for v in values],
-               color=[palette[i % len(palette)] for i in range(len(labels))])
+        ax.bar(
+            range(len(labels)),
+            [v if v is not None else 0 for v in values],
+            color=[palette[i % len(palette)] for i in range(len(labels))],
+        )
         for i, v in enumerate(values):
             if v is not None:
                 ax.annotate(f"{v:.4g}", (i, v), ha="center", va="bottom", fontsize=8)
         ax.set_title(names[k], fontsize=10)
-        ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 3 else 0, ha="right"
-                      if len(labels) > 3 else "center", fontsize=8)
+        ax.set_xticks(
+            range(len(labels)),
+            labels,
+            rotation=30 if len(labels) > 3 else 0,
+            ha="right" if len(labels) > 3 else "center",
+            fontsize=8,
+        )
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
     return _png(fig)

@@ -46,13 +46,19 @@ def table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]], css: str 
 
 def figure(png: bytes, caption: str, alt: str) -> str:
     data = base64.b64encode(png).decode()
-    return (f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{esc(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{esc(caption)}</figcaption></figure>"
+    )
 
 
 def page(title: str, subtitle: str, sections: Sequence[tuple[str, str]]) -> str:
     """``sections``: (heading, inner HTML) pairs, in order."""
     parts = [f"<h2>{esc(h)}</h2>\n{body}" for h, body in sections]
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_STYLE}</style></head>'
-            f'<body><h1>{esc(title)}</h1><p class="sub">{esc(subtitle)}</p>\n' + "\n".join(parts) + "</body></html>\n")
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_STYLE}</style></head>'
+        f'<body><h1>{esc(title)}</h1><p class="sub">{esc(subtitle)}</p>\n'
+        + "\n".join(parts)
+        + "</body></html>\n"
+    )

@@ -61,11 +61,14 @@ class Timeline:
     def mark(self, stage: str, model: Any = None) -> None:
         """Record a stage boundary; pass the model to record its (distinct) parameter count."""
         params = sum(p.numel() for p in model.parameters()) if model is not None else None
-        self.samples.append(Sample(time.perf_counter() - self.start, stage, current_rss_bytes(),
-                                   _cuda_allocated(), params))
+        self.samples.append(
+            Sample(time.perf_counter() - self.start, stage, current_rss_bytes(), _cuda_allocated(), params)
+        )
 
     def progress(self, task: str, done: int, total: int) -> None:
-        self.samples.append(Sample(time.perf_counter() - self.start, task, current_rss_bytes(), _cuda_allocated()))
+        self.samples.append(
+            Sample(time.perf_counter() - self.start, task, current_rss_bytes(), _cuda_allocated())
+        )
         if self.forward is not None:
             self.forward(task, done, total)
 
