@@ -111,12 +111,13 @@ class _Producer:
                     **dict(live.named_parameters(recurse=False)),
                     **dict(live.named_buffers(recurse=False)),
                 }
-                return {prefix + k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+                return {prefix + k: v.detach().to("cpu") for k, v in tensors.items()}
         index = self.blocks[unit]
         bench = self.adapter.decoder_layers(self.workbench)[index]
         with resident(live):
-            state = {k: v.detach().to("cpu", copy=True) for k, v in live.state_dict().items()}
-        bench.load_state_dict(state, assign=True)
+            state = {k: v.detach().to("cpu") for k, v in live.state_dict().items()}
+        bench.load_state_dict(state, assign=True)  # no copy: slicing below makes new tensors
+        del state
         sub = _sub_plan(self.plan, index)
         if sub is not None:
             apply_plan(self.workbench, self.adapter, sub)
