@@ -2,9 +2,10 @@
 
 Why: the memory benchmark needs checkpoints larger than the memory cap (up to 3B float32 = 12 GB) on a
 24 GB machine, so the model is never built. A weightless (meta) model gives the tensor names, shapes
-and tie structure; each tensor is then drawn from a seeded generator (N(0, 0.02²) for matrices, ones
-for norm weights, like ``LlamaPreTrainedModel._init_weights``) and appended to the current shard, which
-is flushed at ``--shard-size``. Peak memory ≈ one shard. The tokenizer is copied from ``--tokenizer``.
+and tie structure; each matrix is then filled from a seeded pool of N(0, 0.02²) draws (norm weights are
+ones, like ``LlamaPreTrainedModel._init_weights``) and appended to the current shard, which is flushed
+at ``--shard-size``. Values are only there to be pruned and measured, not to be a good model.
+Peak memory ≈ one shard. The tokenizer is copied from ``--tokenizer``.
 
     python tools/make_random_llama.py --size 0.1B --out /tmp/rand-0.1b --tokenizer DIR  # e.g.
     (DIR = ~/.cache/minillm-bench/smollm2-135m, the benchmark model, whose vocabulary is 49152)
@@ -29,6 +30,22 @@ SIZES = {
     "d16": (1024, 16, 16, 8, 2816),
     "d32": (1024, 32, 16, 8, 2816),
 }
+
+
+#: Normal draws shared by all tensors: each tensor copies a window of this pool at a seeded offset, so
+#: writing 3B parameters costs a memcpy per tensor instead of 3B fresh draws on a 2-core box.
+POOL = 1 << 24
+
+
+def _draw(pool: torch.Tensor, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    out = torch.empty(shape).view(-1)
+    start = int(torch.randint(0, pool.numel(), (1,), generator=generator))
+    done = 0
+    while done < out.numel():
+        take = min(pool.numel() - start, out.numel() - done)
+        out[done : done + take] = pool[start : start + take]
+        done, start = done + take, 0
+    return out.view(shape)
 
 
 def llama_config(size: str, vocab: int = 49152):
@@ -60,6 +77,7 @@ def write(size: str, out: Path, tokenizer: str | None, shard_bytes: int, seed: i
     state = remove_tied_weights_from_state_dict(meta.state_dict(), meta)
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
+    pool = torch.empty(POOL).normal_(0.0, config.initializer_range, generator=generator)
     groups: list[list[str]] = [[]]
     filled = 0
     for key, tensor in state.items():
@@ -78,7 +96,7 @@ def write(size: str, out: Path, tokenizer: str | None, shard_bytes: int, seed: i
             if key.endswith("norm.weight"):
                 shard[key] = torch.ones(shape)
             else:
-                shard[key] = torch.empty(shape).normal_(0.0, config.initializer_range, generator=generator)
+                shard[key] = _draw(pool, shape, generator)
             total += shard[key].numel()
         save_file(shard, str(out / name), metadata={"format": "pt"})
         del shard
