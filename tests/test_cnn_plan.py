@@ -77,3 +77,22 @@ def test_plan_json_round_trip_and_errors():
         global_plan(scores, groups, cost, 0.95, max_group_ratio=0.5)
     with pytest.raises(ValueError, match="expected"):
         global_plan({**scores, groups[0].name: torch.ones(1)}, groups, cost, 0.3)
+
+
+def test_uniform_allocation_cuts_every_group_alike():
+    groups, cost = _setup(TINY_RESNET)
+    g = torch.Generator().manual_seed(1)
+    # wildly different scales per group: the global ranking would empty the low-scale groups first
+    scores = {grp.name: torch.rand(grp.size, generator=g) * 10.0**i for i, grp in enumerate(groups)}
+    plan = global_plan(scores, groups, cost, 0.3, allocation="uniform")
+    fractions = [len(plan.pruned.get(grp.name, [])) / grp.size for grp in groups]
+    assert max(fractions) - min(fractions) <= max(1 / grp.size for grp in groups) + 1e-9
+    # inside a group the lowest-scoring channels go
+    for grp in groups:
+        idx = plan.pruned.get(grp.name, [])
+        if idx:
+            kept = [c for c in range(grp.size) if c not in idx]
+            assert scores[grp.name][idx].max() <= scores[grp.name][kept].min()
+    assert plan.meta["allocation"] == "uniform"
+    with pytest.raises(ValueError, match="allocation"):
+        global_plan(scores, groups, cost, 0.3, allocation="layerwise")

@@ -65,8 +65,8 @@ def dense_model(args, data):
     return model, meta
 
 
-def evaluate_plan(model, data, scores, groups, cost, ratio, args, name, cost_norm: str, finetune: bool):
-    plan = global_plan(scores, groups, cost, ratio, "flops", cost_norm=cost_norm)
+def evaluate_plan(model, data, scores, groups, cost, ratio, args, name, allocation, cost_norm, finetune):
+    plan = global_plan(scores, groups, cost, ratio, "flops", cost_norm=cost_norm, allocation=allocation)
     pruned = apply_plan(model, plan, data.train_x[:1])
     row = {"criterion": name, "target": ratio, "removed": plan.achieved_ratio}
     row["acc_cut"] = model_stats(pruned, data)["accuracy"]
@@ -111,38 +111,40 @@ def main() -> None:
         flush=True,
     )
 
-    runs: list[tuple[str, PruneSettings, bool]] = []
+    # 1) score every channel once per criterion (scores do not depend on the target)
+    scorers: dict[str, PruneSettings] = {}
     for crit in args.criteria:
-        seeds = range(args.random_seeds) if crit == "random" else [0]
-        for s in seeds:
-            label = crit if crit != "random" else f"random (seed {s})"
-            runs.append((label, PruneSettings(crit, flops_ratio=0.5, seed=s), True))
+        for seed in range(args.random_seeds) if crit == "random" else [0]:
+            scorers[crit if crit != "random" else f"random (seed {seed})"] = PruneSettings(crit, seed=seed)
     if "ifso" in args.criteria:
-        runs += [
-            (
-                "ifso (exact HVP)",
-                PruneSettings("ifso", flops_ratio=0.5, criterion_options={"hvp": "exact"}),
-                False,
-            ),
-            (
-                "ifso (+H_mm)",
-                PruneSettings("ifso", flops_ratio=0.5, criterion_options={"include_hmm": True}),
-                False,
-            ),
-            ("ifso (sqrt-flops)", PruneSettings("ifso", flops_ratio=0.5, cost_norm="sqrt-flops"), False),
-        ]
-    rows, all_scores, score_time = [], {}, {}
-    for label, settings, finetune in runs:
+        scorers["ifso (exact HVP)"] = PruneSettings("ifso", criterion_options={"hvp": "exact"})
+        scorers["ifso (+H_mm)"] = PruneSettings("ifso", criterion_options={"include_hmm": True})
+    all_scores, score_time, scored = {}, {}, {}
+    for label, settings in scorers.items():
         settings.calib_batches, settings.calib_batch_size = args.calib_batches, args.calib_batch_size
         t0 = time.process_time()
-        scores, groups, cost = score_channels(model, data, settings, args.weight_decay)
+        scored[label] = score_channels(model, data, settings, args.weight_decay)
         score_time[label] = time.process_time() - t0
-        all_scores[label] = torch.cat([scores[g.name] for g in groups])
+        all_scores[label] = torch.cat([scored[label][0][g.name] for g in scored[label][1]])
+
+    # 2) plans: (row label, scores, allocation, cost_norm, fine-tune?)
+    variants = [(label, label, "global", "none", True) for label in scorers if not label.startswith("ifso (")]
+    variants += [(label, label, "global", "none", False) for label in scorers if label.startswith("ifso (")]
+    if "ifso" in scorers:
+        variants.append(("ifso (sqrt-flops)", "ifso", "global", "sqrt-flops", False))
+    variants += [
+        (f"{label} [uniform]", label, "uniform", "none", False)
+        for label in scorers
+        if not label.startswith("ifso (")
+    ]
+    rows = []
+    for label, key, allocation, cost_norm, finetune in variants:
+        scores, groups, cost = scored[key]
         for ratio in args.ratios:
             row = evaluate_plan(
-                model, data, scores, groups, cost, ratio, args, label, settings.cost_norm, finetune
+                model, data, scores, groups, cost, ratio, args, label, allocation, cost_norm, finetune
             )
-            row["score_cpu_s"] = score_time[label]
+            row["score_cpu_s"] = score_time[key]
             rows.append(row)
             print(json.dumps(row), flush=True)
 

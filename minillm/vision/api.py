@@ -44,6 +44,7 @@ class PruneSettings:
     seed: int = 0
     weight_decay: float | None = None
     cost_norm: str = "none"
+    allocation: str = "global"
     max_group_ratio: float = 0.9
     bn_recalib_images: int = 0
     criterion_options: dict[str, Any] = field(default_factory=dict)
@@ -110,7 +111,9 @@ def prune_model(
     t0 = time.perf_counter()
     scores, groups, cost = score_channels(model, data, s, weight_decay)
     seconds = time.perf_counter() - t0
-    plan = global_plan(scores, groups, cost, ratio, kind, s.max_group_ratio, s.cost_norm, s.criterion)
+    plan = global_plan(
+        scores, groups, cost, ratio, kind, s.max_group_ratio, s.cost_norm, s.criterion, s.allocation
+    )
     plan.meta["criterion_options"] = dict(s.criterion_options)
     plan.meta["seed"] = s.seed
     return apply_plan(model, plan, data.train_x[:1]), plan, seconds

@@ -119,6 +119,9 @@ def prune(
     cost_norm: str = typer.Option(
         "none", help="'none' or 'sqrt-flops' (divide scores by sqrt of FLOPs saved)."
     ),
+    allocation: str = typer.Option(
+        "global", help="'global' (one ranking over all layers) or 'uniform' (same fraction per layer)."
+    ),
     max_group_ratio: float = typer.Option(0.9, help="Most a single channel group may lose."),
     hvp: str = typer.Option("fd", help="IFSO Hessian-vector products: 'fd' (finite differences) or 'exact'."),
     include_hmm: bool = typer.Option(False, help="IFSO: keep the H_mm term of the quadratic form."),
@@ -156,6 +159,7 @@ def prune(
         seed=seed,
         weight_decay=weight_decay,
         cost_norm=cost_norm,
+        allocation=allocation,
         max_group_ratio=max_group_ratio,
         bn_recalib_images=bn_recalib,
         criterion_options=options,

@@ -114,14 +114,6 @@ class CostModel:
         removed = removed or {}
         return self.base_params + sum(c.params(*self._widths(c, removed)) for c in self.layers)
 
-    def group_layers(self, group: str) -> list[LayerCost]:
-        """Layers whose cost depends on ``group`` (for incremental updates)."""
-        return [
-            c
-            for c in self.layers
-            if self.in_group.get(c.name) == group or self.out_group.get(c.name) == group
-        ]
-
     def metric(self, kind: str, removed: Mapping[str, int] | None = None) -> float:
         if kind == "flops":
             return self.flops(removed)

@@ -72,18 +72,3 @@ def plan_masks(
             for name in g.consumers:
                 masks[name][torch.as_tensor(idx, dtype=torch.long)] = 0.0
     return masks
-
-
-def group_sum(
-    per_consumer: Mapping[str, torch.Tensor], group: ChannelGroup, absolute_first: bool
-) -> torch.Tensor:
-    """Reduce per-consumer mask quantities to one value per group channel.
-
-    absolute_first=True sums |x| over consumers (as IFSO's released code sums per-layer scores);
-    False sums signed values then takes |.| (the first-order loss change of zeroing all readers at once).
-    """
-    parts = [per_consumer[name] for name in group.consumers]
-    if not parts:
-        return torch.zeros(group.size)
-    stacked = torch.stack([p.detach().float().cpu() for p in parts])
-    return stacked.abs().sum(0) if absolute_first else stacked.sum(0).abs()

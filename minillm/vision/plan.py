@@ -9,6 +9,11 @@ A group never loses more than ``max_group_ratio`` of its channels (and always ke
 disappears. Optionally the score of a channel is divided by the square root of the FLOPs its removal
 saves (``cost_norm="sqrt-flops"``), the normalisation IFSO's released code applies (after FisherPruning)
 so that cheap-to-keep channels are not removed just because they are cheap.
+
+``allocation="uniform"`` replaces each group's scores by their within-group rank fraction
+``(rank + 1) / size`` before the ranking, so every group loses (nearly) the same fraction of channels and
+the criterion only decides *which* channels go inside a layer, not how many per layer. Comparing the two
+allocations separates a criterion's within-layer ranking from its cross-layer calibration.
 """
 
 from __future__ import annotations
@@ -56,6 +61,14 @@ def channel_savings(cost: CostModel, groups: list[ChannelGroup], kind: str) -> d
     return {g.name: full - cost.metric(kind, {g.name: 1}) for g in groups}
 
 
+def within_group_rank(scores: torch.Tensor) -> torch.Tensor:
+    """``(rank + 1) / size`` of each score inside its group (ties by index): a scale-free score."""
+    order = torch.sort(scores, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(len(scores))
+    return (ranks.double() + 1.0) / len(scores)
+
+
 def global_plan(
     scores: Mapping[str, torch.Tensor],
     groups: list[ChannelGroup],
@@ -65,12 +78,15 @@ def global_plan(
     max_group_ratio: float = 0.9,
     cost_norm: str = "none",
     criterion: str = "",
+    allocation: str = "global",
 ) -> PrunePlan:
     """Remove the globally lowest-scoring channels until ``target_ratio`` of the cost is gone."""
     if not 0.0 < target_ratio < 1.0:
         raise ValueError(f"target ratio must be in (0, 1), got {target_ratio}")
     if cost_norm not in ("none", "sqrt-flops"):
         raise ValueError(f"cost_norm must be 'none' or 'sqrt-flops', got {cost_norm!r}")
+    if allocation not in ("global", "uniform"):
+        raise ValueError(f"allocation must be 'global' or 'uniform', got {allocation!r}")
     savings = channel_savings(cost, groups, "flops") if cost_norm == "sqrt-flops" else {}
     heap: list[tuple[float, int, str, int]] = []
     order = 0
@@ -78,6 +94,8 @@ def global_plan(
         s = scores[g.name].detach().double().cpu()
         if s.shape != (g.size,):
             raise ValueError(f"group {g.name}: expected {g.size} scores, got {tuple(s.shape)}")
+        if allocation == "uniform":
+            s = within_group_rank(s)
         if cost_norm == "sqrt-flops":
             s = s / math.sqrt(max(savings[g.name], 1.0))
         for c in range(g.size):
@@ -109,5 +127,5 @@ def global_plan(
         target_kind=target_kind,
         target_ratio=target_ratio,
         achieved_ratio=1.0 - current / dense,
-        meta={"cost_norm": cost_norm, "max_group_ratio": max_group_ratio},
+        meta={"cost_norm": cost_norm, "allocation": allocation, "max_group_ratio": max_group_ratio},
     )
