@@ -50,6 +50,22 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
+def directional_derivatives(model: nn.Module, holder: GateHolder, batch: torch.Tensor, tangent: torch.Tensor,
+                            mode: str) -> torch.Tensor:
+    """Exact ``∇_{g_b} L_b · v_b`` per sequence (``(B,)``) or per token (``(B, T-1)``), by one jvp pass.
+
+    ``tangent`` has the shape of the gate copies: ``(B, d)`` per sequence or ``(B, T, d)`` per token.
+    """
+
+    def losses(gates: torch.Tensor) -> torch.Tensor:
+        holder.value = gates
+        per_token = token_losses(model, batch, save_memory=False)
+        return per_token.sum(1) if mode == "sequence" else per_token
+
+    _, directional = jvp(losses, (torch.ones_like(tangent),), (tangent,))
+    return directional
+
+
 def forward_gradient(ctx: ScoringContext, layout: GateLayout, passes: int, mode: str = "sequence",
                      on_pass: object = None) -> list[torch.Tensor]:
     """Running estimates of ∂L/∂gates after each pass (float64, CPU): ``result[k-1]`` uses k passes."""
@@ -69,15 +85,8 @@ def forward_gradient(ctx: ScoringContext, layout: GateLayout, passes: int, mode:
             for b, batch in enumerate(ctx.calibration.batches()):
                 batch = batch.to(device)
                 lead = (batch.shape[0],) if mode == "sequence" else (batch.shape[0], batch.shape[1])
-                primal = torch.ones(*lead, layout.size, dtype=dtype, device=device)
                 tangent = _tangent((*lead, layout.size), ctx.seed, step, b, dtype, device)
-
-                def losses(gates: torch.Tensor, _batch: torch.Tensor = batch) -> torch.Tensor:
-                    holder.value = gates
-                    per_token = token_losses(model, _batch, save_memory=False)
-                    return per_token.sum(1) if mode == "sequence" else per_token
-
-                _, directional = jvp(losses, (primal,), (tangent,))
+                directional = directional_derivatives(model, holder, batch, tangent, mode)
                 if mode == "token":
                     tangent = tangent[:, :-1]  # the last position predicts nothing
                 weighted = directional.double()[..., None] * tangent.double()

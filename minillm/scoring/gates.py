@@ -153,7 +153,8 @@ def token_losses(model: nn.Module, input_ids: torch.Tensor, chunk: int = 32, sav
     hidden = hidden[:, :-1]
 
     def piece(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = head(h).float()
+        logits = head(h)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
         flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
         return flat.view(y.shape)
 
