@@ -71,7 +71,7 @@ def _layer_shape_overrides(model: nn.Module, adapter: ArchAdapter) -> tuple[dict
     for index, layer in enumerate(adapter.decoder_layers(model)):
         attn, mlp = adapter.attention(layer), adapter.mlp(layer)
         for linear in (attn.q, attn.k, attn.v, attn.o, *mlp.expand, mlp.closing):
-            shapes[names[linear]] = [linear.out_features, linear.in_features]
+            shapes[names[linear]] = [linear.out_features, linear.in_features, linear.bias is not None]
         shape = adapter.layer_shape(model, index)
         attributes[names[attn.module]] = adapter.attention_attributes(shape.num_heads, shape.num_kv_heads)
     return shapes, attributes
@@ -89,7 +89,30 @@ def needs_remote_code(model: nn.Module, adapter: ArchAdapter) -> bool:
     if len(shapes) != 1:
         return True
     update = adapter.uniform_config_update(model.config, next(iter(shapes)))
-    return update is None or any(getattr(model.config, k, None) != v for k, v in update.items())
+    if update is None or any(getattr(model.config, k, None) != v for k, v in update.items()):
+        return True
+    return _gained_biases(model, adapter)
+
+
+def _gained_biases(model: nn.Module, adapter: ArchAdapter) -> bool:
+    """True when a projection has a bias the stock class would not build (e.g. FLAP's compensation).
+
+    A vanilla load would silently drop such a bias, so these exports take the per-layer path, whose
+    ``minillm_layer_shapes`` records every projection's bias.
+    """
+    import torch
+
+    base = type(model).__mro__[1] if type(model).__name__ == "MinillmPrunedForCausalLM" else type(model)
+    with torch.device("meta"):
+        stock = base(model.config)
+    for ours, theirs in zip(adapter.decoder_layers(model), adapter.decoder_layers(stock), strict=True):
+        a, b = adapter.attention(ours), adapter.attention(theirs)
+        m, n = adapter.mlp(ours), adapter.mlp(theirs)
+        for mine, plain in zip((a.q, a.k, a.v, a.o, *m.expand, m.closing),
+                               (b.q, b.k, b.v, b.o, *n.expand, n.closing), strict=True):
+            if (mine.bias is not None) != (plain.bias is not None):
+                return True
+    return False
 
 
 def save_pruned(model: nn.Module, tokenizer: Any, adapter: ArchAdapter, out: str | Path, metadata: dict,
