@@ -33,9 +33,10 @@ STREAMING.register("fms-local", "minillm.scoring.streaming_fms:stream_fms_local"
 STREAMING.register("wanda-sp", "minillm.scoring.streaming_stats:stream_wanda_sp")
 STREAMING.register("magnitude", "minillm.scoring.streaming_stats:stream_magnitude_l1")
 STREAMING.register("magnitude-l2", "minillm.scoring.streaming_stats:stream_magnitude_l2")
+STREAMING.register("taylor-gate", "minillm.scoring.streaming_taylor_gate:stream_taylor_gate")
 
 #: Streaming criteria that evaluate the model's loss (they need the LM head and a batch of logits).
-NEEDS_LOSS = frozenset({"fms"})
+NEEDS_LOSS = frozenset({"fms", "taylor-gate"})
 
 GiB = 1024**3
 
