@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--fwd", default="8,32,128", help="jvp pass counts for fwd-grad")
     parser.add_argument("--fms", default="16,64", help="SPSA step counts for per-weight fms ('' to skip)")
     parser.add_argument("--eps", type=float, default=1e-3)
+    parser.add_argument("--layers", default="", help="comma-separated layers to gate (default: all)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -82,7 +83,7 @@ def main() -> None:
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, device_map="cpu", dtype="float32")
     adapter = adapter_for(model.config)
-    layers = list(range(len(adapter.decoder_layers(model))))
+    layers = [int(i) for i in args.layers.split(",") if i] or list(range(len(adapter.decoder_layers(model))))
     calibration = calibration_set(tokenizer, args.calib, args.samples, args.seq_len, args.seed, args.samples)
     ctx = ScoringContext(
         model=model,
