@@ -99,7 +99,12 @@ def main() -> None:
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--plot", default="docs/img/cnn_accuracy_vs_flops.png")
     ap.add_argument("--table", default="docs/img/cnn_bench.md")
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot from the table's JSON")
     args = ap.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.table).with_suffix(".json").read_text())
+        plot(args, saved["dense"], saved["rows"])
+        return
     torch.set_num_threads(args.threads)
     cpu0 = time.process_time()
 
@@ -200,6 +205,25 @@ def write_outputs(args, dense, meta, rows, corr, total_cpu, n_batches) -> None:
     plot(args, dense, rows)
 
 
+COLORS = {
+    "ifso": "tab:blue",
+    "taylor": "tab:orange",
+    "l1": "tab:green",
+    "bn-scale": "tab:red",
+    "random": "tab:purple",
+    "ifso (exact HVP)": "tab:brown",
+    "ifso (+H_mm)": "tab:pink",
+    "ifso (sqrt-flops)": "tab:gray",
+}
+
+
+def _series(label: str) -> tuple[str, bool]:
+    """Row label -> (criterion or IFSO variant with any random seed dropped, uniform allocation?)."""
+    uniform = label.endswith(" [uniform]")
+    base = label.removesuffix(" [uniform]")
+    return ("random" if base.startswith("random") else base), uniform
+
+
 def plot(args, dense, rows) -> None:
     import matplotlib
 
@@ -208,35 +232,44 @@ def plot(args, dense, rows) -> None:
 
     panels = [
         ("acc_cut", "as cut (no retraining)"),
-        ("acc_bn", "+ BN recalibration"),
+        ("acc_bn", "+ BN statistics re-estimated (no weight update)"),
         ("acc_ft", f"+ fine-tune {args.finetune_epochs} epoch"),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
-    names = []
-    for r in rows:
-        base = "random" if r["criterion"].startswith("random") else r["criterion"]
-        if base not in names:
-            names.append(base)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
+    series: dict[tuple[str, bool], dict[float, list[tuple[float, float]]]] = {}
+    for key, _ in panels:
+        for r in rows:
+            if key in r:
+                series.setdefault((*_series(r["criterion"]), key), {}).setdefault(r["target"], []).append(
+                    (r["removed"], r[key])
+                )
     for ax, (key, title) in zip(axes, panels, strict=True):
-        for name in names:
-            pts = {}
-            for r in rows:
-                base = "random" if r["criterion"].startswith("random") else r["criterion"]
-                if base == name and key in r:
-                    pts.setdefault(r["target"], []).append((r["removed"], r[key]))
-            if not pts:
+        for (name, uniform, k), pts in series.items():
+            if k != key:
                 continue
-            xs = [sum(p[0] for p in v) / len(v) for _, v in sorted(pts.items())]
-            ys = [sum(p[1] for p in v) / len(v) for _, v in sorted(pts.items())]
-            style = "--" if name.startswith("ifso (") else "-"
-            label = name + (" (mean of seeds)" if name == "random" else "")
-            ax.plot([0.0, *xs], [dense["accuracy"], *ys], style, marker="o", label=label)
-        ax.set_title(title)
+            targets = sorted(pts)
+            xs = [0.0] + [sum(p[0] for p in pts[t]) / len(pts[t]) for t in targets]
+            ys = [dense["accuracy"]] + [sum(p[1] for p in pts[t]) / len(pts[t]) for t in targets]
+            style = ":" if uniform else "--" if name.startswith("ifso (") else "-"
+            label = (
+                name + (" [uniform]" if uniform else "") + (" (mean of seeds)" if name == "random" else "")
+            )
+            color = COLORS.get(name, "black")
+            ax.plot(xs, ys, style, marker="s" if uniform else "o", color=color, label=label, lw=1.6)
+            if name == "random" and len(pts[targets[0]]) > 1:
+                lo = [dense["accuracy"]] + [min(p[1] for p in pts[t]) for t in targets]
+                hi = [dense["accuracy"]] + [max(p[1] for p in pts[t]) for t in targets]
+                ax.fill_between(xs, lo, hi, color=color, alpha=0.12 if not uniform else 0.06)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("fraction of FLOPs removed")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy (MNIST 1,000)")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{args.arch} on MNIST (4k/1k split): accuracy vs FLOPs removed, global ranking")
+    axes[0].set_ylabel("test accuracy (MNIST, 1,000 images)")
+    axes[1].legend(fontsize=7, ncol=2, loc="lower left")
+    fig.suptitle(
+        f"{args.arch} on MNIST (seeded 4k/1k split): accuracy vs FLOPs removed. Solid: global ranking; "
+        "dotted: uniform per-layer allocation; dashed: IFSO variants; band: random min-max over seeds",
+        fontsize=10,
+    )
     fig.tight_layout()
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.plot, dpi=110)
