@@ -134,6 +134,7 @@ def test_prune_by_parameter_ratio(tmp_path, csv_data):
         (["prune", "{dense}", "--flops-ratio", "0.5"], "--out"),
         (["prune", "{dense}", "--flops-ratio", "1.5", "--dry-run"], "(0, 1)"),
         (["prune", "{missing}", "--flops-ratio", "0.5", "--dry-run"], "not a minillm CNN export"),
+        (["prune", "{dense}", "--flops-ratio", "0.5", "--dry-run", "--allocation", "layer"], "'uniform'"),
         (["train", "-o", "{out}", "--arch", "resnet21"], "unknown architecture"),
         (["train", "-o", "{out}", "--data", "imagenet"], "unknown --data"),
         (["eval", "{dense}", "--data", "mnist5k:{missing}/x.csv"], "not found"),
@@ -171,6 +172,19 @@ def test_image_folder_layout(tmp_path):
     data = load_image_folder(tmp_path, image_size=16)
     assert data.train_x.shape == (4, 3, 16, 16) and data.num_classes == 2
     assert data.train_y.tolist() == [0, 0, 1, 1]
+
+
+def test_cifar10_python_batches(tmp_path):
+    import pickle
+
+    rng = np.random.default_rng(0)
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        batch = {b"data": rng.integers(0, 256, size=(2, 3072), dtype=np.uint8), b"labels": [1, 7]}
+        (tmp_path / name).write_bytes(pickle.dumps(batch))
+    data = load_data(f"cifar10:{tmp_path}")
+    assert data.train_x.shape == (10, 3, 32, 32) and data.test_x.shape == (2, 3, 32, 32)
+    assert data.train_y.tolist() == [1, 7] * 5
+    assert abs(float(data.train_x.mean())) < 1e-5  # normalised with training statistics
 
 
 def test_random_shift_moves_pixels_within_bounds():

@@ -8,7 +8,8 @@ the H_mm term, sqrt-FLOPs normalisation) without fine-tuning, and rank correlati
 
 Data: ``../shared/data/images/mnist_5k.csv.gz``, seeded 4,000 train / 1,000 test split, 28x28.
 
-CPU-sized run (about 15 CPU-minutes on one core; what docs/benchmarks.md reports):
+CPU-sized run (about 13 CPU-minutes on one core: 4 to train, 9 for the rest; what docs/benchmarks.md
+reports):
 
     nice -n 5 python tools/bench_cnn.py --threads 1
 

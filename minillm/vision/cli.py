@@ -145,6 +145,10 @@ def prune(
         raise typer.BadParameter("give exactly one of --flops-ratio or --ratio")
     if out is None and not dry_run:
         raise typer.BadParameter("--out is required unless --dry-run", param_hint="--out")
+    if cost_norm not in ("none", "sqrt-flops"):
+        raise typer.BadParameter("must be 'none' or 'sqrt-flops'", param_hint="--cost-norm")
+    if allocation not in ("global", "uniform"):
+        raise typer.BadParameter("must be 'global' or 'uniform'", param_hint="--allocation")
     options: dict[str, Any] = {}
     if criterion == "ifso":
         if hvp not in ("fd", "exact"):
