@@ -61,6 +61,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=Path("runs/bench_lstm"))
     p.add_argument("--only-dense", action="store_true", help="train (or load) the dense model and stop")
     p.add_argument("--only-speed", action="store_true", help="time the smaller models and stop")
+    p.add_argument("--speed-repeats", type=int, default=100, help="timed runs per model (median)")
     p.add_argument("--clock", default="thread", choices=["thread", "wall"],
                    help="thread CPU time (robust on a shared box; needs --threads 1) or wall time")
     p.add_argument("--markdown", type=Path, default=None)
@@ -97,7 +98,7 @@ def main() -> None:
     from minillm.lstm.model import LstmLm, LstmLmConfig, count_parameters
     from minillm.lstm.plan import plan_from_scores
     from minillm.lstm.speed import inference_speed
-    from minillm.lstm.surgery import apply_plan
+    from minillm.lstm.surgery import apply_plan, check_fused
     from minillm.lstm.train import TrainConfig, evaluate_nll, perplexity, train_lm
     from minillm.scoring.spsa import SpsaConfig
 
@@ -150,10 +151,11 @@ def main() -> None:
     for keep in keeps:
         plan = plan_from_scores([torch.arange(h, 0, -1).float() for h in config.hidden_sizes], keep)
         model = apply_plan(dense, plan)
-        row = {"keep": keep, "hidden": list(model.config.hidden_sizes), "parameters": count_parameters(model)}
+        row = {"keep": keep, "hidden": list(model.config.hidden_sizes), "parameters": count_parameters(model),
+               "fused_error": max(e for rnn in model.rnns for e in check_fused(rnn).values())}
         for batch in (1, 20):
-            speed = inference_speed(model, batch_size=batch, seq_len=args.bptt, repeats=30, seed=args.seed,
-                                    clock=args.clock)
+            speed = inference_speed(model, batch_size=batch, seq_len=args.bptt, repeats=args.speed_repeats,
+                                    seed=args.seed, clock=args.clock)
             row[f"lm_ms_b{batch}"], row[f"lstm_ms_b{batch}"] = speed.lm_ms, speed.lstm_ms
         speed_rows.append(row)
         log(f"speed {row}")
@@ -164,20 +166,33 @@ def main() -> None:
 
     # --- criteria × kept fraction, short fine-tune ---
     prune_rows = []
-    dense_ft = copy.deepcopy(dense)
-    train_lm(dense_ft, corpus.train, finetune)
-    dense_ft_ppl = test_ppl(dense_ft)
     dense_test = results["dense"]["test_ppl"]
+    finetuned_cache: dict[str, float] = {}
+
+    def finetuned_ppl(model: LstmLm, key: str) -> float:
+        """Test ppl after the short fine-tune of a copy of ``model`` (cached: the dense one is shared)."""
+        if key not in finetuned_cache:
+            tuned = copy.deepcopy(model)
+            train_lm(tuned, corpus.train, finetune)
+            finetuned_cache[key] = test_ppl(tuned)
+        return finetuned_cache[key]
+
     for name in criteria:
         base = copy.deepcopy(dense)
         scoring = PruneSettings(**{**settings.__dict__, "criterion": name, "keep_ratio": 1.0})
         with Clock() as score_clock:
             scores = score_units(base, corpus, scoring)
         log(f"scored {name} in {score_clock.cpu:.1f} s CPU")
+        pairs = zip(base.parameters(), dense.parameters(), strict=True)
+        # group lasso trains the model it scores (SPSA only leaves rounding-level traces)
+        trained = any(not torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in pairs)
         for keep in keeps:
-            if keep == 1.0:
-                prune_rows.append({"criterion": name, "keep": keep, "ppl_pruned": dense_test,
-                                   "ppl_finetuned": dense_ft_ppl, "score_cpu_s": score_clock.cpu})
+            if keep == 1.0:  # nothing removed: the dense model, or the model the criterion trained
+                prune_rows.append({
+                    "criterion": name, "keep": keep, "score_cpu_s": score_clock.cpu,
+                    "ppl_pruned": test_ppl(base) if trained else dense_test,
+                    "ppl_finetuned": finetuned_ppl(base, name if trained else "dense"),
+                })
                 continue
             plan = plan_from_scores(scores, keep, name)
             model = apply_plan(base, plan)
@@ -275,16 +290,17 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
         out.append("")
     if results.get("speed"):
         base = results["speed"][0]
-        out.append(f"Inference time in ms ({args.clock} clock, median of 30 runs over 35 tokens, "
-                   f"{args.threads} thread), speedup vs the first row:\n")
-        out.append("| kept | hidden | params | LM ms B=1 | LSTM ms B=1 | LM ms B=20 | LSTM ms B=20 |")
-        out.append("|---:|---|---:|---:|---:|---:|---:|")
+        out.append(f"Inference time in ms ({args.clock} clock, median of {args.speed_repeats} runs, "
+                   f"{args.bptt} tokens, {args.threads} thread), speedup vs the first row:\n")
+        out.append("| kept | hidden | params | LM ms B=1 | LSTM ms B=1 | LM ms B=20 | LSTM ms B=20 "
+                   "| fused vs reference max abs diff |")
+        out.append("|---:|---|---:|---:|---:|---:|---:|---:|")
         for r in results["speed"]:
             cells = []
             for key in ("lm_ms_b1", "lstm_ms_b1", "lm_ms_b20", "lstm_ms_b20"):
                 cells.append(f"{r[key]:.2f} ({base[key] / r[key]:.2f}×)")
             head = f"| {r['keep']:.0%} | {r['hidden']} | {r['parameters']:,} | "
-            out.append(head + " | ".join(cells) + " |")
+            out.append(head + " | ".join(cells) + f" | {r.get('fused_error', float('nan')):.1e} |")
         out.append("")
     if "spsa_cosine" in results:
         out.append(f"SPSA ({args.spsa_steps} directions) vs backprop gradient, cosine over the group "
