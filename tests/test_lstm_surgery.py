@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -180,3 +182,29 @@ def test_plan_round_trips_and_validates() -> None:
         plan_from_scores([torch.tensor([float("nan"), 1.0])], 0.5)
     with pytest.raises(ValueError):
         kept_count(10, 0.0)
+
+
+SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "ptb-style"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_CORPUS.is_dir(), reason="needs ../shared/data/text/ptb-style")
+def test_pruned_equals_masked_on_the_real_corpus_after_training() -> None:
+    """A briefly trained LM on the PTB-style corpus: surgery is exact on real text, every criterion."""
+    from minillm.lstm.api import PruneSettings, calibration_windows, score_units
+    from minillm.lstm.data import Corpus, batchify, bptt_windows
+    from minillm.lstm.train import TrainConfig, train_lm
+
+    corpus = Corpus.load(SHARED_CORPUS)
+    assert len(corpus.vocab) == 10_001
+    config = LstmLmConfig(vocab_size=len(corpus.vocab), embed_size=32, hidden_sizes=(48, 40), dropout=0.1)
+    model = LstmLm(config, torch.Generator().manual_seed(0))
+    train_lm(model, corpus.train, TrainConfig(epochs=1, max_steps=30, batch_size=16, bptt=20))
+    settings = PruneSettings(calib_windows=2, group_lasso_steps=0)
+    window = next(iter(bptt_windows(batchify(corpus.test, 4), 20)))[0]
+    assert calibration_windows(corpus, settings)
+    for criterion in ("magnitude", "activation", "fms"):
+        settings.criterion = criterion
+        plan = plan_from_scores(score_units(model, corpus, settings), 0.5, criterion)
+        torch.testing.assert_close(apply_plan(model, plan)(window)[0], mask_plan(model, plan)(window)[0],
+                                   rtol=0, atol=1e-5)
