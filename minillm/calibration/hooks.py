@@ -15,9 +15,13 @@ InputHook = Callable[[nn.Module, torch.Tensor], None]
 def input_hooks(modules: Iterable[nn.Module], hook: InputHook) -> Iterator[None]:
     """Call ``hook(module, input)`` on every forward of each module; always removes the hooks."""
     handles = []
+
+    def observe(module: nn.Module, args: tuple) -> None:
+        hook(module, args[0])  # never return a value: a pre-hook's return value would replace the input
+
     try:
         for module in modules:
-            handles.append(module.register_forward_pre_hook(lambda mod, args: hook(mod, args[0])))
+            handles.append(module.register_forward_pre_hook(observe))
         yield
     finally:
         for handle in handles:
