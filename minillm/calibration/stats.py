@@ -58,9 +58,10 @@ def collect_input_stats(modules: Sequence[nn.Linear], run: Callable[[], None]) -
         flat = x.detach().reshape(-1, x.shape[-1])  # column reductions, no activation-sized copies
         entry = stats[module]
         entry.count += flat.shape[0]
-        entry.total += flat.sum(0, dtype=torch.float32).double()
-        entry.total_abs += torch.linalg.vector_norm(flat, 1, dim=0, dtype=torch.float32).double()
-        entry.total_sq += torch.linalg.vector_norm(flat, 2, dim=0, dtype=torch.float32).double() ** 2
+        precision = torch.promote_types(flat.dtype, torch.float32)  # bf16/fp16 reduce in fp32, fp64 stays
+        entry.total += flat.sum(0, dtype=precision).double()
+        entry.total_abs += torch.linalg.vector_norm(flat, 1, dim=0, dtype=precision).double()
+        entry.total_sq += torch.linalg.vector_norm(flat, 2, dim=0, dtype=precision).double() ** 2
 
     with input_hooks(modules, record):
         run()
