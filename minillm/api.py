@@ -106,6 +106,8 @@ def prune(
     overwrite: bool = False,
     dry_run: bool = False,
     max_shard_size: str | int = "5GB",
+    streaming: bool = False,
+    offload_dir: str | None = None,
     report: str | Path | None = None,
     progress: Progress | None = None,
     command: str | None = None,
@@ -124,6 +126,10 @@ def prune(
         raise UsageError(f"--ratio must be strictly between 0 and 1 (got {ratio}); e.g. --ratio 0.2")
     if criterion not in CRITERIA:
         CRITERIA.get(criterion)  # raises the did-you-mean error
+    if streaming:
+        from minillm.streaming import streaming_criterion
+
+        streaming_criterion(criterion)  # block-by-block needs a criterion that has that mode
     if out is not None and not dry_run:
         check_output_dir(out, overwrite)
     if report is not None:
@@ -135,8 +141,24 @@ def prune(
         from minillm.loading import load_model, load_tokenizer
 
         tokenizer = tokenizer or load_tokenizer(model)
-        model = load_model(model, device_map=device_map, max_memory=max_memory, dtype=dtype)
+        if streaming:  # --max-memory becomes the process budget: reserve one block + activations first
+            from minillm.streaming import prepare_streaming_load
+
+            load_memory, load_offload = prepare_streaming_load(
+                criterion, model, max_memory, offload_dir, dtype, batch_size, seq_len, calib_samples)
+        else:
+            load_memory, load_offload = max_memory, offload_dir
+        model = load_model(model, device_map=device_map, max_memory=load_memory, dtype=dtype,
+                           offload_dir=load_offload)
     adapter = adapter_for(model.config)
+    if not streaming:
+        from minillm.calibration.blockwise import is_offloaded
+
+        if is_offloaded(model):  # offloaded weights sit on `meta`: only the block-by-block path can read them
+            from minillm.streaming import streaming_criterion
+
+            streaming_criterion(criterion)
+            streaming = True
     timeline.mark("loaded", model)
     layers = prunable_layers(len(adapter.decoder_layers(model)), skip_first, skip_last)
     if isinstance(calib, CalibrationSet):
@@ -147,7 +169,10 @@ def prune(
         calibration = calibration_set(tokenizer, calib, calib_samples, seq_len, seed, batch_size)
     spsa = SpsaConfig(steps=spsa_steps, eps=spsa_eps, seed=seed)
     with measure() as scoring:
-        score = score_model(model, criterion, calibration, layers, seed, spsa, criterion_options, progress)
+        from minillm.streaming import score_streaming  # same signature as score_model, block by block
+
+        score_fn = score_streaming if streaming else score_model
+        score = score_fn(model, criterion, calibration, layers, seed, spsa, criterion_options, progress)
     timeline.mark("scored", model)
     plan = plan_from_scores(model, score, ratio, allocation, head_mode, structures)
     plan.extra = {"criterion": criterion, "layers_scored": layers}
@@ -167,16 +192,30 @@ def prune(
         from minillm.scoring.compensation import fold_removed_means
 
         fold_removed_means(model, adapter, plan, score.compensation)
-    apply_plan(model, adapter, plan)
-    plan.params_after = count_parameters(model)
+    if streaming:  # surgery happens block by block in the export; the skeleton carries the shapes
+        from minillm.streaming_export import pruned_skeleton
+
+        pruned = pruned_skeleton(model, adapter, plan)
+    else:
+        apply_plan(model, adapter, plan)
+        pruned = model
+    plan.params_after = count_parameters(pruned)
     timeline.mark("pruned", model)
     result.total_seconds = time.perf_counter() - start
     result.metadata = _metadata(source, plan, options, score, scoring, result.total_seconds, command)
     result.metadata["recipe"] = export_recipe(source, out, options, device_map=device_map, max_memory=max_memory,
-                                              dtype=dtype, max_shard_size=max_shard_size, report=report)
+                                              dtype=dtype, max_shard_size=max_shard_size, report=report,
+                                              streaming=streaming, offload_dir=offload_dir)
     if out is not None:
-        result.out = save_pruned(model, tokenizer, adapter, out, result.metadata, render_card(result.metadata),
-                                 overwrite=overwrite, max_shard_size=max_shard_size)
+        if streaming:
+            from minillm.streaming_export import save_pruned_streaming
+
+            result.out = save_pruned_streaming(model, tokenizer, adapter, plan, out, result.metadata,
+                                               render_card(result.metadata), overwrite=overwrite,
+                                               max_shard_size=max_shard_size, skeleton=pruned)
+        else:
+            result.out = save_pruned(model, tokenizer, adapter, out, result.metadata, render_card(result.metadata),
+                                     overwrite=overwrite, max_shard_size=max_shard_size)
         timeline.mark("exported", model)
     _write_report(result, report)
     return result

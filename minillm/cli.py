@@ -123,6 +123,9 @@ def prune(
     overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
     dry_run: bool = typer.Option(False, help="Score and print the plan as JSON; write nothing."),
     max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard."),
+    streaming: bool = typer.Option(False, "--streaming", help="Score and export one decoder block at a time, "
+                                   "so --max-memory can be below the model size (see docs/benchmarks.md)."),
+    offload_dir: str = typer.Option(None, help="Folder for accelerate's disk offload (default: temporary)."),
     report: str = typer.Option(None, help="Write an HTML report (plots as PNGs beside it), e.g. report.html."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Library logs and download bars too."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables: one result line."),
