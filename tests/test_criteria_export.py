@@ -15,13 +15,22 @@ from minillm.api import prune
 from minillm.calibration.data import CalibrationSet
 
 
-@pytest.mark.parametrize(("family", "allocation"), [("llama", "uniform"), pytest.param("opt", "global", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    ("family", "allocation"), [("llama", "uniform"), pytest.param("opt", "global", marks=pytest.mark.slow)]
+)
 def test_flap_export_keeps_the_compensation_bias(tmp_path: Path, family: str, allocation: str) -> None:
     model = tiny_model(family)
     out = tmp_path / "pruned"
     calibration = CalibrationSet(random_ids(4, 16, seed=1), batch_size=2)
-    result = prune(model, ratio=0.3, criterion="flap", calib=calibration, allocation=allocation,
-                   tokenizer=tiny_tokenizer(), out=out)
+    result = prune(
+        model,
+        ratio=0.3,
+        criterion="flap",
+        calib=calibration,
+        allocation=allocation,
+        tokenizer=tiny_tokenizer(),
+        out=out,
+    )
     config = json.loads((out / "config.json").read_text())
     if family == "llama":  # down_proj / o_proj gained a bias the stock Llama config cannot express
         assert (out / "modeling_minillm.py").is_file()
@@ -39,6 +48,12 @@ def test_flap_export_keeps_the_compensation_bias(tmp_path: Path, family: str, al
 def test_criteria_without_compensation_keep_the_vanilla_export(tmp_path: Path) -> None:
     out = tmp_path / "pruned"
     calibration = CalibrationSet(random_ids(4, 16, seed=1), batch_size=2)
-    prune(tiny_model("llama"), ratio=0.3, criterion="wanda-sp", calib=calibration, tokenizer=tiny_tokenizer(),
-          out=out)
+    prune(
+        tiny_model("llama"),
+        ratio=0.3,
+        criterion="wanda-sp",
+        calib=calibration,
+        tokenizer=tiny_tokenizer(),
+        out=out,
+    )
     assert not (out / "modeling_minillm.py").exists()
