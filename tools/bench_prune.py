@@ -59,10 +59,11 @@ def _ppl(model, windows: dict[int, object], batch_size: int) -> dict[int, float]
 def run(args: argparse.Namespace) -> None:
     results: dict = {"settings": vars(args).copy()}
     results["settings"].pop("func", None)
-    memory = {mode: _probe(args, mode) for mode in ("forward", "fms")}
-    results["memory"] = memory
-    results["memory"]["peak_ratio"] = memory["fms"]["peak"] / memory["forward"]["peak"]
-    print(json.dumps(results["memory"], indent=1), flush=True)
+    if not args.skip_memory:
+        memory = {mode: _probe(args, mode) for mode in ("forward", "fms")}
+        results["memory"] = memory
+        results["memory"]["peak_ratio"] = memory["fms"]["peak"] / memory["forward"]["peak"]
+        print(json.dumps(results["memory"], indent=1), flush=True)
 
     tokenizer = load_tokenizer(args.model)
     windows = {}
@@ -70,12 +71,14 @@ def run(args: argparse.Namespace) -> None:
         w = evaluation_windows(tokenizer, args.test, seq)
         windows[seq] = w[: args.eval_windows] if args.eval_windows else w
     results["windows"] = {seq: int(w.shape[0]) for seq, w in windows.items()}
-    dense = load_model(args.model, device_map="cpu", dtype="float32")
-    start = time.perf_counter()
-    results["dense"] = {"ppl": _ppl(dense, windows, args.batch_size), "params": sum(p.numel() for p in dense.parameters())}
-    results["dense"]["eval_seconds"] = time.perf_counter() - start
-    print(json.dumps(results["dense"]), flush=True)
-    del dense
+    if not args.skip_dense:
+        dense = load_model(args.model, device_map="cpu", dtype="float32")
+        start = time.perf_counter()
+        results["dense"] = {"ppl": _ppl(dense, windows, args.batch_size),
+                            "params": sum(p.numel() for p in dense.parameters())}
+        results["dense"]["eval_seconds"] = time.perf_counter() - start
+        print(json.dumps(results["dense"]), flush=True)
+        del dense
     calibration = calibration_set(tokenizer, args.calib, args.calib_samples, args.calib_seq_len, 0, args.batch_size)
     results["pruned"] = []
     for allocation in args.allocations:
@@ -113,6 +116,8 @@ def main() -> None:
     parser.add_argument("--spsa-steps", type=int, default=16)
     parser.add_argument("--mode", default="fms")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--skip-memory", action="store_true", help="Skip the two memory probes.")
+    parser.add_argument("--skip-dense", action="store_true", help="Skip the dense perplexity rows.")
     args = parser.parse_args()
     memory_probe(args) if args.command == "probe" else run(args)
 
