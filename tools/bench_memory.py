@@ -137,7 +137,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r["rc"] == 0 and r["peak_rss_gib"]]
+    ok = sorted((r for r in rows if r["rc"] == 0 and r["peak_rss_gib"]), key=lambda r: r["model_gib"])
     fig, ax = plt.subplots(figsize=(6, 4))
     sizes = [r["model_gib"] for r in ok]
     ax.plot(sizes, sizes, "k:", label="model weights")
@@ -173,8 +173,14 @@ def main() -> None:
     parser.add_argument("--lock", default="/tmp/minillm-cpu.lock", help="flock file ('' to run unlocked)")
     parser.add_argument("--results", type=Path, default=Path("/tmp/minillm-bench-memory.jsonl"))
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--replot", action="store_true", help="Only redraw --plot from the --results file.")
     parser.add_argument("--keep", action="store_true", help="Keep checkpoints and exports.")
     args = parser.parse_args()
+    if args.replot:
+        rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+        print(table(rows))
+        plot(rows, args.plot)
+        return
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     rows = []
     for pair in args.runs.split(","):
