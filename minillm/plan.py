@@ -275,7 +275,9 @@ def _global(head_units: dict[int, list[_Unit]], channel_units: dict[int, list[_U
             skipped.append(unit)
             continue
         take(unit)
-    for unit in skipped:  # close the last gap with the least important unit that still fits a layer
+    # close the last gap (smaller than any unit left) with the cheapest unit, least important first,
+    # so the overshoot is at most one small unit
+    for unit in sorted(skipped, key=lambda u: (u.cost, u.score / u.cost)):
         if done >= target:
             break
         take(unit)
