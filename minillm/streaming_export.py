@@ -51,6 +51,7 @@ def meta_skeleton(model: nn.Module) -> nn.Module:
 
     with init_empty_weights():
         skeleton = type(model)._from_config(copy.deepcopy(model.config), dtype=model.dtype)
+    skeleton.tie_weights()  # not done by _from_config: without it tied heads are counted and saved twice
     return skeleton.eval()
 
 

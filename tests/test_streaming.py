@@ -149,8 +149,12 @@ def test_offloaded_prune_exports_shards_and_mask_equals_surgery(
 def test_streaming_export_matches_in_memory_export(tmp_path: Path) -> None:
     calib = calibration()
     kwargs = dict(ratio=0.25, criterion="magnitude", calib=calib, max_shard_size="30KB")
-    prune(tiny_model("llama-mha-tied"), out=tmp_path / "a", **kwargs)
-    prune(tiny_model("llama-mha-tied"), out=tmp_path / "b", streaming=True, **kwargs)
+    dense = prune(tiny_model("llama-mha-tied"), out=tmp_path / "a", **kwargs)
+    streamed = prune(tiny_model("llama-mha-tied"), out=tmp_path / "b", streaming=True, **kwargs)
+    assert streamed.plan.params_after == dense.plan.params_after  # tied head counted once
+    files = {p.name for p in (tmp_path / "b").glob("*.safetensors")}
+    weight_map = json.loads((tmp_path / "b" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "lm_head.weight" not in weight_map and files == set(weight_map.values())
     # 3 of 4 heads: hidden 64 is not a multiple of 3, so both go through the per-layer (remote-code) export
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "a", trust_remote_code=True).state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "b", trust_remote_code=True).state_dict()
