@@ -48,11 +48,37 @@ def _split_gguf(source: str) -> tuple[str, str | None]:
     return source, None
 
 
+def _check_local(folder: str, gguf_file: str | None, source: str) -> None:
+    """A path-like source that does not exist is a user error, not a hub lookup."""
+    looks_local = folder.startswith((".", "/", "~"))
+    if gguf_file is None and looks_local and not Path(folder).expanduser().exists():
+        raise UsageError(f"model folder {source!r} does not exist; pass an existing folder, a .gguf file or a hub id")
+
+
 def load_tokenizer(source: str) -> Any:
     from transformers import AutoTokenizer
 
     folder, gguf_file = _split_gguf(source)
+    _check_local(folder, gguf_file, source)
     return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+
+
+def _plain_copy_of_gguf_model(model: Any) -> Any:
+    """A plain (non-quantised) model holding the dequantised GGUF weights.
+
+    transformers marks a GGUF-loaded model as quantised, and such a model refuses ``save_pretrained``;
+    the weights are ordinary tensors after dequantisation, so rebuild the stock class around them.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    device = model.get_input_embeddings().weight.device
+    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    plain.tie_weights()
+    return plain.to(device)
 
 
 def load_model(source: str, device_map: str | dict | None = "auto", max_memory: str | dict | None = None,
@@ -61,8 +87,7 @@ def load_model(source: str, device_map: str | dict | None = "auto", max_memory: 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder, gguf_file = _split_gguf(source)
-    if gguf_file is None and not Path(folder).exists() and folder.startswith((".", "/")):
-        raise UsageError(f"model folder {source!r} does not exist")
+    _check_local(folder, gguf_file, source)
     memory = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if gguf_file is not None and torch_dtype == "auto":
@@ -83,8 +108,8 @@ def load_model(source: str, device_map: str | dict | None = "auto", max_memory: 
         offload_folder=offload_dir,
         trust_remote_code=trust_remote_code,
     )
-    if gguf_file is not None and hasattr(model.config, "quantization_config"):
-        delattr(model.config, "quantization_config")  # weights are plain tensors after dequantisation
+    if gguf_file is not None:
+        model = _plain_copy_of_gguf_model(model)
     model.eval()
     return model
 
