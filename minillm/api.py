@@ -23,7 +23,7 @@ from minillm.errors import UsageError
 from minillm.export import check_output_dir, save_pruned
 from minillm.groups import layer_costs, prunable_layers
 from minillm.memory import Measurement, measure
-from minillm.plan import Allocation, HeadMode, PrunePlan, Structures, build_plan
+from minillm.plan import Allocation, HeadMode, PrunePlan, Structures, build_plan, check_ratio
 from minillm.recipe import export_recipe
 from minillm.report.timeline import Timeline
 from minillm.scoring import CRITERIA, ScoreResult, ScoringContext
@@ -122,8 +122,7 @@ def prune(
     start = time.perf_counter()
     timeline = Timeline(progress)
     progress = timeline.progress
-    if not 0.0 < ratio < 1.0:
-        raise UsageError(f"--ratio must be strictly between 0 and 1 (got {ratio}); e.g. --ratio 0.2")
+    check_ratio(ratio)
     if criterion not in CRITERIA:
         CRITERIA.get(criterion)  # raises the did-you-mean error
     if streaming:

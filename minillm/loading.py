@@ -113,8 +113,3 @@ def load_model(source: str, device_map: str | dict | None = "auto", max_memory: 
     model.eval()
     return model
 
-
-def describe_source(source: str) -> dict[str, str]:
-    """What a model card and minillm.json record about where the model came from."""
-    folder, gguf_file = _split_gguf(source)
-    return {"source": source, "gguf_file": gguf_file or ""}

@@ -105,7 +105,8 @@ class PrunePlan:
         return cls(layers=[LayerPlan(**layer) for layer in data["layers"]], **fields)
 
 
-def _check_ratio(ratio: float) -> None:
+def check_ratio(ratio: float) -> None:
+    """The one definition of a valid ``--ratio`` (checked before any work, and again when planning)."""
     if not 0.0 < ratio < 1.0:
         raise UsageError(f"--ratio must be strictly between 0 and 1 (got {ratio}); e.g. --ratio 0.2")
 
@@ -181,7 +182,7 @@ def build_plan(
     ``shapes`` and ``costs`` cover every decoder layer; layers without ``scores`` are kept whole (the
     plan still lists them, so it describes the complete architecture).
     """
-    _check_ratio(ratio)
+    check_ratio(ratio)
     if allocation not in ("uniform", "global"):
         raise UsageError(f"--allocation must be 'uniform' or 'global' (got {allocation!r})")
     if head_mode not in ("kv", "query"):

@@ -18,7 +18,7 @@ cosine of about sqrt(K/d); see docs/benchmarks.md for what that means in practic
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -56,10 +56,18 @@ def _direction(param: torch.Tensor, seed: int, step: int, index: int) -> torch.T
 
 
 @torch.no_grad()
-def _shift(params: Sequence[torch.Tensor], scale: float, seed: int, step: int) -> None:
-    """θ ← θ + scale·z_step, in place, one tensor at a time (z regenerated, never stored)."""
-    for index, param in enumerate(params):
+def shift_indexed(indexed: Iterable[tuple[int, torch.Tensor]], scale: float, seed: int, step: int) -> None:
+    """θ ← θ + scale·z_step, in place, one tensor at a time (z regenerated, never stored).
+
+    Each tensor comes with its position in the full parameter list, so a caller that holds only part
+    of the model at a time (block-by-block streaming) perturbs exactly as the in-memory run does.
+    """
+    for index, param in indexed:
         param.add_(_direction(param, seed, step, index), alpha=scale)
+
+
+def _shift(params: Sequence[torch.Tensor], scale: float, seed: int, step: int) -> None:
+    shift_indexed(enumerate(params), scale, seed, step)
 
 
 @dataclass

@@ -41,7 +41,7 @@ from minillm.groups import sum_by_group
 from minillm.plan import LayerScores
 from minillm.scoring.base import ScoreResult, ScoringContext
 from minillm.scoring.fms import fms_importance
-from minillm.scoring.spsa import SpsaEstimate, _direction
+from minillm.scoring.spsa import SpsaEstimate, shift_indexed
 
 Indexed = Sequence[tuple[int, nn.Linear]]
 
@@ -63,11 +63,9 @@ def positions(ctx: ScoringContext) -> dict[int, list[tuple[int, nn.Linear]]]:
     return result
 
 
-@torch.no_grad()
 def shift(indexed: Indexed, scale: float, seed: int, step: int) -> None:
     """θ ← θ + scale·z_step for these tensors only, z regenerated on each tensor's device."""
-    for index, linear in indexed:
-        linear.weight.add_(_direction(linear.weight, seed, step, index), alpha=scale)
+    shift_indexed(((index, linear.weight) for index, linear in indexed), scale, seed, step)
 
 
 def _score_block(
