@@ -187,15 +187,15 @@ def prune(
         result.total_seconds = time.perf_counter() - start
         _write_report(result, report)
         return result
-    if score.compensation:  # e.g. FLAP: fold removed groups' mean output into biases before slicing
-        from minillm.scoring.compensation import fold_removed_means
-
-        fold_removed_means(model, adapter, plan, score.compensation)
-    if streaming:  # surgery happens block by block in the export; the skeleton carries the shapes
+    if streaming:  # surgery (and any compensation) happens block by block in the export
         from minillm.streaming_export import pruned_skeleton
 
-        pruned = pruned_skeleton(model, adapter, plan)
+        pruned = pruned_skeleton(model, adapter, plan, score.compensation)
     else:
+        if score.compensation:  # e.g. FLAP: fold removed groups' mean output into biases before slicing
+            from minillm.scoring.compensation import fold_removed_means
+
+            fold_removed_means(model, adapter, plan, score.compensation)
         apply_plan(model, adapter, plan)
         pruned = model
     plan.params_after = count_parameters(pruned)
@@ -211,7 +211,8 @@ def prune(
 
             result.out = save_pruned_streaming(model, tokenizer, adapter, plan, out, result.metadata,
                                                render_card(result.metadata), overwrite=overwrite,
-                                               max_shard_size=max_shard_size, skeleton=pruned)
+                                               max_shard_size=max_shard_size, skeleton=pruned,
+                                               compensation=score.compensation)
         else:
             result.out = save_pruned(model, tokenizer, adapter, out, result.metadata, render_card(result.metadata),
                                      overwrite=overwrite, max_shard_size=max_shard_size)

@@ -30,6 +30,7 @@ from minillm.scoring.base import Criterion
 STREAMING: Registry[Criterion] = Registry("streaming criterion")
 STREAMING.register("fms", "minillm.scoring.streaming_fms:stream_fms")
 STREAMING.register("fms-local", "minillm.scoring.streaming_fms:stream_fms_local")
+STREAMING.register("flap", "minillm.scoring.streaming_stats:stream_flap")
 STREAMING.register("wanda-sp", "minillm.scoring.streaming_stats:stream_wanda_sp")
 STREAMING.register("magnitude", "minillm.scoring.streaming_stats:stream_magnitude_l1")
 STREAMING.register("magnitude-l2", "minillm.scoring.streaming_stats:stream_magnitude_l2")

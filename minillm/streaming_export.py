@@ -39,6 +39,7 @@ from minillm.export import (
     needs_remote_code,
 )
 from minillm.plan import PrunePlan
+from minillm.scoring.compensation import fold_removed_means
 from minillm.surgery import apply_plan
 
 WEIGHTS_NAME = "model.safetensors"
@@ -81,8 +82,10 @@ def _owner(names: list[str], key: str) -> str:
 class _Producer:
     """Pruned tensors on CPU, one unit (decoder block or other module) resident at a time."""
 
-    def __init__(self, model: nn.Module, adapter: ArchAdapter, plan: PrunePlan) -> None:
+    def __init__(self, model: nn.Module, adapter: ArchAdapter, plan: PrunePlan,
+                 compensation: dict[str, torch.Tensor] | None = None) -> None:
         self.model, self.adapter, self.plan = model, adapter, plan
+        self.compensation = compensation or {}
         self.workbench = meta_skeleton(model)
         names = {id(m): n for n, m in model.named_modules()}
         self.blocks = {names[id(layer)]: i for i, layer in enumerate(adapter.decoder_layers(model))}
@@ -121,6 +124,8 @@ class _Producer:
         del state
         sub = _sub_plan(self.plan, index)
         if sub is not None:
+            if self.compensation:  # on the dense block, before slicing, as in memory
+                fold_removed_means(self.workbench, self.adapter, sub, self.compensation)
             apply_plan(self.workbench, self.adapter, sub)
         result = {prefix + k: v.contiguous() for k, v in bench.state_dict().items()}
         bench.to("meta")
@@ -159,9 +164,16 @@ def _write_shards(
     return weight_map
 
 
-def pruned_skeleton(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan) -> nn.Module:
-    """The meta skeleton with the whole plan applied: final shapes and config, no weights."""
+def pruned_skeleton(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan,
+                    compensation: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The meta skeleton with the whole plan applied: final shapes and config, no weights.
+
+    With ``compensation`` (FLAP) the closing projections gain their biases here too, so the skeleton's
+    shapes, parameter count and export path are those of the compensated model.
+    """
     skeleton = meta_skeleton(model)
+    if compensation:
+        fold_removed_means(skeleton, adapter, plan, compensation)
     apply_plan(skeleton, adapter, plan)
     return skeleton
 
@@ -177,12 +189,13 @@ def save_pruned_streaming(
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
     skeleton: nn.Module | None = None,
+    compensation: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Apply ``plan`` block by block and write the export atomically (same files as :func:`save_pruned`)."""
     from accelerate.utils import convert_file_size_to_int
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    skeleton = skeleton if skeleton is not None else pruned_skeleton(model, adapter, plan)
+    skeleton = skeleton if skeleton is not None else pruned_skeleton(model, adapter, plan, compensation)
     max_bytes = (
         convert_file_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     )
@@ -201,7 +214,7 @@ def save_pruned_streaming(
         # a shard is buffered (and copied once by safetensors) before it is written: keep it to one block
         first_block = adapter.decoder_layers(skeleton)[0]
         max_bytes = min(max_bytes, max(sum(_nbytes(t) for t in first_block.state_dict().values()), 1))
-        producer = _Producer(model, adapter, plan)
+        producer = _Producer(model, adapter, plan, compensation)
         _write_shards(keys, sizes, producer.get, tmp, max_bytes)
         config.dtype = model.dtype
         config.save_pretrained(tmp)

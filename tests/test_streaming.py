@@ -19,6 +19,7 @@ from minillm.calibration.hooks import count_hooks
 from minillm.errors import UsageError
 from minillm.loading import load_model
 from minillm.scoring.base import ScoringContext
+from minillm.scoring.compensation import fold_removed_means
 from minillm.scoring.spsa import SpsaConfig, estimate_gradient
 from minillm.streaming import block_budget, prepare_streaming_load, score_streaming, streaming_max_memory
 from minillm.surgery import mask_plan
@@ -45,7 +46,7 @@ def offloaded(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "qwen3"])
-@pytest.mark.parametrize("criterion", ["wanda-sp", "magnitude", "fms"])
+@pytest.mark.parametrize("criterion", ["wanda-sp", "flap", "magnitude", "fms"])
 def test_streaming_plan_equals_in_memory(family: str, criterion: str) -> None:
     model = tiny_model(family)
     before = count_hooks(model)
@@ -58,6 +59,9 @@ def test_streaming_plan_equals_in_memory(family: str, criterion: str) -> None:
         for field in ("heads", "kv_heads", "channels"):
             a, b = getattr(dense.scores[index], field), getattr(streamed.scores[index], field)
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert dense.compensation.keys() == streamed.compensation.keys()  # FLAP's means, nothing otherwise
+    for key, mean in dense.compensation.items():
+        torch.testing.assert_close(streamed.compensation[key], mean, rtol=1e-4, atol=1e-6)
     a = plan_from_scores(model, dense, 0.3)
     b = plan_from_scores(model, streamed, 0.3)
     assert a.to_dict()["layers"] == b.to_dict()["layers"]
@@ -104,6 +108,7 @@ def _digest(folder: Path) -> str:
     [
         ("wanda-sp", "uniform", "30KB", {"disk"}),  # everything offloaded to disk
         ("fms", "global", "300KB", {"cpu", "disk"}),  # a mixed map: the multi-device code path
+        ("flap", "uniform", "30KB", {"disk"}),  # bias compensation folded block by block
     ],
 )
 def test_offloaded_prune_exports_shards_and_mask_equals_surgery(
@@ -135,10 +140,12 @@ def test_offloaded_prune_exports_shards_and_mask_equals_surgery(
     out = tmp_path / "out"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # really sharded
-    remote = allocation == "global"
+    remote = allocation == "global" or bool(result.score.compensation)  # per-layer widths or gained biases
+    assert (out / "modeling_minillm.py").is_file() == remote
     pruned = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=remote).eval()
     assert sum(p.numel() for p in pruned.parameters()) == result.plan.params_after < result.plan.params_before
     masked = tiny_model("llama")
+    fold_removed_means(masked, adapter_for(masked.config), result.plan, result.score.compensation)
     mask_plan(masked, adapter_for(masked.config), result.plan)
     ids = random_ids(2, 12, seed=5)
     with torch.no_grad():

@@ -18,10 +18,13 @@ Paper: https://arxiv.org/abs/2312.11983
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 
 from minillm.calibration.forward import run_forward
-from minillm.calibration.stats import collect_input_stats
+from minillm.calibration.stats import ColumnStats, collect_input_stats
 from minillm.groups import layer_costs
 from minillm.plan import LayerScores
 from minillm.scoring.base import ScoreResult, ScoringContext
@@ -39,20 +42,35 @@ def standardise(values: list[torch.Tensor]) -> list[torch.Tensor]:
     return [(v - mean) / std for v in values]
 
 
-def score_flap(ctx: ScoringContext) -> ScoreResult:
-    closings = []
-    for index in ctx.layers:
-        layer = ctx.layer(index)
-        closings += [ctx.adapter.attention(layer).o, ctx.adapter.mlp(layer).closing]
-    stats = collect_input_stats(closings, lambda: run_forward(ctx.model, ctx.calibration))
-    attn_raw, mlp_raw = [], []
-    for o, closing in zip(closings[::2], closings[1::2], strict=True):
-        attn_raw.append(fluctuation(o.weight, stats[o].variance))
-        mlp_raw.append(fluctuation(closing.weight, stats[closing].variance))
-    attn_z, mlp_z = standardise(attn_raw), standardise(mlp_raw)
+@dataclass(frozen=True)
+class LayerFluctuation:
+    """What FLAP keeps of one layer: raw fluctuation and calibration mean of both closing projections.
+
+    Small (one value per input channel), so the block-by-block mode can collect it while each block is
+    resident and standardise across layers at the end, exactly as the in-memory mode does.
+    """
+
+    attn: torch.Tensor
+    mlp: torch.Tensor
+    attn_mean: torch.Tensor
+    mlp_mean: torch.Tensor
+
+
+def layer_fluctuation(o: nn.Linear, closing: nn.Linear, stats: dict[nn.Linear, ColumnStats]) -> LayerFluctuation:
+    return LayerFluctuation(
+        attn=fluctuation(o.weight, stats[o].variance),
+        mlp=fluctuation(closing.weight, stats[closing].variance),
+        attn_mean=stats[o].mean.float().cpu(),
+        mlp_mean=stats[closing].mean.float().cpu(),
+    )
+
+
+def flap_result(ctx: ScoringContext, per_layer: dict[int, LayerFluctuation], **notes: object) -> ScoreResult:
+    """Standardise per structure type over all scored layers, weight by cost, attach the compensation."""
+    attn_z = standardise([per_layer[i].attn for i in ctx.layers])
+    mlp_z = standardise([per_layer[i].mlp for i in ctx.layers])
     scores, compensation = {}, {}
-    columns = zip(ctx.layers, closings[::2], closings[1::2], attn_z, mlp_z, strict=True)
-    for index, o, closing, az, mz in columns:
+    for index, az, mz in zip(ctx.layers, attn_z, mlp_z, strict=True):
         shape = ctx.shapes[index]
         costs = layer_costs(ctx.adapter, ctx.layer(index), shape)
         heads = az.view(shape.num_heads, shape.head_dim).mean(1)
@@ -60,7 +78,20 @@ def score_flap(ctx: ScoringContext) -> ScoreResult:
         scores[index] = LayerScores(heads=(heads * costs.query_head).float(),
                                     kv_heads=(kv * costs.kv_head).float(),
                                     channels=(mz * costs.channel).float())
-        compensation[f"{index}.attn"] = stats[o].mean.float().cpu()
-        compensation[f"{index}.mlp"] = stats[closing].mean.float().cpu()
+        compensation[f"{index}.attn"] = per_layer[index].attn_mean
+        compensation[f"{index}.mlp"] = per_layer[index].mlp_mean
     return ScoreResult(scores=scores, forward_passes=1, compensation=compensation,
-                       notes={"bias_compensation": True})
+                       notes={"bias_compensation": True, **notes})
+
+
+def score_flap(ctx: ScoringContext) -> ScoreResult:
+    closings = []
+    for index in ctx.layers:
+        layer = ctx.layer(index)
+        closings += [ctx.adapter.attention(layer).o, ctx.adapter.mlp(layer).closing]
+    stats = collect_input_stats(closings, lambda: run_forward(ctx.model, ctx.calibration))
+    per_layer = {
+        index: layer_fluctuation(o, closing, stats)
+        for index, o, closing in zip(ctx.layers, closings[::2], closings[1::2], strict=True)
+    }
+    return flap_result(ctx, per_layer)

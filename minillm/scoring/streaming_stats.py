@@ -1,4 +1,4 @@
-"""Streaming (block-by-block) modes of the weight / activation criteria: ``wanda-sp``, ``magnitude``.
+"""Streaming (block-by-block) modes of the weight / activation criteria: ``wanda-sp``, ``flap``, ``magnitude``.
 
 Activation criteria need the input statistics of each block's Linears; block by block these come from
 one pass of the calibration batch through the resident block (its outputs feed the next block), so the
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -25,16 +26,21 @@ from minillm.calibration.stats import ColumnStats
 from minillm.plan import LayerScores
 from minillm.scoring.base import ScoreResult, ScoringContext
 
-BlockScorer = Callable[[ScoringContext, int, dict[nn.Linear, ColumnStats]], LayerScores]
+T = TypeVar("T")
+BlockScorer = Callable[[ScoringContext, int, dict[nn.Linear, ColumnStats]], T]
 
 
-def stream_block_scores(
-    ctx: ScoringContext, linears: Callable[[nn.Module], list[nn.Linear]], score_block: BlockScorer
-) -> ScoreResult:
-    """One calibration pass, one resident block at a time: statistics of ``linears(layer)`` → scores."""
+def stream_block_stats(
+    ctx: ScoringContext, linears: Callable[[nn.Module], list[nn.Linear]], per_block: BlockScorer[T]
+) -> dict[int, T]:
+    """One calibration pass, one resident block at a time: ``per_block`` of each scored block's statistics.
+
+    ``per_block`` runs while the block is resident (so it may read its weights) and returns something
+    small (scores, per-channel vectors), keyed by layer index in the result.
+    """
     layers = ctx.adapter.decoder_layers(ctx.model)
     hidden = capture_first_block_inputs(ctx.model, ctx.adapter, ctx.calibration)
-    scores = {}
+    results: dict[int, T] = {}
     scored = set(ctx.layers)
     for i, layer in enumerate(layers[: max(ctx.layers) + 1]):
         with resident(layer):
@@ -43,9 +49,17 @@ def stream_block_scores(
                 continue
             hidden, stats = run_block_with_stats(layer, hidden, linears(layer))
             with torch.no_grad():
-                scores[i] = score_block(ctx, i, stats)
-        ctx.report("scores (streaming)", len(scores), len(ctx.layers))
-    return ScoreResult(scores=scores, forward_passes=1, notes={"streaming": True})
+                results[i] = per_block(ctx, i, stats)
+        ctx.report("scores (streaming)", len(results), len(ctx.layers))
+    return results
+
+
+def stream_block_scores(
+    ctx: ScoringContext, linears: Callable[[nn.Module], list[nn.Linear]], score_block: BlockScorer[LayerScores]
+) -> ScoreResult:
+    """:func:`stream_block_stats` for criteria whose layer scores need no other layer."""
+    return ScoreResult(scores=stream_block_stats(ctx, linears, score_block), forward_passes=1,
+                       notes={"streaming": True})
 
 
 def _closings(ctx: ScoringContext) -> Callable[[nn.Module], list[nn.Linear]]:
@@ -65,6 +79,18 @@ def stream_wanda_sp(ctx: ScoringContext) -> ScoreResult:
         )
 
     return stream_block_scores(ctx, _closings(ctx), score_block)
+
+
+def stream_flap(ctx: ScoringContext) -> ScoreResult:
+    """FLAP block by block: per-channel fluctuation and means while each block is resident, then the
+    cross-layer standardisation of :func:`minillm.scoring.flap.flap_result` (same scores as in memory)."""
+    from minillm.scoring.flap import flap_result, layer_fluctuation
+
+    def per_block(ctx: ScoringContext, index: int, stats: dict[nn.Linear, ColumnStats]):
+        layer = ctx.layer(index)
+        return layer_fluctuation(ctx.adapter.attention(layer).o, ctx.adapter.mlp(layer).closing, stats)
+
+    return flap_result(ctx, stream_block_stats(ctx, _closings(ctx), per_block), streaming=True)
 
 
 def _data_free(name: str) -> Callable[[ScoringContext], ScoreResult]:
