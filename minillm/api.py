@@ -164,7 +164,9 @@ def prune(
         calibration = calib
     else:
         if tokenizer is None:
-            raise UsageError("a tokenizer is needed to read calibration text; pass tokenizer=… or a CalibrationSet")
+            raise UsageError(
+                "a tokenizer is needed to read calibration text; pass tokenizer=… or a CalibrationSet"
+            )
         calibration = calibration_set(tokenizer, calib, calib_samples, seq_len, seed, batch_size)
     spsa = SpsaConfig(steps=spsa_steps, eps=spsa_eps, seed=seed)
     with measure() as scoring:
@@ -178,11 +180,14 @@ def prune(
     options = {
         "ratio": ratio, "criterion": criterion, "allocation": allocation, "head_mode": head_mode,
         "structures": structures, "skip_first": skip_first, "skip_last": skip_last,
-        "calib": calib if isinstance(calib, str) else "in-memory", "calib_samples": calibration.input_ids.shape[0],
+        "calib": calib if isinstance(calib, str) else "in-memory",
+        "calib_samples": calibration.input_ids.shape[0],
         "seq_len": calibration.input_ids.shape[1], "batch_size": calibration.batch_size, "seed": seed,
         "spsa_steps": spsa_steps, "spsa_eps": spsa_eps, "criterion_options": criterion_options or {},
     }
-    result = PruneResult(plan=plan, model=model, score=score, scoring=scoring, total_seconds=0.0, timeline=timeline)
+    result = PruneResult(
+        plan=plan, model=model, score=score, scoring=scoring, total_seconds=0.0, timeline=timeline
+    )
     if dry_run:
         result.total_seconds = time.perf_counter() - start
         _write_report(result, report)
@@ -202,8 +207,9 @@ def prune(
     timeline.mark("pruned", model)
     result.total_seconds = time.perf_counter() - start
     result.metadata = _metadata(source, plan, options, score, scoring, result.total_seconds, command)
-    result.metadata["recipe"] = export_recipe(source, out, options, device_map=device_map, max_memory=max_memory,
-                                              dtype=dtype, max_shard_size=max_shard_size, report=report,
+    result.metadata["recipe"] = export_recipe(source, out, options, device_map=device_map,
+                                              max_memory=max_memory, dtype=dtype,
+                                              max_shard_size=max_shard_size, report=report,
                                               streaming=streaming, offload_dir=offload_dir)
     if out is not None:
         if streaming:
@@ -214,8 +220,9 @@ def prune(
                                                max_shard_size=max_shard_size, skeleton=pruned,
                                                compensation=score.compensation)
         else:
-            result.out = save_pruned(model, tokenizer, adapter, out, result.metadata, render_card(result.metadata),
-                                     overwrite=overwrite, max_shard_size=max_shard_size)
+            result.out = save_pruned(model, tokenizer, adapter, out, result.metadata,
+                                     render_card(result.metadata), overwrite=overwrite,
+                                     max_shard_size=max_shard_size)
         timeline.mark("exported", model)
     _write_report(result, report)
     return result

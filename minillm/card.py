@@ -45,7 +45,8 @@ def render_card(metadata: dict[str, Any], evaluation: dict[str, Any] | None = No
                   "`modeling_minillm.py` in this folder resizes them (it imports only transformers)."]
     widths = metadata.get("layer_widths", [])
     if widths:
-        lines += ["", "## Per-layer widths", "", "| layer | heads | kv heads | MLP channels |", "|---|---|---|---|"]
+        lines += ["", "## Per-layer widths", "",
+                  "| layer | heads | kv heads | MLP channels |", "|---|---|---|---|"]
         lines += [f"| {w['layer']} | {w['heads']} | {w['kv_heads']} | {w['channels']} |" for w in widths]
     recovery = metadata.get("recovery")
     if recovery:
@@ -72,7 +73,10 @@ def _recovery_lines(recovery: dict[str, Any]) -> list[str]:
 
 
 def _evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
-    """``minillm eval --json`` output as a table (with the reference model and retained fraction if present)."""
+    """``minillm eval --json`` output as a table.
+
+    With the reference model and retained fraction if present.
+    """
     if "perplexity" not in evaluation and "zeroshot" not in evaluation:  # a plain {metric: value} mapping
         return ["## Evaluation", "", "| metric | value |", "|---|---|",
                 *[f"| {k} | {v} |" for k, v in evaluation.items()]]

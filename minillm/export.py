@@ -33,7 +33,9 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {str(path)!r} is a file; give a folder path")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UsageError(f"--out {str(path)!r} exists and is not empty; pass --overwrite or choose another folder")
+        raise UsageError(
+            f"--out {str(path)!r} exists and is not empty; pass --overwrite or choose another folder"
+        )
     parent = path.absolute().parent
     probe = parent
     while not probe.exists():

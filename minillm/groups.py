@@ -40,7 +40,8 @@ def prunable_layers(num_layers: int, skip_first: int = 0, skip_last: int = 0) ->
     layers = list(range(skip_first, num_layers - skip_last))
     if not layers:
         raise UsageError(
-            f"--skip-first {skip_first} and --skip-last {skip_last} leave none of the {num_layers} layers to prune"
+            f"--skip-first {skip_first} and --skip-last {skip_last} "
+            f"leave none of the {num_layers} layers to prune"
         )
     return layers
 

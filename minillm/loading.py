@@ -52,7 +52,9 @@ def _check_local(folder: str, gguf_file: str | None, source: str) -> None:
     """A path-like source that does not exist is a user error, not a hub lookup."""
     looks_local = folder.startswith((".", "/", "~"))
     if gguf_file is None and looks_local and not Path(folder).expanduser().exists():
-        raise UsageError(f"model folder {source!r} does not exist; pass an existing folder, a .gguf file or a hub id")
+        raise UsageError(
+            f"model folder {source!r} does not exist; pass an existing folder, a .gguf file or a hub id"
+        )
 
 
 def load_tokenizer(source: str) -> Any:

@@ -229,8 +229,8 @@ def _uniform(head_units: dict[int, list[_Unit]], channel_units: dict[int, list[_
     if per_layer > capacity:
         reachable = capacity * n_layers / total_params
         raise UsageError(
-            f"this ratio would empty a layer: each pruned layer must lose {per_layer:,.0f} parameters but can "
-            f"lose at most {capacity:,.0f}; use --ratio below {reachable:.3f} or prune more layers "
+            f"this ratio would empty a layer: each pruned layer must lose {per_layer:,.0f} parameters "
+            f"but can lose at most {capacity:,.0f}; use --ratio below {reachable:.3f} or prune more layers "
             "(lower --skip-first/--skip-last)"
         )
     layer_total = sum(u.cost for u in heads) + sum(u.cost for u in channels)

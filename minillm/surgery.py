@@ -77,7 +77,8 @@ def apply_plan(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan) -> None:
             _slice_linear(attn.k, kv_rows, 0)
             _slice_linear(attn.v, kv_rows, 0)
             _slice_linear(attn.o, q_rows, 1)
-            for name, value in adapter.attention_attributes(len(layer_plan.heads), len(layer_plan.kv_heads)).items():
+            attributes = adapter.attention_attributes(len(layer_plan.heads), len(layer_plan.kv_heads))
+            for name, value in attributes.items():
                 setattr(attn.module, name, value)
         if len(layer_plan.channels) != shape.intermediate:
             channels = torch.tensor(layer_plan.channels, dtype=torch.long)

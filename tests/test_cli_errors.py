@@ -46,15 +46,15 @@ def _assert_clean_failure(result, before, after, *needles: str) -> None:
 def test_ratio_out_of_range(tmp_path: Path, model_dir: Path, ratio: str) -> None:
     calib = write_text(tmp_path / "c.txt")
     out = tmp_path / "out"
-    result, before, after = _prune(tmp_path, "--model", str(model_dir), "--ratio", ratio, "--calib", str(calib),
-                                   "--out", str(out))
+    result, before, after = _prune(tmp_path, "--model", str(model_dir), "--ratio", ratio,
+                                   "--calib", str(calib), "--out", str(out))
     _assert_clean_failure(result, before, after, "--ratio")
 
 
 def test_ratio_that_empties_a_layer(tmp_path: Path, model_dir: Path) -> None:
     calib = write_text(tmp_path / "c.txt")
-    result, before, after = _prune(tmp_path, "--model", str(model_dir), "--ratio", "0.9", "--calib", str(calib),
-                                   "--spsa-steps", "1", "--out", str(tmp_path / "out"))
+    result, before, after = _prune(tmp_path, "--model", str(model_dir), "--ratio", "0.9",
+                                   "--calib", str(calib), "--spsa-steps", "1", "--out", str(tmp_path / "out"))
     _assert_clean_failure(result, before, after, "empty a layer", "--ratio below")
 
 
@@ -94,7 +94,8 @@ def test_existing_output_without_overwrite(tmp_path: Path, model_dir: Path) -> N
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    result, before, after = _prune(tmp_path, "--model", str(model_dir), "--calib", str(calib), "--out", str(out))
+    result, before, after = _prune(tmp_path, "--model", str(model_dir), "--calib", str(calib),
+                                   "--out", str(out))
     _assert_clean_failure(result, before, after, "--overwrite")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
@@ -119,7 +120,8 @@ def test_cli_prune_end_to_end(tmp_path: Path, model_dir: Path) -> None:
     calib = write_text(tmp_path / "c.txt")
     out = tmp_path / "out"
     result = runner.invoke(app, ["prune", "--model", str(model_dir), "--calib", str(calib), "--ratio", "0.25",
-                                 "--calib-samples", "4", "--seq-len", "16", "--spsa-steps", "2", "--out", str(out)])
+                                 "--calib-samples", "4", "--seq-len", "16", "--spsa-steps", "2",
+                                 "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "achieved" in result.output
     assert (out / "minillm.json").is_file()

@@ -24,7 +24,8 @@ model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, d
 ids = torch.tensor(json.load(open(ids_path)))
 with torch.no_grad():
     logits = model(ids).logits
-torch.save({"logits": logits, "params": sum(p.numel() for p in model.parameters())}, folder + "/../reloaded.pt")
+params = sum(p.numel() for p in model.parameters())
+torch.save({"logits": logits, "params": params}, folder + "/../reloaded.pt")
 """
 
 
@@ -38,7 +39,10 @@ def _reload(folder: Path, ids: torch.Tensor, remote: bool) -> dict:
 
 @pytest.mark.parametrize(
     ("family", "allocation", "remote"),
-    [("llama", "uniform", False), ("qwen3", "global", True), ("opt", "uniform", True), ("qwen2", "global", True)],
+    [
+        ("llama", "uniform", False), ("qwen3", "global", True),
+        ("opt", "uniform", True), ("qwen2", "global", True),
+    ],
 )
 def test_export_round_trip(tmp_path: Path, family: str, allocation: str, remote: bool) -> None:
     model = tiny_model(family)
@@ -69,7 +73,10 @@ def test_tied_embeddings_stay_tied(tmp_path: Path) -> None:
     prune(model, ratio=0.2, calib=calibration, spsa_steps=2, out=tmp_path / "p", tokenizer=tiny_tokenizer())
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p", trust_remote_code=True)
-    assert reloaded.get_output_embeddings().weight.data_ptr() == reloaded.get_input_embeddings().weight.data_ptr()
+    assert (
+        reloaded.get_output_embeddings().weight.data_ptr()
+        == reloaded.get_input_embeddings().weight.data_ptr()
+    )
 
 
 def test_failed_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -32,7 +32,8 @@ def memory_probe(args: argparse.Namespace) -> None:
     """Child process: print peak RSS after load and after the measured work, as JSON."""
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, device_map="cpu", dtype="float32")
-    calibration = calibration_set(tokenizer, args.calib, args.calib_samples, args.calib_seq_len, 0, args.batch_size)
+    calibration = calibration_set(tokenizer, args.calib, args.calib_samples, args.calib_seq_len, 0,
+                                  args.batch_size)
     after_load = peak_rss_bytes()
     start = time.perf_counter()
     if args.mode == "forward":
@@ -45,9 +46,10 @@ def memory_probe(args: argparse.Namespace) -> None:
 
 
 def _probe(args: argparse.Namespace, mode: str) -> dict:
-    command = [sys.executable, __file__, "probe", "--mode", mode, "--model", args.model, "--calib", args.calib,
-               "--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len),
-               "--batch-size", str(args.batch_size), "--spsa-steps", str(args.spsa_steps), "--ratio", str(args.ratio)]
+    command = [sys.executable, __file__, "probe", "--mode", mode, "--model", args.model,
+               "--calib", args.calib, "--calib-samples", str(args.calib_samples),
+               "--calib-seq-len", str(args.calib_seq_len), "--batch-size", str(args.batch_size),
+               "--spsa-steps", str(args.spsa_steps), "--ratio", str(args.ratio)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -79,7 +81,8 @@ def run(args: argparse.Namespace) -> None:
         results["dense"]["eval_seconds"] = time.perf_counter() - start
         print(json.dumps(results["dense"]), flush=True)
         del dense
-    calibration = calibration_set(tokenizer, args.calib, args.calib_samples, args.calib_seq_len, 0, args.batch_size)
+    calibration = calibration_set(tokenizer, args.calib, args.calib_samples, args.calib_seq_len, 0,
+                                  args.batch_size)
     results["pruned"] = []
     for allocation in args.allocations:
         for structures in args.structures:
@@ -87,7 +90,8 @@ def run(args: argparse.Namespace) -> None:
             outcome = prune(model, ratio=args.ratio, calib=calibration, criterion=args.criterion,
                             allocation=allocation, structures=structures, spsa_steps=args.spsa_steps)
             row = {"allocation": allocation, "structures": structures, "criterion": args.criterion,
-                   "achieved_ratio": round(outcome.plan.achieved_ratio, 4), "params": outcome.plan.params_after,
+                   "achieved_ratio": round(outcome.plan.achieved_ratio, 4),
+                   "params": outcome.plan.params_after,
                    "scoring_seconds": round(outcome.scoring.seconds, 1),
                    "total_seconds": round(outcome.total_seconds, 1),
                    "ppl": _ppl(outcome.model, windows, args.batch_size)}
@@ -99,7 +103,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", nargs="?", default="run", choices=["run", "probe"])
     parser.add_argument("--model", required=True)
     parser.add_argument("--calib", required=True)
@@ -109,7 +115,8 @@ def main() -> None:
     parser.add_argument("--allocations", type=lambda s: s.split(","), default=["uniform", "global"])
     parser.add_argument("--structures", type=lambda s: s.split(","), default=["both"])
     parser.add_argument("--seq-lens", type=lambda s: [int(x) for x in s.split(",")], default=[128, 512])
-    parser.add_argument("--eval-windows", type=int, default=0, help="Evaluate only the first N windows (0 = all).")
+    parser.add_argument("--eval-windows", type=int, default=0,
+                        help="Evaluate only the first N windows (0 = all).")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)

@@ -52,15 +52,16 @@ def load_text(source: str, max_chars: int | None = None) -> str:
     path = Path(source)
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         if not path.is_file():
-            raise UsageError(f"calibration/evaluation file {source!r} does not exist; pass a .txt/.jsonl/.json file "
-                             f"or a dataset name ({', '.join(DATASET_ALIASES)})")
+            raise UsageError(f"calibration/evaluation file {source!r} does not exist; "
+                             "pass a .txt/.jsonl/.json file or a dataset name "
+                             f"({', '.join(DATASET_ALIASES)})")
         if path.stat().st_size == 0:
             raise UsageError(f"calibration/evaluation file {source!r} is empty")
         builder = LOCAL_SUFFIXES.get(path.suffix.lower(), "text")
         rows = datasets.load_dataset(builder, data_files=str(path), split="train")
     else:
         name, config, split, _, data_files = DATASET_ALIASES.get(
-            source, (source.split(":")[0], (source.split(":") + [None])[1], "train", "text", None)
+            source, (source.split(":")[0], [*source.split(":"), None][1], "train", "text", None)
         )
         try:
             rows = datasets.load_dataset(name, config, split=split, data_files=data_files)

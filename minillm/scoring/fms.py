@@ -20,9 +20,12 @@ from minillm.scoring.base import ScoreResult, ScoringContext
 from minillm.scoring.spsa import estimate_gradient
 
 
-def fms_importance(weight: torch.Tensor, gradient: torch.Tensor, mean_abs_input: torch.Tensor) -> torch.Tensor:
+def fms_importance(
+    weight: torch.Tensor, gradient: torch.Tensor, mean_abs_input: torch.Tensor
+) -> torch.Tensor:
     """Per-weight feature-map sensitivity |W ⊙ G ⊙ x̄| (x̄ broadcast along the input dimension)."""
-    return (weight.float() * gradient.float() * mean_abs_input.to(weight.device, torch.float32)[None, :]).abs()
+    x_bar = mean_abs_input.to(weight.device, torch.float32)[None, :]
+    return (weight.float() * gradient.float() * x_bar).abs()
 
 
 def score_fms(ctx: ScoringContext) -> ScoreResult:

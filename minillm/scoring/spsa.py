@@ -95,7 +95,7 @@ def frozen(params: Sequence[torch.Tensor]) -> Iterator[None]:
             p.requires_grad_(False)
         yield
     finally:
-        for p, flag in zip(params, previous):
+        for p, flag in zip(params, previous, strict=True):
             p.requires_grad_(flag)
 
 

@@ -1,4 +1,6 @@
-"""Streaming (block-by-block) modes of the weight / activation criteria: ``wanda-sp``, ``flap``, ``magnitude``.
+"""Streaming (block-by-block) modes of the weight / activation criteria.
+
+The criteria: ``wanda-sp``, ``flap``, ``magnitude``.
 
 Activation criteria need the input statistics of each block's Linears; block by block these come from
 one pass of the calibration batch through the resident block (its outputs feed the next block), so the
@@ -55,7 +57,9 @@ def stream_block_stats(
 
 
 def stream_block_scores(
-    ctx: ScoringContext, linears: Callable[[nn.Module], list[nn.Linear]], score_block: BlockScorer[LayerScores]
+    ctx: ScoringContext,
+    linears: Callable[[nn.Module], list[nn.Linear]],
+    score_block: BlockScorer[LayerScores],
 ) -> ScoreResult:
     """:func:`stream_block_stats` for criteria whose layer scores need no other layer."""
     return ScoreResult(scores=stream_block_stats(ctx, linears, score_block), forward_passes=1,
