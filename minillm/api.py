@@ -19,6 +19,7 @@ from minillm.arch import adapter_for
 from minillm.arch.base import ArchAdapter, LayerShape
 from minillm.calibration.data import CalibrationSet, calibration_set
 from minillm.card import render_card
+from minillm.defaults import DEFAULT_CRITERION
 from minillm.errors import UsageError
 from minillm.export import check_output_dir, save_pruned
 from minillm.groups import layer_costs, prunable_layers
@@ -85,7 +86,7 @@ def prune(
     *,
     ratio: float = 0.2,
     out: str | Path | None = None,
-    criterion: str = "fms",
+    criterion: str = DEFAULT_CRITERION,
     allocation: Allocation = "uniform",
     head_mode: HeadMode = "kv",
     structures: Structures = "both",

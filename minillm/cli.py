@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from minillm.defaults import DEFAULT_CRITERION
 from minillm.errors import UsageError
 
 app = typer.Typer(
@@ -111,7 +112,7 @@ def prune(
     model: str = typer.Option(None, "--model", "-m", help="Hub id, local HF folder, or .gguf file."),
     ratio: float = typer.Option(0.2, help="Fraction of the model's total parameters to remove."),
     out: str = typer.Option(None, "--out", "-o", help="Export folder (required unless --dry-run)."),
-    criterion: str = typer.Option("fms", help="Scoring criterion (see `minillm criteria`)."),
+    criterion: str = typer.Option(DEFAULT_CRITERION, help="Scoring criterion (see `minillm criteria`)."),
     allocation: str = typer.Option("uniform", help="uniform (same widths everywhere) or global."),
     head_mode: str = typer.Option("kv", help="kv: remove whole key/value groups; query: query heads evenly."),
     structures: str = typer.Option("both", help="What to prune: both, mlp or attn."),

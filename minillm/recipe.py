@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from minillm.defaults import DEFAULT_CRITERION
 from minillm.errors import UsageError
 
 RECIPE_KEY = "recipe"  # where an export's minillm.json keeps the resolved recipe
@@ -35,7 +36,7 @@ class Recipe(BaseModel):
         0.2, gt=0.0, lt=1.0, description="Fraction of the model's total parameters to remove."
     )
     out: str | None = Field(None, description="Export folder (required unless dry_run).")
-    criterion: str = Field("fms", description="Scoring criterion (see `minillm criteria`).")
+    criterion: str = Field(DEFAULT_CRITERION, description="Scoring criterion (see `minillm criteria`).")
     allocation: Literal["uniform", "global"] = Field(
         "uniform", description="uniform widths or global ranking."
     )
