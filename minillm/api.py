@@ -199,9 +199,9 @@ def prune(
         pruned = pruned_skeleton(model, adapter, plan, score.compensation)
     else:
         if score.compensation:  # e.g. FLAP: fold removed groups' mean output into biases before slicing
-            from minillm.scoring.compensation import fold_removed_means
+            from minillm.scoring.compensation import compensate
 
-            fold_removed_means(model, adapter, plan, score.compensation)
+            compensate(model, adapter, plan, score.compensation)
         apply_plan(model, adapter, plan)
         pruned = model
     plan.params_after = count_parameters(pruned)

@@ -72,6 +72,18 @@ class CompareResult:
     protocol: dict[str, Any]
     files: list[Path] = field(default_factory=list)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompareResult:
+        """Read back a ``compare.json`` (to re-plot or re-check a finished run without re-running it)."""
+        return cls(
+            rows=[CompareRow(**row) for row in data["rows"]],
+            dense_params=data["dense_params"],
+            dense_perplexity=data.get("dense_perplexity"),
+            forward_peak_bytes=data.get("forward_peak_bytes"),
+            forward_seconds=data.get("forward_seconds"),
+            protocol=data.get("protocol", {}),
+        )
+
 
 # ----------------------------------------------------------------------------------------- memory
 def reset_peak() -> bool:
@@ -387,13 +399,13 @@ def _prune_copy(
     plan_from_scores: Callable,
 ) -> None:
     from minillm.scoring import ScoreResult
-    from minillm.scoring.compensation import fold_removed_means
+    from minillm.scoring.compensation import compensate
     from minillm.surgery import apply_plan
 
     result = ScoreResult(scores=scores.scores, compensation=scores.compensation)
     plan = plan_from_scores(model, result, ratio, allocation, head_mode, structures)
     if scores.compensation:
-        fold_removed_means(model, adapter, plan, scores.compensation)
+        compensate(model, adapter, plan, scores.compensation)
     apply_plan(model, adapter, plan)
 
 

@@ -113,28 +113,27 @@ def plot(result: Any, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    keys = sorted({(r.method, r.allocation) for r in result.rows})
-    for method, allocation in keys:
-        rows = sorted(
-            (r for r in result.rows if (r.method, r.allocation) == (method, allocation)),
-            key=lambda r: r.ratio,
-        )
-        points = [(r.achieved_ratio, r.perplexity) for r in rows if r.perplexity is not None]
-        if points:
-            ax.plot(
-                *zip(*points, strict=True),
-                marker="o",
-                linestyle="-" if allocation == "uniform" else "--",
-                label=f"{method} ({allocation})",
-            )
-    if result.dense_perplexity is not None:
-        ax.axhline(result.dense_perplexity, color="grey", linewidth=0.8, label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("parameters removed (achieved ratio)")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    allocations = sorted({r.allocation for r in result.rows}, key=lambda a: a != "uniform")
+    methods = sorted({r.method for r in result.rows})
+    colours = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
+    fig, axes = plt.subplots(1, len(allocations), figsize=(4.2 * len(allocations) + 2.2, 4.5), sharey=True,
+                             squeeze=False)
+    for ax, allocation in zip(axes[0], allocations, strict=True):
+        for number, method in enumerate(methods):  # one colour per method in every panel
+            rows = sorted((r for r in result.rows if (r.method, r.allocation) == (method, allocation)),
+                          key=lambda r: r.ratio)
+            points = [(r.achieved_ratio, r.perplexity) for r in rows if r.perplexity is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", color=colours(number), label=method)
+        if result.dense_perplexity is not None:
+            ax.axhline(result.dense_perplexity, color="grey", linewidth=0.8, label="dense")
+        ax.set_yscale("log")
+        ax.set_title(f"{allocation} allocation")
+        ax.set_xlabel("parameters removed (achieved ratio)")
+    axes[0][0].set_ylabel("perplexity (log scale)")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True

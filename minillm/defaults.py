@@ -5,4 +5,4 @@ from __future__ import annotations
 #: What ``minillm prune`` uses when no criterion is named: the best by measurement in ``minillm compare``
 #: on the benchmark model (docs/benchmarks.md, "Criteria compared"); MINI-LLM's ``fms`` stays available
 #: by name.
-DEFAULT_CRITERION = "fms"
+DEFAULT_CRITERION = "flap"

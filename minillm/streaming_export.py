@@ -39,7 +39,7 @@ from minillm.export import (
     needs_remote_code,
 )
 from minillm.plan import PrunePlan
-from minillm.scoring.compensation import fold_removed_means
+from minillm.scoring.compensation import compensate, express_biases, fold_removed_means
 from minillm.surgery import apply_plan
 
 WEIGHTS_NAME = "model.safetensors"
@@ -83,9 +83,11 @@ class _Producer:
     """Pruned tensors on CPU, one unit (decoder block or other module) resident at a time."""
 
     def __init__(self, model: nn.Module, adapter: ArchAdapter, plan: PrunePlan,
-                 compensation: dict[str, torch.Tensor] | None = None) -> None:
+                 compensation: dict[str, torch.Tensor] | None = None,
+                 bias_families: dict[str, str] | None = None) -> None:
         self.model, self.adapter, self.plan = model, adapter, plan
         self.compensation = compensation or {}
+        self.bias_families = bias_families or {}
         self.workbench = meta_skeleton(model)
         names = {id(m): n for n, m in model.named_modules()}
         self.blocks = {names[id(layer)]: i for i, layer in enumerate(adapter.decoder_layers(model))}
@@ -123,9 +125,10 @@ class _Producer:
         bench.load_state_dict(state, assign=True)  # no copy: slicing below makes new tensors
         del state
         sub = _sub_plan(self.plan, index)
+        if sub is not None and self.compensation:  # on the dense block, before slicing, as in memory
+            fold_removed_means(self.workbench, self.adapter, sub, self.compensation)
+        express_biases(self.workbench, self.adapter, self.bias_families, layers=[bench])  # every block
         if sub is not None:
-            if self.compensation:  # on the dense block, before slicing, as in memory
-                fold_removed_means(self.workbench, self.adapter, sub, self.compensation)
             apply_plan(self.workbench, self.adapter, sub)
         result = {prefix + k: v.contiguous() for k, v in bench.state_dict().items()}
         bench.to("meta")
@@ -173,7 +176,7 @@ def pruned_skeleton(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan,
     """
     skeleton = meta_skeleton(model)
     if compensation:
-        fold_removed_means(skeleton, adapter, plan, compensation)
+        compensate(skeleton, adapter, plan, compensation)
     apply_plan(skeleton, adapter, plan)
     return skeleton
 
@@ -214,7 +217,9 @@ def save_pruned_streaming(
         # a shard is buffered (and copied once by safetensors) before it is written: keep it to one block
         first_block = adapter.decoder_layers(skeleton)[0]
         max_bytes = min(max_bytes, max(sum(_nbytes(t) for t in first_block.state_dict().values()), 1))
-        producer = _Producer(model, adapter, plan, compensation)
+        flags = adapter.bias_config_flags(model.config).items()
+        families = {f: flag for f, flag in flags if getattr(config, flag, False) != getattr(model.config, flag, False)}
+        producer = _Producer(model, adapter, plan, compensation, families)
         _write_shards(keys, sizes, producer.get, tmp, max_bytes)
         config.dtype = model.dtype
         config.save_pretrained(tmp)

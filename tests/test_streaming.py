@@ -19,7 +19,7 @@ from minillm.calibration.hooks import count_hooks
 from minillm.errors import UsageError
 from minillm.loading import load_model
 from minillm.scoring.base import ScoringContext
-from minillm.scoring.compensation import fold_removed_means
+from minillm.scoring.compensation import compensate
 from minillm.scoring.spsa import SpsaConfig, estimate_gradient
 from minillm.streaming import block_budget, prepare_streaming_load, score_streaming, streaming_max_memory
 from minillm.surgery import mask_plan
@@ -140,12 +140,12 @@ def test_offloaded_prune_exports_shards_and_mask_equals_surgery(
     out = tmp_path / "out"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # really sharded
-    remote = allocation == "global" or bool(result.score.compensation)  # per-layer widths or gained biases
+    remote = allocation == "global"  # per-layer widths (FLAP's biases: Llama's attention_bias / mlp_bias)
     assert (out / "modeling_minillm.py").is_file() == remote
     pruned = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=remote).eval()
     assert sum(p.numel() for p in pruned.parameters()) == result.plan.params_after < result.plan.params_before
     masked = tiny_model("llama")
-    fold_removed_means(masked, adapter_for(masked.config), result.plan, result.score.compensation)
+    compensate(masked, adapter_for(masked.config), result.plan, result.score.compensation)
     mask_plan(masked, adapter_for(masked.config), result.plan)
     ids = random_ids(2, 12, seed=5)
     with torch.no_grad():

@@ -73,6 +73,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--from-json", help="only check the targets of a finished compare.json")
+    parser.add_argument("--plot", help="with --from-json: redraw its perplexity-vs-ratio PNG here")
     parser.add_argument("--model")
     parser.add_argument("--calib")
     parser.add_argument("--eval-ppl")
@@ -86,7 +87,13 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/minillm-compare")
     args = parser.parse_args()
     if args.from_json:
-        print("\n".join(targets(json.loads(Path(args.from_json).read_text()))))
+        data = json.loads(Path(args.from_json).read_text())
+        print("\n".join(targets(data)))
+        if args.plot:
+            from minillm.compare import CompareResult
+            from minillm.compare_report import plot
+
+            plot(CompareResult.from_dict(data), Path(args.plot))
         return
     from minillm.compare import compare
     from minillm.compare_report import markdown_table

@@ -96,6 +96,15 @@ class ArchAdapter:
         """Module attributes of the attention block that depend on its head counts."""
         return {"num_key_value_groups": num_heads // num_kv_heads}
 
+    def bias_config_flags(self, config: Any) -> dict[str, str]:
+        """Config flags that give a structure family ("attn": q/k/v/o, "mlp": expand + closing) biases.
+
+        Used when bias compensation adds a bias to a closing projection: with a flag the stock class can
+        rebuild it (plus zero biases on the family's other projections); without one the export needs
+        the per-layer remote code. None by default.
+        """
+        return {}
+
     def uniform_config_update(self, config: Any, shape: LayerShape) -> dict[str, int] | None:
         """Config fields that express every layer having ``shape``, or ``None`` if the config cannot.
 

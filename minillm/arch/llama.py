@@ -7,6 +7,8 @@ act on ``head_dim`` and are shared by all heads, so removing heads leaves them u
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from minillm.arch.base import ArchAdapter, AttentionLinears, MlpLinears
@@ -25,3 +27,9 @@ class LlamaAdapter(ArchAdapter):
     def mlp(self, layer: nn.Module) -> MlpLinears:
         mlp = layer.mlp
         return MlpLinears(module=mlp, expand=(mlp.gate_proj, mlp.up_proj), closing=mlp.down_proj)
+
+    def bias_config_flags(self, config: Any) -> dict[str, str]:
+        # Llama: attention_bias (q/k/v/o) and mlp_bias (gate/up/down); Qwen3: attention_bias only;
+        # Mistral and Qwen2 build fixed biases (none / q,k,v only) with no flag.
+        return {"llama": {"attn": "attention_bias", "mlp": "mlp_bias"},
+                "qwen3": {"attn": "attention_bias"}}.get(config.model_type, {})

@@ -46,3 +46,50 @@ def fold_removed_means(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan,
         if mlp_mean is not None:
             removed = sorted(set(range(shape.intermediate)) - set(layer_plan.channels))
             _fold(adapter.mlp(layer).closing, removed, mlp_mean)
+
+
+def expressible_biases(model: nn.Module, adapter: ArchAdapter) -> dict[str, str]:
+    """Structure families ("attn", "mlp") whose closing projection gained a bias that a config flag of the
+    stock class can express (e.g. Llama's ``attention_bias`` / ``mlp_bias``), mapped to that flag."""
+    flags = adapter.bias_config_flags(model.config)
+    closings = {"attn": lambda layer: adapter.attention(layer).o, "mlp": lambda layer: adapter.mlp(layer).closing}
+    return {
+        family: flag
+        for family, flag in flags.items()
+        if not getattr(model.config, flag, False)
+        and any(closings[family](layer).bias is not None for layer in adapter.decoder_layers(model))
+    }
+
+
+@torch.no_grad()
+def express_biases(model: nn.Module, adapter: ArchAdapter, families: dict[str, str],
+                   layers: list[nn.Module] | None = None) -> None:
+    """Turn on the families' config flags and give their other projections zero biases.
+
+    The stock class then rebuilds the model exactly, so the export loads with vanilla ``from_pretrained``
+    (no remote code) — at the price of a zero bias per output of q/k/v (attention) or gate/up (MLP),
+    about 0.1% of a Llama's parameters, counted in the reported parameter totals like any other.
+    """
+    for flag in families.values():
+        setattr(model.config, flag, True)
+    for layer in adapter.decoder_layers(model) if layers is None else layers:
+        linears = []
+        if "attn" in families:
+            attn = adapter.attention(layer)
+            linears += [attn.q, attn.k, attn.v, attn.o]
+        if "mlp" in families:
+            mlp = adapter.mlp(layer)
+            linears += [*mlp.expand, mlp.closing]
+        for linear in linears:
+            if linear.bias is None:
+                linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                                       device=linear.weight.device), requires_grad=False)
+
+
+def compensate(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan,
+               means: dict[str, torch.Tensor]) -> dict[str, str]:
+    """:func:`fold_removed_means`, then :func:`express_biases` where the config can; returns those families."""
+    fold_removed_means(model, adapter, plan, means)
+    families = expressible_biases(model, adapter)
+    express_biases(model, adapter, families)
+    return families
