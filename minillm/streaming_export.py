@@ -218,7 +218,9 @@ def save_pruned_streaming(
         first_block = adapter.decoder_layers(skeleton)[0]
         max_bytes = min(max_bytes, max(sum(_nbytes(t) for t in first_block.state_dict().values()), 1))
         flags = adapter.bias_config_flags(model.config).items()
-        families = {f: flag for f, flag in flags if getattr(config, flag, False) != getattr(model.config, flag, False)}
+        families = {
+            f: flag for f, flag in flags if getattr(config, flag, False) != getattr(model.config, flag, False)
+        }
         producer = _Producer(model, adapter, plan, compensation, families)
         _write_shards(keys, sizes, producer.get, tmp, max_bytes)
         config.dtype = model.dtype

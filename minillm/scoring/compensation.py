@@ -52,7 +52,8 @@ def expressible_biases(model: nn.Module, adapter: ArchAdapter) -> dict[str, str]
     """Structure families ("attn", "mlp") whose closing projection gained a bias that a config flag of the
     stock class can express (e.g. Llama's ``attention_bias`` / ``mlp_bias``), mapped to that flag."""
     flags = adapter.bias_config_flags(model.config)
-    closings = {"attn": lambda layer: adapter.attention(layer).o, "mlp": lambda layer: adapter.mlp(layer).closing}
+    closings = {"attn": lambda layer: adapter.attention(layer).o,
+                "mlp": lambda layer: adapter.mlp(layer).closing}
     return {
         family: flag
         for family, flag in flags.items()
@@ -88,7 +89,9 @@ def express_biases(model: nn.Module, adapter: ArchAdapter, families: dict[str, s
 
 def compensate(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan,
                means: dict[str, torch.Tensor]) -> dict[str, str]:
-    """:func:`fold_removed_means`, then :func:`express_biases` where the config can; returns those families."""
+    """:func:`fold_removed_means`, then :func:`express_biases` where the config can.
+
+    Returns the families expressed through config flags (empty when the export needs remote code)."""
     fold_removed_means(model, adapter, plan, means)
     families = expressible_biases(model, adapter)
     express_biases(model, adapter, families)
