@@ -61,3 +61,39 @@ def human_bytes(value: int | None) -> str:
             return f"{value:.1f} {unit}" if unit != "B" else f"{value} B"
         value /= 1024
     return str(value)
+
+
+def _glibc() -> object | None:
+    """glibc through ctypes (Linux), or None elsewhere (musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def return_large_frees_to_the_os(threshold_bytes: int = 1024**2) -> bool:
+    """Serve allocations ≥ ``threshold_bytes`` by ``mmap`` so freeing them returns the memory at once.
+
+    Why: glibc raises its mmap threshold dynamically (up to 32 MiB) after large frees, after which the
+    weight matrices of each streamed block (a few MiB to tens of MiB) come from the heap; interleaved
+    with long-lived small objects they fragment it, so peak RSS grows with every block although only
+    one is alive. A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``, which also turns the dynamic
+    adjustment off) keeps block-sized tensors out of the heap. False where glibc is not available.
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    m_mmap_threshold = -3
+    return bool(libc.mallopt(m_mmap_threshold, int(threshold_bytes)))  # type: ignore[attr-defined]
+
+
+def trim_heap() -> None:
+    """Give free heap pages back to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)  # type: ignore[attr-defined]
