@@ -127,9 +127,11 @@ def prune(
     if criterion not in CRITERIA:
         CRITERIA.get(criterion)  # raises the did-you-mean error
     if streaming:
+        from minillm.memory import return_large_frees_to_the_os
         from minillm.streaming import streaming_criterion
 
         streaming_criterion(criterion)  # block-by-block needs a criterion that has that mode
+        return_large_frees_to_the_os()  # block-sized tensors come and go: keep them off the heap
     if out is not None and not dry_run:
         check_output_dir(out, overwrite)
     if report is not None:
@@ -155,10 +157,12 @@ def prune(
         from minillm.calibration.blockwise import is_offloaded
 
         if is_offloaded(model):  # offloaded weights sit on `meta`: only the block-by-block path can read them
+            from minillm.memory import return_large_frees_to_the_os
             from minillm.streaming import streaming_criterion
 
             streaming_criterion(criterion)
             streaming = True
+            return_large_frees_to_the_os()
     timeline.mark("loaded", model)
     layers = prunable_layers(len(adapter.decoder_layers(model)), skip_first, skip_last)
     if isinstance(calib, CalibrationSet):

@@ -91,9 +91,3 @@ def return_large_frees_to_the_os(threshold_bytes: int = 1024**2) -> bool:
     m_mmap_threshold = -3
     return bool(libc.mallopt(m_mmap_threshold, int(threshold_bytes)))  # type: ignore[attr-defined]
 
-
-def trim_heap() -> None:
-    """Give free heap pages back to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere)."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)  # type: ignore[attr-defined]

@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def run_one(size: str, cap: str, args: argparse.Namespace) -> dict:
         "-q",
     ]
     start = time.perf_counter()
-    done = subprocess.run(_locked(prune, args.lock), capture_output=True, text=True)
+    done, split = _run_sampled(_locked(prune, args.lock))
     seconds = time.perf_counter() - start
     peak_kb = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
     elapsed = re.search(r"Elapsed \(wall clock\) time.*: (\S+)", done.stderr)
@@ -94,6 +95,7 @@ def run_one(size: str, cap: str, args: argparse.Namespace) -> dict:
         "rc": done.returncode,
         "peak_rss_gib": int(peak_kb.group(1)) / 1024**2 if peak_kb else None,
         "elapsed": elapsed.group(1) if elapsed else f"{seconds:.0f}s",
+        **split,
         "exported_shards": len(list(out.glob("*.safetensors"))) if out.is_dir() else 0,
         "stderr_tail": done.stderr.strip().splitlines()[-25:] if done.returncode else [],
     }
@@ -101,6 +103,68 @@ def run_one(size: str, cap: str, args: argparse.Namespace) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(ckpt, ignore_errors=True)
     return row
+
+
+def _status_mib(pid: int) -> dict[str, int]:
+    """RssAnon / RssFile of ``pid`` now (MiB), or {} once it has gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = (line.split() for line in lines if line.startswith(("RssAnon:", "RssFile:")))
+    return {f[0].rstrip(":"): int(f[1]) // 1024 for f in fields}
+
+
+def _minillm_pid(root: int) -> int | None:
+    """The ``minillm`` process under ``root`` (/usr/bin/time, possibly flock and nice in between)."""
+    frontier = [root]
+    while frontier:
+        pid = frontier.pop()
+        try:
+            if "minillm" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1].decode(errors="ignore"):
+                return pid
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except (OSError, IndexError):
+            continue
+        frontier += [int(c) for c in children]
+    return None
+
+
+def _run_sampled(command: list[str]) -> tuple[subprocess.CompletedProcess, dict[str, float]]:
+    """Run ``command`` and sample the prune process's anonymous vs file-backed RSS every 0.1 s.
+
+    The peak of their sum is what ``/usr/bin/time`` reports; the split says what the peak is made of:
+    anonymous memory (tensors, heap) or file-backed pages (memory-mapped safetensors read in place,
+    which the kernel may reclaim under pressure).
+    """
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = {"RssAnon": 0, "RssFile": 0, "total": 0}
+    at_peak: dict[str, int] = {}
+    target = None
+    output: dict[str, str] = {}
+    reader = threading.Thread(target=lambda: output.update(zip(("out", "err"), process.communicate(),
+                                                               strict=True)))
+    reader.start()
+    while reader.is_alive():
+        target = target or _minillm_pid(process.pid)
+        now = _status_mib(target) if target else {}
+        if now:
+            peak["RssAnon"] = max(peak["RssAnon"], now["RssAnon"])
+            peak["RssFile"] = max(peak["RssFile"], now["RssFile"])
+            if now["RssAnon"] + now["RssFile"] > peak["total"]:
+                peak["total"], at_peak = now["RssAnon"] + now["RssFile"], now
+        time.sleep(0.1)
+    reader.join()
+    done = subprocess.CompletedProcess(
+        command, process.returncode, output.get("out", ""), output.get("err", "")
+    )
+    split = {
+        "peak_anon_gib": peak["RssAnon"] / 1024,
+        "peak_file_gib": peak["RssFile"] / 1024,
+        "at_peak_anon_gib": at_peak.get("RssAnon", 0) / 1024,
+        "at_peak_file_gib": at_peak.get("RssFile", 0) / 1024,
+    }
+    return done, split
 
 
 def _cap_gib(cap: str) -> float:
@@ -114,19 +178,25 @@ def _cap_gib(cap: str) -> float:
 def table(rows: list[dict]) -> str:
     lines = [
         "| model | params | weights (GiB) | --max-memory cpu | model / cap | peak RSS (GiB) | peak / cap "
-        "| time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| at the peak: anon + file-backed (GiB) | time |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         peak = r["peak_rss_gib"]
         lines.append(
             f"| {r['size']} | {r['params'] / 1e9:.2f}B | {r['model_gib']:.2f} | {r['cap']} | "
             f"{r['model_gib'] / r['cap_gib']:.2f}× | {peak:.2f} | {peak / r['cap_gib']:.2f}× "
-            f"| {r['elapsed']} |"
+            f"| {_split(r)} | {r['elapsed']} |"
             if r["rc"] == 0 and peak
-            else f"| {r['size']} | failed (rc {r['rc']}) | | {r['cap']} | | | | |"
+            else f"| {r['size']} | failed (rc {r['rc']}) | | {r['cap']} | | | | | |"
         )
     return "\n".join(lines)
+
+
+def _split(row: dict) -> str:
+    if "at_peak_anon_gib" not in row:
+        return "not sampled"
+    return f"{row['at_peak_anon_gib']:.2f} + {row['at_peak_file_gib']:.2f}"
 
 
 def plot(rows: list[dict], path: Path) -> None:
