@@ -35,9 +35,13 @@ STREAMING.register("wanda-sp", "minillm.scoring.streaming_stats:stream_wanda_sp"
 STREAMING.register("magnitude", "minillm.scoring.streaming_stats:stream_magnitude_l1")
 STREAMING.register("magnitude-l2", "minillm.scoring.streaming_stats:stream_magnitude_l2")
 STREAMING.register("taylor-gate", "minillm.scoring.streaming_taylor_gate:stream_taylor_gate")
+STREAMING.register("taylor-blockwise", "minillm.scoring.taylor_blockwise:score_taylor_blockwise")
 
 #: Streaming criteria that evaluate the model's loss (they need the LM head and a batch of logits).
-NEEDS_LOSS = frozenset({"fms", "taylor-gate"})
+NEEDS_LOSS = frozenset({"fms", "taylor-gate", "taylor-blockwise"})
+
+#: Streaming criteria that keep every block's calibration inputs for a block-local backward pass.
+KEEPS_BLOCK_INPUTS = frozenset({"taylor-gate", "taylor-blockwise"})
 
 GiB = 1024**3
 
@@ -90,12 +94,14 @@ def block_budget(
     samples: int,
     runtime_bytes: int,
     with_loss: bool = True,
+    keeps_block_inputs: bool = False,
 ) -> BlockBudget:
     """Sizes from a weightless model built from ``config`` (accelerate's ``compute_module_sizes``).
 
     ``with_loss``: the criterion evaluates the model's loss (SPSA full loss), so the embeddings, final
     norm and LM head are loaded together and the logits of a batch exist; otherwise only the largest of
-    them is ever loaded at once (by the export) and no logits are made.
+    them is ever loaded at once (by the export) and no logits are made. ``keeps_block_inputs``: the
+    criterion back-propagates block by block and keeps every block's calibration inputs until then.
     """
     from accelerate import init_empty_weights
     from accelerate.utils import compute_module_sizes
@@ -120,6 +126,8 @@ def block_budget(
     if with_loss:
         working += tokens * int(config.vocab_size) * 4 * 3  # logits, log-softmax, loss temporaries
     streams = 4 * samples * seq_len * hidden * size  # first-block inputs, "+"/"−" streams, outputs
+    if keeps_block_inputs:
+        streams += int(config.num_hidden_layers) * samples * seq_len * hidden * size
     return BlockBudget(block=block, head=head, activations=working + streams, runtime=runtime_bytes)
 
 
@@ -241,6 +249,7 @@ def prepare_streaming_load(
             samples,
             current_rss_bytes(),
             with_loss=criterion in NEEDS_LOSS,
+            keeps_block_inputs=criterion in KEEPS_BLOCK_INPUTS,
         )
         memory = streaming_max_memory(memory, budget)
     return memory, offload_dir or default_offload_dir()

@@ -26,6 +26,7 @@ MY_CRITERIA = [
     "taylor",
     "taylor-fisher",
     "taylor-vector",
+    "taylor-blockwise",
     "fms",
     "fms-bp",
     "fms-gate",

@@ -241,3 +241,32 @@ def loss_from_hidden(model: nn.Module, adapter: ArchAdapter, batches: Sequence[B
             total += float(loss) * tokens
             count += tokens
     return total / count
+
+
+def head_gradients(
+    model: nn.Module, adapter: ArchAdapter, batches: Sequence[BlockBatch], sequences: int = 1
+) -> list[torch.Tensor]:
+    """∂(Σ token losses)/∂(last hidden states) per batch, through the model's own head and loss.
+
+    The gradient counterpart of :func:`loss_from_hidden`. ``sequences`` at a time go through the head,
+    so only their logits exist at once (one sequence: ``tokens × vocabulary``, not a whole batch's).
+    """
+    layers = adapter.decoder_layers(model)
+    device = input_device(model)
+    attention_type = _attention_type(layers[0])
+    grads = []
+    with head_resident(model, adapter):
+        for batch in batches:
+            pieces = []
+            for start in range(0, batch.hidden.shape[0], sequences):
+                rows = slice(start, start + sequences)
+                hidden = batch.hidden[rows].detach().requires_grad_(True)
+                ids = batch.input_ids[rows].to(device)
+                with _layers_replaced(layers, _Replay(hidden, attention_type)):
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                tokens = ids.numel() - ids.shape[0]
+                (grad,) = torch.autograd.grad(loss * tokens, hidden)
+                pieces.append(grad)
+                del loss
+            grads.append(torch.cat(pieces))
+    return grads
