@@ -169,11 +169,17 @@ def prune(
 
 @app.command("criteria")
 def list_criteria() -> None:
-    """List the scoring criteria."""
+    """List the scoring criteria: what each measures, and whether it has a --streaming mode."""
     from minillm.scoring import CRITERIA
+    from minillm.streaming import STREAMING
 
+    table = Table(box=None, pad_edge=False, show_edge=False)
+    for column in ("criterion", "what it scores", "--streaming"):
+        table.add_column(column)
     for name in CRITERIA.names():
-        typer.echo(name)
+        label = f"{name} (default)" if name == DEFAULT_CRITERION else name
+        table.add_row(label, CRITERIA.summary(name), "yes" if name in STREAMING else "")
+    Console(soft_wrap=True).print(table)
 
 
 #: Command modules that each expose ``register(app)``; one line per command family.

@@ -27,12 +27,18 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, str] = {}
+        self._summaries: dict[str, str] = {}
         self._loaded: dict[str, T] = {}
 
-    def register(self, name: str, target: str) -> None:
+    def register(self, name: str, target: str, summary: str = "") -> None:
+        """Add ``name``; ``summary`` is the one line that listings (``minillm criteria``) show for it."""
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = target
+        self._summaries[name] = summary
+
+    def summary(self, name: str) -> str:
+        return self._summaries.get(name, "")
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -10,21 +10,30 @@ from minillm.registry import Registry
 from minillm.scoring.base import Criterion, ScoreResult, ScoringContext
 
 CRITERIA: Registry[Criterion] = Registry("criterion")
-CRITERIA.register("fms", "minillm.scoring.fms:score_fms")
-CRITERIA.register("random", "minillm.scoring.random_baseline:score_random")
-CRITERIA.register("magnitude", "minillm.scoring.magnitude:score_magnitude_l1")
-CRITERIA.register("magnitude-l2", "minillm.scoring.magnitude:score_magnitude_l2")
-CRITERIA.register("wanda-sp", "minillm.scoring.wanda_sp:score_wanda_sp")
-CRITERIA.register("flap", "minillm.scoring.flap:score_flap")
-CRITERIA.register("taylor", "minillm.scoring.taylor:score_taylor")
-CRITERIA.register("taylor-fisher", "minillm.scoring.taylor:score_taylor_fisher")
-CRITERIA.register("taylor-vector", "minillm.scoring.taylor:score_taylor_vector")
-CRITERIA.register("taylor-blockwise", "minillm.scoring.taylor_blockwise:score_taylor_blockwise")
-CRITERIA.register("fms-bp", "minillm.scoring.fms_bp:score_fms_bp")
-CRITERIA.register("fms-gate", "minillm.scoring.fms_gate:score_fms_gate")
-CRITERIA.register("taylor-gate", "minillm.scoring.taylor_gate:score_taylor_gate")
-CRITERIA.register("taylor-gate-fisher", "minillm.scoring.taylor_gate:score_taylor_gate_fisher")
-CRITERIA.register("taylor-gate-fms", "minillm.scoring.taylor_gate:score_taylor_gate_fms")
-CRITERIA.register("fwd-grad", "minillm.scoring.fwd_grad:score_fwd_grad")
+_ENTRIES = [
+    ("fms", "fms:score_fms",
+     "MINI-LLM: |W|·|x|·|gradient|, gradient by forward-only SPSA (memory of inference)"),
+    ("random", "random_baseline:score_random", "random scores (a baseline)"),
+    ("magnitude", "magnitude:score_magnitude_l1", "L1 norm of the group's weights"),
+    ("magnitude-l2", "magnitude:score_magnitude_l2", "L2 norm of the group's weights"),
+    ("wanda-sp", "wanda_sp:score_wanda_sp", "Wanda-sp: |W|·‖X‖ over the closing projection's columns"),
+    ("flap", "flap:score_flap",
+     "FLAP: input fluctuation × weight norm, standardised, with bias compensation (one forward)"),
+    ("taylor", "taylor:score_taylor",
+     "LLM-Pruner: Σ|W·∂L/∂W| by plain back-propagation (about 2.5 × the memory of a forward)"),
+    ("taylor-fisher", "taylor:score_taylor_fisher", "LLM-Pruner, second order with the diagonal Fisher"),
+    ("taylor-vector", "taylor:score_taylor_vector", "LLM-Pruner, vector-wise first order"),
+    ("taylor-blockwise", "taylor_blockwise:score_taylor_blockwise",
+     "LLM-Pruner's taylor scores, weight gradients one recomputed block at a time (memory of a forward)"),
+    ("fms-bp", "fms_bp:score_fms_bp", "FMS with back-propagated gradients (ablation of fms)"),
+    ("fms-gate", "fms_gate:score_fms_gate", "SPSA on one gate per head / channel"),
+    ("taylor-gate", "taylor_gate:score_taylor_gate",
+     "exact ∂L/∂gate per head / channel, weights frozen, checkpointed blocks"),
+    ("taylor-gate-fisher", "taylor_gate:score_taylor_gate_fisher", "taylor-gate, second order (gate Fisher)"),
+    ("taylor-gate-fms", "taylor_gate:score_taylor_gate_fms", "taylor-gate × FMS's weight·activation factor"),
+    ("fwd-grad", "fwd_grad:score_fwd_grad", "forward-mode jvp on the gates, one tangent per sequence"),
+]
+for _name, _target, _summary in _ENTRIES:
+    CRITERIA.register(_name, f"minillm.scoring.{_target}", _summary)
 
 __all__ = ["CRITERIA", "Criterion", "ScoreResult", "ScoringContext"]
