@@ -1,4 +1,4 @@
-"""``minillm criteria`` lists every registered criterion with its summary, the default and streaming support."""
+"""``minillm criteria`` lists every criterion with its summary, the default and streaming support."""
 
 from __future__ import annotations
 
