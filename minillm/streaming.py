@@ -35,13 +35,13 @@ STREAMING.register("wanda-sp", "minillm.scoring.streaming_stats:stream_wanda_sp"
 STREAMING.register("magnitude", "minillm.scoring.streaming_stats:stream_magnitude_l1")
 STREAMING.register("magnitude-l2", "minillm.scoring.streaming_stats:stream_magnitude_l2")
 STREAMING.register("taylor-gate", "minillm.scoring.streaming_taylor_gate:stream_taylor_gate")
-STREAMING.register("taylor-blockwise", "minillm.scoring.taylor_blockwise:score_taylor_blockwise")
+STREAMING.register("taylor-lowmem", "minillm.scoring.taylor_lowmem:score_taylor_lowmem")
 
 #: Streaming criteria that evaluate the model's loss (they need the LM head and a batch of logits).
-NEEDS_LOSS = frozenset({"fms", "taylor-gate", "taylor-blockwise"})
+NEEDS_LOSS = frozenset({"fms", "taylor-gate", "taylor-lowmem"})
 
 #: Streaming criteria that keep every block's calibration inputs for a block-local backward pass.
-KEEPS_BLOCK_INPUTS = frozenset({"taylor-gate", "taylor-blockwise"})
+KEEPS_BLOCK_INPUTS = frozenset({"taylor-gate", "taylor-lowmem"})
 
 GiB = 1024**3
 

@@ -26,7 +26,7 @@ MY_CRITERIA = [
     "taylor",
     "taylor-fisher",
     "taylor-vector",
-    "taylor-blockwise",
+    "taylor-lowmem",
     "fms",
     "fms-bp",
     "fms-gate",

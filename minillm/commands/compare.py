@@ -7,7 +7,7 @@ import typer
 from minillm.cli import console, friendly_errors, progress_bars
 from minillm.errors import UsageError
 
-DEFAULT_METHODS = "fms,taylor-gate,taylor-blockwise,taylor,flap,wanda-sp,magnitude,random"
+DEFAULT_METHODS = "fms,taylor-gate,taylor-lowmem,taylor,flap,wanda-sp,magnitude,random"
 
 
 def _floats(spec: str, option: str) -> list[float]:

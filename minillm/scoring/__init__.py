@@ -23,7 +23,7 @@ _ENTRIES = [
      "LLM-Pruner: Σ|W·∂L/∂W| by plain back-propagation (about 2.5 × the memory of a forward)"),
     ("taylor-fisher", "taylor:score_taylor_fisher", "LLM-Pruner, second order with the diagonal Fisher"),
     ("taylor-vector", "taylor:score_taylor_vector", "LLM-Pruner, vector-wise first order"),
-    ("taylor-blockwise", "taylor_blockwise:score_taylor_blockwise",
+    ("taylor-lowmem", "taylor_lowmem:score_taylor_lowmem",
      "LLM-Pruner's taylor scores, weight gradients one recomputed block at a time (memory of a forward)"),
     ("fms-bp", "fms_bp:score_fms_bp", "FMS with back-propagated gradients (ablation of fms)"),
     ("fms-gate", "fms_gate:score_fms_gate", "SPSA on one gate per head / channel"),

@@ -1,6 +1,6 @@
 """LLM-Pruner's Taylor importance at the memory of inference: weight gradients one block at a time.
 
-``taylor-blockwise`` computes exactly the scores of ``taylor`` — ``Σ_group |W ⊙ ∂L/∂W|`` with the
+``taylor-lowmem`` computes exactly the scores of ``taylor`` — ``Σ_group |W ⊙ ∂L/∂W|`` with the
 gradient of the mean calibration loss — but never holds the autograd graph of the whole model or a
 gradient buffer for every weight. The block-local backward loop of
 :mod:`minillm.scoring.block_backward` recomputes one decoder block at a time from its stored inputs,
@@ -81,12 +81,12 @@ class _WeightProbe:
             self.sums.pop(linear, None)
 
 
-def score_taylor_blockwise(ctx: ScoringContext) -> ScoreResult:
+def score_taylor_lowmem(ctx: ScoringContext) -> ScoreResult:
     probe = _WeightProbe(ctx)
     backward_block_by_block(ctx, probe)
     return ScoreResult(
         scores=probe.scores,
         forward_passes=2,
         backward_passes=1,
-        notes={"variant": "element", "block-wise": True},
+        notes={"variant": "element", "block-local backward": True},
     )

@@ -1,4 +1,4 @@
-"""``taylor-blockwise`` (weight gradients one recomputed block at a time) gives exactly ``taylor``'s scores:
+"""``taylor-lowmem`` (weight gradients one recomputed block at a time) gives exactly ``taylor``'s scores:
 in float64, for every family, for a subset of layers, and with every weight in accelerate's disk offload;
 it leaves no parameter ``.grad``, no hook and no ``requires_grad`` flag behind."""
 
@@ -36,7 +36,7 @@ def test_equals_taylor_float64(family: str, layers: list[int]) -> None:
     model = tiny_model(family).double()
     flags = [p.requires_grad for p in model.parameters()]
     reference = score_model(model, "taylor", _calibration(), layers)
-    result = score_model(model, "taylor-blockwise", _calibration(), layers)
+    result = score_model(model, "taylor-lowmem", _calibration(), layers)
     # LayerScores are float32; the float64 gradients agree far below that precision
     _assert_same_scores(result, reference, rtol=1e-6)
     assert all(p.grad is None for p in model.parameters())
@@ -48,7 +48,7 @@ def test_streams_a_disk_offloaded_model(tmp_path: Path) -> None:
     model = tiny_model("llama")
     reference = score_model(model, "taylor", _calibration(), [0, 1])
     disk = offloaded(model, tmp_path / "ckpt")
-    result = score_streaming(disk, "taylor-blockwise", _calibration(), [0, 1])
+    result = score_streaming(disk, "taylor-lowmem", _calibration(), [0, 1])
     _assert_same_scores(result, reference, rtol=1e-3, atol=1e-7)  # float32 model, other summation order
     assert disk.model.layers[0].self_attn.q_proj.weight.device.type == "meta"  # still offloaded
     assert all(p.grad is None for p in disk.parameters())
