@@ -84,6 +84,24 @@ def _remote_code(base_class: str) -> str:
     return template.replace("{base_class}", base_class)
 
 
+def add_remote_code(model: nn.Module, adapter: ArchAdapter, folder: Path, metadata: dict) -> dict:
+    """If the stock config cannot express ``model``'s widths, record them in its config, point
+    ``auto_map`` at a generated ``modeling_minillm.py`` written to ``folder``, and return ``metadata``
+    marked ``trust_remote_code``; otherwise return ``metadata`` unchanged. Shared by both exporters."""
+    if not needs_remote_code(model, adapter):
+        return metadata
+    shapes, attributes = _layer_shape_overrides(model, adapter)
+    base_class = type(model).__name__
+    if base_class == "MinillmPrunedForCausalLM":  # re-exporting one of our own per-layer models
+        base_class = type(model).__mro__[1].__name__
+    config = model.config
+    config.minillm_layer_shapes = shapes
+    config.minillm_module_attributes = attributes
+    config.auto_map = {"AutoModelForCausalLM": "modeling_minillm.MinillmPrunedForCausalLM"}
+    (folder / REMOTE_CODE_FILE).write_text(_remote_code(base_class))
+    return {**metadata, "trust_remote_code": True}
+
+
 def needs_remote_code(model: nn.Module, adapter: ArchAdapter) -> bool:
     """True when the stock config cannot rebuild these layer widths."""
     layers = adapter.decoder_layers(model)
@@ -122,17 +140,7 @@ def save_pruned(model: nn.Module, tokenizer: Any, adapter: ArchAdapter, out: str
                 extra_files: Callable[[Path], None] | None = None) -> Path:
     """Write the export atomically; returns the final folder."""
     with atomic_output_dir(out, overwrite) as tmp:
-        config = model.config
-        if needs_remote_code(model, adapter):
-            shapes, attributes = _layer_shape_overrides(model, adapter)
-            base_class = type(model).__name__
-            if base_class == "MinillmPrunedForCausalLM":  # re-exporting one of our own per-layer models
-                base_class = type(model).__mro__[1].__name__
-            config.minillm_layer_shapes = shapes
-            config.minillm_module_attributes = attributes
-            config.auto_map = {"AutoModelForCausalLM": "modeling_minillm.MinillmPrunedForCausalLM"}
-            (tmp / REMOTE_CODE_FILE).write_text(_remote_code(base_class))
-            metadata = {**metadata, "trust_remote_code": True}
+        metadata = add_remote_code(model, adapter, tmp, metadata)
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -32,11 +32,8 @@ from minillm.arch.base import ArchAdapter
 from minillm.calibration.blockwise import resident
 from minillm.export import (
     METADATA_FILE,
-    REMOTE_CODE_FILE,
-    _layer_shape_overrides,
-    _remote_code,
+    add_remote_code,
     atomic_output_dir,
-    needs_remote_code,
 )
 from minillm.plan import PrunePlan
 from minillm.scoring.compensation import compensate, express_biases, fold_removed_means
@@ -204,13 +201,7 @@ def save_pruned_streaming(
     )
     with atomic_output_dir(out, overwrite) as tmp:
         config = skeleton.config
-        if needs_remote_code(skeleton, adapter):
-            shapes, attributes = _layer_shape_overrides(skeleton, adapter)
-            config.minillm_layer_shapes = shapes
-            config.minillm_module_attributes = attributes
-            config.auto_map = {"AutoModelForCausalLM": "modeling_minillm.MinillmPrunedForCausalLM"}
-            (tmp / REMOTE_CODE_FILE).write_text(_remote_code(type(model).__name__))
-            metadata = {**metadata, "trust_remote_code": True}
+        metadata = add_remote_code(skeleton, adapter, tmp, metadata)
         state = remove_tied_weights_from_state_dict(skeleton.state_dict(), skeleton)
         keys = list(state)
         sizes = {key: _nbytes(tensor) for key, tensor in state.items()}
