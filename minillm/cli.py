@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from minillm.commands import options
 from minillm.defaults import DEFAULT_CRITERION
 from minillm.errors import UsageError
 
@@ -114,20 +115,20 @@ def prune(
     out: str = typer.Option(None, "--out", "-o", help="Export folder (required unless --dry-run)."),
     criterion: str = typer.Option(DEFAULT_CRITERION, help="Scoring criterion (see `minillm criteria`)."),
     allocation: str = typer.Option("uniform", help="uniform (same widths everywhere) or global."),
-    head_mode: str = typer.Option("kv", help="kv: remove whole key/value groups; query: query heads evenly."),
-    structures: str = typer.Option("both", help="What to prune: both, mlp or attn."),
-    skip_first: int = typer.Option(0, help="Keep the first N decoder layers whole."),
-    skip_last: int = typer.Option(0, help="Keep the last N decoder layers whole."),
-    calib: str = typer.Option("wikitext2", help="Calibration text: .txt/.jsonl/.json file or dataset name."),
-    calib_samples: int = typer.Option(32, help="Number of calibration windows."),
+    head_mode: str = options.head_mode(),
+    structures: str = options.structures(),
+    skip_first: int = options.skip_first(),
+    skip_last: int = options.skip_last(),
+    calib: str = options.calib(),
+    calib_samples: int = options.calib_samples(),
     seq_len: int = typer.Option(128, help="Tokens per calibration window."),
     batch_size: int = typer.Option(8, help="Windows per forward pass."),
     seed: int = typer.Option(0, help="Seed for calibration sampling and SPSA perturbations."),
     spsa_steps: int = typer.Option(16, help="SPSA perturbations (2 forward passes each)."),
-    spsa_eps: float = typer.Option(1e-3, help="SPSA perturbation size."),
+    spsa_eps: float = options.spsa_eps(),
     device_map: str = typer.Option("auto", help="accelerate device map: auto, balanced, cpu, cuda:0, …"),
     max_memory: str = typer.Option(None, help="Per-device memory cap, e.g. 0=20GiB,cpu=30GiB."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    dtype: str = options.dtype(),
     overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
     dry_run: bool = typer.Option(False, help="Score and print the plan as JSON; write nothing."),
     max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard."),

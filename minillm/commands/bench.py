@@ -7,11 +7,12 @@ from pathlib import Path
 import typer
 
 from minillm.cli import console, friendly_errors, progress_bars
+from minillm.commands import options
 
 
 @friendly_errors
 def bench(
-    model: str = typer.Argument(..., help="Hub id, local folder (a minillm export too), or .gguf file."),
+    model: str = options.model_argument(),
     compare_to: str = typer.Option(
         None, "--compare-to", help="Reference model (the dense one), timed interleaved."
     ),
@@ -23,7 +24,7 @@ def bench(
     repeats: int = typer.Option(5, help="Timed repeats per case (medians are reported)."),
     warmup: int = typer.Option(1, help="Untimed warm-up rounds."),
     device: str = typer.Option("auto", help="auto (CUDA if available), cpu, cuda, cuda:1, …"),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    dtype: str = options.dtype(),
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     seed: int = typer.Option(0, help="Seed of the random prompt ids."),
     json_out: str = typer.Option(None, "--json", help="Also write rows and ratios as JSON here."),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from minillm.cli import console, friendly_errors, progress_bars
+from minillm.commands import options
 from minillm.errors import UsageError
 
 DEFAULT_METHODS = "fms,taylor-gate,taylor-lowmem,taylor,flap,wanda-sp,magnitude,random"
@@ -25,8 +26,8 @@ def compare_command(
     methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated criteria (see `minillm criteria`)."),
     ratio: str = typer.Option("0.2", help="Ratio(s) of parameters to remove, comma-separated: 0.1,0.2,0.3."),
     allocation: str = typer.Option("uniform,global", help="uniform and/or global, comma-separated."),
-    calib: str = typer.Option("wikitext2", help="Calibration text: .txt/.jsonl/.json file or dataset name."),
-    calib_samples: int = typer.Option(32, help="Number of calibration windows."),
+    calib: str = options.calib(),
+    calib_samples: int = options.calib_samples(),
     seq_len: int = typer.Option(128, help="Tokens per calibration and perplexity window."),
     batch_size: int = typer.Option(8, help="Windows per forward pass."),
     eval_ppl: str = typer.Option(None, help="Perplexity text (file or dataset name)."),
@@ -35,15 +36,15 @@ def compare_command(
     tasks_dir: str = typer.Option(None, help="Folder of extra lm-eval task YAMLs."),
     data_dir: str = typer.Option(None, help="Folder of local task data (offline runs)."),
     limit: float = typer.Option(None, help="lm-eval examples per task."),
-    head_mode: str = typer.Option("kv", help="kv or query."),
-    structures: str = typer.Option("both", help="both, mlp or attn."),
-    skip_first: int = typer.Option(0, help="Keep the first N decoder layers whole."),
-    skip_last: int = typer.Option(0, help="Keep the last N decoder layers whole."),
+    head_mode: str = options.head_mode(),
+    structures: str = options.structures(),
+    skip_first: int = options.skip_first(),
+    skip_last: int = options.skip_last(),
     seed: int = typer.Option(0, help="Seed of calibration sampling and random estimators."),
     spsa_steps: int = typer.Option(16, help="SPSA perturbations (fms, fms-gate) / passes (fwd-grad)."),
-    spsa_eps: float = typer.Option(1e-3, help="SPSA perturbation size."),
-    device_map: str = typer.Option("auto", help="accelerate device map."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    spsa_eps: float = options.spsa_eps(),
+    device_map: str = options.device_map(),
+    dtype: str = options.dtype(),
     out: str = typer.Option("compare-out", "--out", "-o", help="Folder for compare.md / .csv / .png."),
 ) -> None:
     """Prune with each method (scored once, in a fresh process each) and tabulate quality and cost."""

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from minillm.cli import console, friendly_errors, progress_bars
+from minillm.commands import options
 
 
 def _fmt(key: str, value: float | None) -> str:
@@ -25,7 +26,7 @@ def _limit(value: float | None) -> int | float | None:
 
 @friendly_errors
 def evaluate(
-    model: str = typer.Argument(..., help="Hub id, local folder (a minillm export too), or .gguf file."),
+    model: str = options.model_argument(),
     ppl: str = typer.Option(None, help="Perplexity text: .txt/.jsonl/.json file or dataset name."),
     tasks: str = typer.Option(
         None,
@@ -46,8 +47,8 @@ def evaluate(
     seq_len: int = typer.Option(128, help="Tokens per perplexity window."),
     batch_size: int = typer.Option(8, help="Windows / lm-eval requests per forward pass."),
     seed: int = typer.Option(0, help="Seed for lm-eval's sampling (few-shot examples)."),
-    device_map: str = typer.Option("auto", help="accelerate device map."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    device_map: str = options.device_map(),
+    dtype: str = options.dtype(),
     json_out: str = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ) -> None:
     """Measure perplexity (non-overlapping windows) and zero-shot accuracy (lm-eval) of a model."""

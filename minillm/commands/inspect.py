@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from minillm.cli import friendly_errors
+from minillm.commands import options
 
 # inspect's tables are its output: stdout, so they can be piped; wide enough not to truncate in files
 stdout = Console() if sys.stdout.isatty() else Console(width=120)
@@ -50,7 +51,7 @@ def _layer_rows(layers: list) -> list[tuple[str, ...]]:
 
 @friendly_errors
 def inspect(
-    model: str = typer.Argument(..., help="Hub id, local folder (a minillm export too), or .gguf file."),
+    model: str = options.model_argument(),
     skip_first: int = typer.Option(0, help="Reachable ratios with the first N layers kept whole."),
     skip_last: int = typer.Option(0, help="Reachable ratios with the last N layers kept whole."),
     json_out: str = typer.Option(None, "--json", help="Also write everything as JSON here."),

@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from minillm.cli import console, friendly_errors
+from minillm.commands import options
 
 
 @friendly_errors
@@ -48,7 +49,7 @@ def recover(
     resume: bool = typer.Option(False, help="Continue from the latest checkpoint in the checkpoint folder."),
     keep_checkpoints: bool = typer.Option(False, help="Keep the checkpoints after a successful export."),
     seed: int = typer.Option(0, help="Seed for the validation split, shuffling and LoRA init."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    dtype: str = options.dtype(),
     overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
     max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard."),
 ) -> None:
