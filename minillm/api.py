@@ -124,14 +124,18 @@ def prune(
     timeline = Timeline(progress)
     progress = timeline.progress
     check_ratio(ratio)
-    if criterion not in CRITERIA:
-        CRITERIA.get(criterion)  # raises the did-you-mean error
     if streaming:
         from minillm.memory import return_large_frees_to_the_os
         from minillm.streaming import streaming_criterion
 
         streaming_criterion(criterion)  # block-by-block needs a criterion that has that mode
         return_large_frees_to_the_os()  # block-sized tensors come and go: keep them off the heap
+    elif criterion not in CRITERIA:
+        from minillm.streaming import STREAMING
+
+        if criterion in STREAMING:
+            raise UsageError(f"criterion {criterion!r} exists only block by block: add --streaming")
+        CRITERIA.get(criterion)  # raises the did-you-mean error
     if out is not None and not dry_run:
         check_output_dir(out, overwrite)
     if report is not None:

@@ -177,9 +177,11 @@ def list_criteria() -> None:
     table = Table(box=None, pad_edge=False, show_edge=False)
     for column in ("criterion", "what it scores", "--streaming"):
         table.add_column(column)
-    for name in CRITERIA.names():
+    for name in sorted(set(CRITERIA.names()) | set(STREAMING.names())):
         label = f"{name} (default)" if name == DEFAULT_CRITERION else name
-        table.add_row(label, CRITERIA.summary(name), "yes" if name in STREAMING else "")
+        summary = CRITERIA.summary(name) if name in CRITERIA else STREAMING.summary(name)
+        mode = ("yes" if name in CRITERIA else "only") if name in STREAMING else ""
+        table.add_row(label, summary, mode)
     Console(soft_wrap=True).print(table)
 
 

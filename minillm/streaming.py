@@ -29,7 +29,11 @@ from minillm.scoring.base import Criterion
 #: Criteria with a block-by-block implementation (same names as in ``minillm.scoring.CRITERIA``).
 STREAMING: Registry[Criterion] = Registry("streaming criterion")
 STREAMING.register("fms", "minillm.scoring.streaming_fms:stream_fms")
-STREAMING.register("fms-local", "minillm.scoring.streaming_fms:stream_fms_local")
+STREAMING.register(
+    "fms-local",
+    "minillm.scoring.streaming_fms:stream_fms_local",
+    "FMS with block-local SPSA on each block's output reconstruction error (--streaming only)",
+)
 STREAMING.register("flap", "minillm.scoring.streaming_stats:stream_flap")
 STREAMING.register("wanda-sp", "minillm.scoring.streaming_stats:stream_wanda_sp")
 STREAMING.register("magnitude", "minillm.scoring.streaming_stats:stream_magnitude_l1")
@@ -47,6 +51,10 @@ GiB = 1024**3
 
 
 def streaming_criterion(name: str) -> Criterion:
+    from minillm.scoring import CRITERIA
+
+    if name not in STREAMING and name not in CRITERIA:
+        STREAMING.get(name)  # raises the did-you-mean error
     if name not in STREAMING:
         raise UsageError(
             f"criterion {name!r} has no block-by-block mode; with --streaming use one of "

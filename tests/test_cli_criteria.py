@@ -17,5 +17,8 @@ def test_lists_every_criterion_with_a_summary() -> None:
     for name in CRITERIA.names():
         assert CRITERIA.summary(name), f"{name} has no summary"
         row = next(line for line in lines if line.split()[0] == name)
-        assert ("yes" in row.split()[-1]) == (name in STREAMING)
+        assert (row.split()[-1] == "yes") == (name in STREAMING)
+    for name in set(STREAMING.names()) - set(CRITERIA.names()):  # streaming-only criteria
+        row = next(line for line in lines if line.split()[0] == name)
+        assert row.split()[-1] == "only" and STREAMING.summary(name)
     assert f"{DEFAULT_CRITERION} (default)" in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -229,3 +230,22 @@ def test_offloaded_model_switches_to_streaming(tmp_path: Path) -> None:
     result = prune(disk, ratio=0.2, criterion="wanda-sp", calib=calibration(), out=tmp_path / "out")
     assert result.score.notes["streaming"] is True
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out") is not None
+
+
+def test_streaming_only_criterion_prunes_through_the_api_and_needs_the_flag(tmp_path: Path) -> None:
+    """``fms-local`` is registered only for block-by-block scoring: ``prune`` must accept it with
+    ``streaming=True`` (export loads, mask ≡ surgery) and name the missing flag without it."""
+    model = tiny_model("llama")
+    result = prune(copy.deepcopy(model), ratio=0.25, criterion="fms-local", calib=calibration(),
+                   streaming=True, spsa_steps=2, out=tmp_path / "out")
+    assert result.plan.achieved_ratio > 0.1
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    masked = copy.deepcopy(model)
+    mask_plan(masked, adapter_for(model.config), result.plan)
+    ids = random_ids(2, 12, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, masked(ids).logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(UsageError, match="exists only block by block: add --streaming"):
+        prune(model, ratio=0.2, criterion="fms-local", calib=calibration(), dry_run=True)
+    with pytest.raises(KeyError, match="Did you mean 'fms-local'"):
+        prune(model, ratio=0.2, criterion="fms-locl", calib=calibration(), streaming=True, dry_run=True)
