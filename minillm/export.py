@@ -71,9 +71,9 @@ def _layer_shape_overrides(model: nn.Module, adapter: ArchAdapter) -> tuple[dict
     shapes: dict[str, list[int]] = {}
     attributes: dict[str, dict[str, int]] = {}
     for index, layer in enumerate(adapter.decoder_layers(model)):
-        attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-        for linear in (attn.q, attn.k, attn.v, attn.o, *mlp.expand, mlp.closing):
+        for linear in adapter.prunable_linears(layer):
             shapes[names[linear]] = [linear.out_features, linear.in_features, linear.bias is not None]
+        attn = adapter.attention(layer)
         shape = adapter.layer_shape(model, index)
         attributes[names[attn.module]] = adapter.attention_attributes(shape.num_heads, shape.num_kv_heads)
     return shapes, attributes

@@ -69,6 +69,11 @@ class ArchAdapter:
     def mlp(self, layer: nn.Module) -> MlpLinears:
         raise NotImplementedError
 
+    def prunable_linears(self, layer: nn.Module) -> list[nn.Linear]:
+        """Every Linear a plan cuts in ``layer``, in one fixed order: q, k, v, o, expanding…, closing."""
+        attn, mlp = self.attention(layer), self.mlp(layer)
+        return [attn.q, attn.k, attn.v, attn.o, *mlp.expand, mlp.closing]
+
     def head_dim(self, config: Any) -> int:
         explicit = getattr(config, "head_dim", None)
         return int(explicit) if explicit else config.hidden_size // config.num_attention_heads

@@ -44,8 +44,7 @@ def lora_targets(model: nn.Module, adapter: ArchAdapter) -> list[str]:
     names = {module: name.rpartition(".")[2] for name, module in model.named_modules()}
     targets: list[str] = []
     for layer in adapter.decoder_layers(model):
-        attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-        for linear in (attn.q, attn.k, attn.v, attn.o, *mlp.expand, mlp.closing):
+        for linear in adapter.prunable_linears(layer):
             if names[linear] not in targets:
                 targets.append(names[linear])
     return targets

@@ -44,9 +44,7 @@ class ScoringContext:
         """Every prunable Linear of the scored layers, in a fixed order (q, k, v, o, expand…, closing)."""
         result: list[nn.Linear] = []
         for index in self.layers:
-            layer = self.layer(index)
-            attn, mlp = self.adapter.attention(layer), self.adapter.mlp(layer)
-            result += [attn.q, attn.k, attn.v, attn.o, *mlp.expand, mlp.closing]
+            result += self.adapter.prunable_linears(self.layer(index))
         return result
 
 

@@ -46,18 +46,11 @@ from minillm.scoring.spsa import SpsaEstimate, shift_indexed
 Indexed = Sequence[tuple[int, nn.Linear]]
 
 
-def block_linears(ctx: ScoringContext, index: int) -> list[nn.Linear]:
-    """The prunable Linears of one layer in the order of :meth:`ScoringContext.linears`."""
-    layer = ctx.layer(index)
-    attn, mlp = ctx.adapter.attention(layer), ctx.adapter.mlp(layer)
-    return [attn.q, attn.k, attn.v, attn.o, *mlp.expand, mlp.closing]
-
-
 def positions(ctx: ScoringContext) -> dict[int, list[tuple[int, nn.Linear]]]:
     """Per scored layer, its Linears with their index in the global tensor list (the SPSA seed stream)."""
     result, start = {}, 0
     for index in ctx.layers:
-        linears = block_linears(ctx, index)
+        linears = ctx.adapter.prunable_linears(ctx.layer(index))
         result[index] = list(enumerate(linears, start=start))
         start += len(linears)
     return result

@@ -57,9 +57,8 @@ def _score(ctx: ScoringContext, variant: str) -> ScoreResult:
         for index in ctx.layers:
             layer = ctx.layer(index)
             if variant == "vector":
-                attn, mlp = ctx.adapter.attention(layer), ctx.adapter.mlp(layer)
                 signed = {lin: lin.weight.float() * grads.gradient[lin]
-                          for lin in (attn.q, attn.k, attn.v, attn.o, *mlp.expand, mlp.closing)}
+                          for lin in ctx.adapter.prunable_linears(layer)}
                 scores[index] = vectorwise_scores(ctx.adapter, layer, ctx.shapes[index], signed)
             else:
                 def importance(linear: nn.Linear) -> torch.Tensor:

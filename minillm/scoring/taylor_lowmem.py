@@ -41,16 +41,12 @@ class _WeightProbe:
         self.sums: dict[nn.Linear, torch.Tensor] = {}
         self.scores: dict[int, LayerScores] = {}
 
-    def _linears(self, layer: nn.Module) -> list[nn.Linear]:
-        attn, mlp = self.ctx.adapter.attention(layer), self.ctx.adapter.mlp(layer)
-        return [attn.q, attn.k, attn.v, attn.o, *mlp.expand, mlp.closing]
-
     @contextmanager
     def attach(self, index: int, layer: nn.Module, batch: BlockBatch) -> Iterator[list[torch.Tensor]]:
         if index not in self.scored:
             yield []
             return
-        weights = [linear.weight for linear in self._linears(layer)]
+        weights = [linear.weight for linear in self.ctx.adapter.prunable_linears(layer)]
         try:
             for weight in weights:
                 weight.requires_grad_(True)
@@ -62,7 +58,8 @@ class _WeightProbe:
     def receive(self, index: int, batch: BlockBatch, gradients: Sequence[torch.Tensor]) -> None:
         if index not in self.scored:
             return
-        for linear, gradient in zip(self._linears(self.ctx.layer(index)), gradients, strict=True):
+        linears = self.ctx.adapter.prunable_linears(self.ctx.layer(index))
+        for linear, gradient in zip(linears, gradients, strict=True):
             if linear in self.sums:
                 self.sums[linear].add_(gradient.float())
             else:
@@ -77,7 +74,7 @@ class _WeightProbe:
 
         with torch.no_grad():
             self.scores[index] = sum_by_group(self.ctx.adapter, layer, self.ctx.shapes[index], importance)
-        for linear in self._linears(layer):
+        for linear in self.ctx.adapter.prunable_linears(layer):
             self.sums.pop(linear, None)
 
 
