@@ -35,14 +35,21 @@ class _GateProbe:
         self.gradient = torch.zeros(layout.size, dtype=torch.float64)
         self.fisher = torch.zeros(layout.size, dtype=torch.float64)
         self.spans = {layer: slice(heads.start, channels.stop) for layer, heads, channels in layout.slices()}
+        self.layer_gates: dict[int, tuple[ScoringContext, GateLayout]] = {}
+
+    def _layer_gates(self, index: int) -> tuple[ScoringContext, GateLayout]:
+        """The context and gate layout of block ``index`` alone, built once per block, not per batch."""
+        if index not in self.layer_gates:
+            only = replace(self.ctx, layers=[index])
+            self.layer_gates = {index: (only, GateLayout.from_context(only))}
+        return self.layer_gates[index]
 
     @contextmanager
     def attach(self, index: int, layer: nn.Module, batch: BlockBatch) -> Iterator[list[torch.Tensor]]:
         if index not in self.spans:
             yield []
             return
-        only = replace(self.ctx, layers=[index])
-        one = GateLayout.from_context(only)
+        only, one = self._layer_gates(index)
         x = batch.hidden
         gates = torch.ones(x.shape[0], one.size, dtype=x.dtype, device=x.device, requires_grad=True)
         with gated(only, one, GateHolder(gates)):
