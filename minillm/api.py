@@ -112,11 +112,17 @@ def prune(
     report: str | Path | None = None,
     progress: Progress | None = None,
     command: str | None = None,
+    force: bool = False,
+    trust_remote_code: bool = False,
+    inputs: tuple[str | Path | None, ...] = (),
 ) -> PruneResult:
     """Prune ``model`` (hub id, folder, ``.gguf`` file, or a loaded model) by ``ratio`` of its parameters.
 
     With ``out`` the pruned model is exported there atomically; with ``dry_run`` only the plan is made.
     With ``report`` an HTML report (and PNGs beside it) is written at the end (needs matplotlib).
+    ``out`` never overlaps an input (``model``, ``calib`` and the extra ``inputs``, e.g. the recipe file);
+    ``overwrite`` replaces only an earlier export unless ``force`` (see :mod:`minillm.output_guard`).
+    ``trust_remote_code`` allows running model code shipped in the model folder.
     """
     import time
 
@@ -124,6 +130,11 @@ def prune(
     timeline = Timeline(progress)
     progress = timeline.progress
     check_ratio(ratio)
+    from minillm.option_checks import check_criterion_options, check_loading
+
+    check_loading(device_map, max_memory, seed, max_shard_size)
+    check_criterion_options(criterion, criterion_options)
+    inputs = (model, calib, *inputs)
     if streaming:
         from minillm.memory import return_large_frees_to_the_os
         from minillm.streaming import streaming_criterion
@@ -137,7 +148,7 @@ def prune(
             raise UsageError(f"criterion {criterion!r} exists only block by block: add --streaming")
         CRITERIA.get(criterion)  # raises the did-you-mean error
     if out is not None and not dry_run:
-        check_output_dir(out, overwrite)
+        check_output_dir(out, overwrite, force, inputs)
     if report is not None:
         from minillm.report import require_matplotlib
 
@@ -146,7 +157,7 @@ def prune(
     if isinstance(model, str):
         from minillm.loading import load_model, load_tokenizer
 
-        tokenizer = tokenizer or load_tokenizer(model)
+        tokenizer = tokenizer or load_tokenizer(model, trust_remote_code)
         if streaming:  # --max-memory becomes the process budget: reserve one block + activations first
             from minillm.streaming import prepare_streaming_load
 
@@ -155,7 +166,8 @@ def prune(
         else:
             load_memory, load_offload = max_memory, offload_dir
         model = load_model(model, device_map=device_map, max_memory=load_memory, dtype=dtype,
-                           offload_dir=load_offload)
+                           offload_dir=load_offload, trust_remote_code=trust_remote_code,
+                           seq_len=None if isinstance(calib, CalibrationSet) else seq_len)
     adapter = adapter_for(model.config)
     if not streaming:
         from minillm.calibration.blockwise import is_offloaded
@@ -198,6 +210,11 @@ def prune(
         plan=plan, model=model, score=score, scoring=scoring, total_seconds=0.0, timeline=timeline
     )
     if dry_run:
+        if score.compensation:  # count the biases compensation adds, as the export will have them
+            from minillm.streaming_export import pruned_skeleton
+
+            plan.params_after = count_parameters(pruned_skeleton(model, adapter, plan, score.compensation))
+        check_shrinks(plan)
         result.total_seconds = time.perf_counter() - start
         _write_report(result, report)
         return result
@@ -206,6 +223,7 @@ def prune(
 
         pruned = pruned_skeleton(model, adapter, plan, score.compensation)
     else:
+        check_shrinks(plan)  # before surgery changes the caller's model
         if score.compensation:  # e.g. FLAP: fold removed groups' mean output into biases before slicing
             from minillm.scoring.compensation import compensate
 
@@ -213,6 +231,7 @@ def prune(
         apply_plan(model, adapter, plan)
         pruned = model
     plan.params_after = count_parameters(pruned)
+    check_shrinks(plan)
     timeline.mark("pruned", model)
     result.total_seconds = time.perf_counter() - start
     result.metadata = _metadata(source, plan, options, score, scoring, result.total_seconds, command)
@@ -227,14 +246,24 @@ def prune(
             result.out = save_pruned_streaming(model, tokenizer, adapter, plan, out, result.metadata,
                                                render_card(result.metadata), overwrite=overwrite,
                                                max_shard_size=max_shard_size, skeleton=pruned,
-                                               compensation=score.compensation)
+                                               compensation=score.compensation, force=force,
+                                               inputs=inputs)
         else:
             result.out = save_pruned(model, tokenizer, adapter, out, result.metadata,
                                      render_card(result.metadata), overwrite=overwrite,
-                                     max_shard_size=max_shard_size)
+                                     max_shard_size=max_shard_size, force=force, inputs=inputs)
         timeline.mark("exported", model)
     _write_report(result, report)
     return result
+
+
+def check_shrinks(plan: PrunePlan) -> None:
+    """Refuse a plan that removes nothing, or whose export would not be smaller than the model."""
+    if plan.params_after >= plan.params_before:
+        raise UsageError(
+            f"--ratio {plan.target_ratio:g} does not shrink the model ({plan.params_before:,} → "
+            f"{plan.params_after:,} parameters); raise --ratio (see `minillm inspect` for the group costs)"
+        )
 
 
 def _write_report(result: PruneResult, report: str | Path | None) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import shlex
 import sys
 from collections.abc import Callable, Iterator
@@ -15,29 +14,24 @@ from rich.table import Table
 
 from minillm.commands import options
 from minillm.defaults import DEFAULT_CRITERION
-from minillm.errors import UsageError
+from minillm.error_boundary import error_boundary, guard_commands, show_tracebacks
 
 app = typer.Typer(
-    no_args_is_help=True, add_completion=False, help="Structured pruning of causal LMs, in little memory."
+    no_args_is_help=True, add_completion=False, help="Structured pruning of causal LMs, in little memory.",
+    pretty_exceptions_show_locals=False,  # locals once printed the Hub token
 )
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+#: every command runs inside the one error boundary (kept under its old name for command modules)
+friendly_errors = error_boundary
 
 
-def friendly_errors(fn: F) -> F:
-    """Bad input → one line on stderr and exit code 2, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (UsageError, KeyError) as exc:
-            if isinstance(exc, KeyError) and type(exc).__name__ != "UnknownNameError":
-                raise
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
+@app.callback()
+def _main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the full traceback of an error."),
+) -> None:
+    """Structured pruning of causal LMs, in little memory."""
+    show_tracebacks(verbose)
 
 
 @contextmanager
@@ -103,6 +97,21 @@ def command_line_values(ctx: typer.Context) -> dict[str, Any]:
             and getattr(ctx.get_parameter_source(name), "name", "") in given}
 
 
+def check_prune_options(settings: Any, recipe: str | None) -> None:
+    """Everything about a prune run that can be refused before the model is loaded."""
+    from minillm.output_guard import check_output_dir, check_output_file
+
+    inputs = (settings.model, settings.calib, recipe)
+    if settings.dry_run and settings.report:
+        from minillm.errors import UsageError
+
+        raise UsageError("--dry-run writes nothing, --report writes files: drop one of them")
+    if settings.out is not None and not settings.dry_run:
+        check_output_dir(settings.out, settings.overwrite, settings.force, inputs)
+    check_output_file(settings.report, settings.overwrite or settings.force, "--report", inputs,
+                      create_folder=True)
+
+
 @app.command()
 @friendly_errors
 def prune(
@@ -129,7 +138,9 @@ def prune(
     device_map: str = typer.Option("auto", help="accelerate device map: auto, balanced, cpu, cuda:0, …"),
     max_memory: str = typer.Option(None, help="Per-device memory cap, e.g. 0=20GiB,cpu=30GiB."),
     dtype: str = options.dtype(),
-    overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it is a minillm export (or empty)."),
+    force: bool = options.force(),
+    trust_remote_code: bool = options.trust_remote_code(),
     dry_run: bool = typer.Option(False, help="Score and print the plan as JSON; write nothing."),
     max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard."),
     streaming: bool = typer.Option(False, "--streaming", help="Score and export one decoder block at a time, "
@@ -147,11 +158,13 @@ def prune(
     from minillm.recipe import Recipe
 
     settings = Recipe.resolve(recipe, command_line_values(ctx))
+    check_prune_options(settings, recipe)
     verbosity = 1 + int(verbose) - int(quiet)
     configure_logging(verbosity, console.is_terminal)
     with progress_bars(verbosity) as progress:
         result = prune_api(settings.model, **settings.prune_kwargs(), report=settings.report,
-                           progress=progress, command=shlex.join(["minillm", *sys.argv[1:]]))
+                           progress=progress, command=shlex.join(["minillm", *sys.argv[1:]]),
+                           inputs=(recipe,))
     if settings.dry_run:
         typer.echo(result.plan.to_json())
     if verbosity > 0:
@@ -230,7 +243,9 @@ def register_commands() -> None:
     for name, module_name, help_text in SUBAPPS:
         module = _optional_module(module_name)
         if module is not None:
+            module.app.pretty_exceptions_show_locals = False
             app.add_typer(module.app, name=name, help=help_text)
+    guard_commands(app)
 
 
 def main() -> None:

@@ -196,7 +196,8 @@ def _worker(spec_path: str) -> None:
     from minillm.scoring.spsa import SpsaConfig
 
     spec = json.loads(Path(spec_path).read_text())
-    model = load_model(spec["model"], device_map=spec["device_map"], dtype=spec["dtype"])
+    model = load_model(spec["model"], device_map=spec["device_map"], dtype=spec["dtype"],
+                       trust_remote_code=spec.get("trust_remote_code", False))
     calibration = CalibrationSet(load_file(spec["calibration"])["input_ids"], spec["batch_size"])
     spsa = SpsaConfig(**spec["spsa"])
     scores = score_method(
@@ -252,6 +253,7 @@ def compare(
     isolate: bool | None = None,
     out_dir: str | Path | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    trust_remote_code: bool = False,
 ) -> CompareResult:
     """Score ``model`` with every method once, then plan, prune and evaluate every (ratio, allocation)."""
     from minillm.api import count_parameters, plan_from_scores
@@ -274,6 +276,13 @@ def compare(
             raise UsageError(f"--allocations must be uniform and/or global (got {allocation!r})")
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise UsageError(f"--out {str(out_dir)!r} is a file; give a folder path")
+    if out_dir is not None:
+        from minillm.option_checks import check_loading
+        from minillm.output_guard import check_no_overlap
+
+        check_no_overlap(out_dir, (model if isinstance(model, str) else None, calib, eval_ppl, tasks_dir,
+                                   data_dir))
+        check_loading(device_map, seed=seed)
     path = model if isinstance(model, str) else None
     isolate = path is not None if isolate is None else isolate
     if isolate and path is None:
@@ -281,8 +290,9 @@ def compare(
     if isinstance(model, str):
         from minillm.loading import load_model, load_tokenizer
 
-        tokenizer = tokenizer or load_tokenizer(model)
-        model = load_model(model, device_map=device_map, dtype=dtype)
+        tokenizer = tokenizer or load_tokenizer(model, trust_remote_code)
+        model = load_model(model, device_map=device_map, dtype=dtype, trust_remote_code=trust_remote_code,
+                           seq_len=seq_len)
     if tokenizer is None:
         raise UsageError("a tokenizer is needed to read calibration text; pass tokenizer=…")
     adapter = adapter_for(model.config)
@@ -310,6 +320,7 @@ def compare(
             base = {
                 "model": path,
                 "device_map": device_map,
+                "trust_remote_code": trust_remote_code,
                 "dtype": dtype,
                 "batch_size": batch_size,
                 "calibration": str(workdir / "calibration.safetensors"),

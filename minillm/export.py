@@ -9,11 +9,7 @@ failure never leaves a half-written checkpoint. Uniform plans produce a stock co
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,47 +18,12 @@ from torch import nn
 
 from minillm.arch.base import ArchAdapter
 from minillm.errors import UsageError
+from minillm.output_guard import atomic_output_dir, check_output_dir
+
+__all__ = ["atomic_output_dir", "check_output_dir", "read_metadata", "save_pruned"]
 
 REMOTE_CODE_FILE = "modeling_minillm.py"
 METADATA_FILE = "minillm.json"
-
-
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Fail early (before any work) if ``out`` cannot be written or would clobber something."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {str(path)!r} is a file; give a folder path")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UsageError(
-            f"--out {str(path)!r} exists and is not empty; pass --overwrite or choose another folder"
-        )
-    parent = path.absolute().parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise UsageError(f"cannot write to {str(parent)!r} (permission denied); choose another --out")
-    return path
-
-
-@contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp folder; on success it replaces ``out`` in one rename, on failure it is deleted."""
-    path = check_output_dir(out, overwrite)
-    path.absolute().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.absolute().parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        path.rename(old)
-    tmp.rename(path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _layer_shape_overrides(model: nn.Module, adapter: ArchAdapter) -> tuple[dict, dict]:
@@ -137,9 +98,10 @@ def _gained_biases(model: nn.Module, adapter: ArchAdapter) -> bool:
 
 def save_pruned(model: nn.Module, tokenizer: Any, adapter: ArchAdapter, out: str | Path, metadata: dict,
                 card: str, overwrite: bool = False, max_shard_size: str | int = "5GB",
-                extra_files: Callable[[Path], None] | None = None) -> Path:
-    """Write the export atomically; returns the final folder."""
-    with atomic_output_dir(out, overwrite) as tmp:
+                extra_files: Callable[[Path], None] | None = None, force: bool = False,
+                inputs: Iterable[str | Path] = ()) -> Path:
+    """Write the export atomically (rules of :mod:`minillm.output_guard`); returns the final folder."""
+    with atomic_output_dir(out, overwrite, force, inputs) as tmp:
         metadata = add_remote_code(model, adapter, tmp, metadata)
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:
@@ -152,6 +114,15 @@ def save_pruned(model: nn.Module, tokenizer: Any, adapter: ArchAdapter, out: str
 
 
 def read_metadata(folder: str | Path) -> dict[str, Any]:
-    """``minillm.json`` of an export ({} when the folder is not a minillm export)."""
+    """``minillm.json`` of an export ({} when the folder is not an export); a corrupt one is an error."""
     path = Path(folder) / METADATA_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{str(path)!r} is not valid JSON ({exc}); re-export the model or remove the file") \
+            from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{str(path)!r} is not a JSON mapping; re-export the model or remove the file")
+    return data

@@ -4,6 +4,10 @@
 ``--dry-run`` and the tests see exactly what would be sent; ``push`` only adds the two network calls
 (``create_repo`` and ``create_commit``), after checking the token with ``whoami`` so that a bad token
 creates nothing.
+
+Only regular files under the folder are uploaded: symbolic links (a link to ``~/.cache/huggingface/token``
+or an ssh key) and hidden files are skipped and listed as skipped. The token never appears in an
+error: every failure of the network calls becomes one scrubbed line.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class Upload:
     card: str
     files: list[tuple[str, int]]  # (path in repo, bytes) of the folder's files, README.md excluded
     private: bool = False
+    skipped: list[str] = field(default_factory=list)  # symbolic links and hidden entries, not uploaded
     operations: list[Any] = field(default_factory=list)
 
     @property
@@ -123,17 +128,41 @@ def build_upload(
     card = render_card(
         {**metadata, "license": lic, "name": repo.split("/")[-1]}, _read_evaluation(path, evaluation)
     )
-    files = sorted(
-        (p.relative_to(path).as_posix(), p.stat().st_size)
-        for p in path.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
+    files, skipped = regular_files(path)
     files = [(name, size) for name, size in files if name != "README.md"]
     operations = [
         CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path / name)) for name, _ in files
     ]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
-    return Upload(repo=repo, folder=path, card=card, files=files, private=private, operations=operations)
+    return Upload(repo=repo, folder=path, card=card, files=files, private=private, operations=operations,
+                  skipped=skipped)
+
+
+def regular_files(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """``(relative path, bytes)`` of the regular files under ``folder`` (no symlinks followed, none
+    taken, nothing hidden), and the relative paths that were skipped."""
+    import os
+    import stat
+
+    root = folder.resolve()
+    files: list[tuple[str, int]] = []
+    skipped: list[str] = []
+    for current, dirs, names in os.walk(root, followlinks=False):
+        base = Path(current)
+        for name in list(dirs):
+            entry = base / name
+            if name.startswith(".") or entry.is_symlink():
+                skipped.append(entry.relative_to(root).as_posix() + "/")
+                dirs.remove(name)
+        for name in names:
+            entry = base / name
+            info = entry.lstat()
+            relative = entry.relative_to(root).as_posix()
+            if name.startswith(".") or not stat.S_ISREG(info.st_mode):
+                skipped.append(relative)
+            else:
+                files.append((relative, info.st_size))
+    return sorted(files), sorted(skipped)
 
 
 def push(upload: Upload, token: str | None = None, api: Any = None) -> str:
@@ -141,16 +170,23 @@ def push(upload: Upload, token: str | None = None, api: Any = None) -> str:
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
+    from minillm.error_boundary import register_secret, scrub
+
     token = token or get_token()
     if not token:
         raise UsageError(f"no Hugging Face token found: {LOGIN_HINT}")
+    register_secret(token)
     api = api or HfApi(token=token)
     try:
         api.whoami()
     except HfHubHTTPError as exc:
+        status = getattr(exc.response, "status_code", "?")
+        raise UsageError(f"the Hugging Face token was rejected ({status}): {LOGIN_HINT}") from None
+    except Exception as exc:  # offline, DNS, TLS, proxy: never let the request (and its header) surface
         raise UsageError(
-            f"the Hugging Face token was rejected ({exc.response.status_code}): {LOGIN_HINT}"
-        ) from exc
+            f"cannot reach the Hugging Face Hub ({type(exc).__name__}: {scrub(_first_line(exc))}); "
+            "check the network, HF_ENDPOINT and HF_HUB_OFFLINE"
+        ) from None
     try:
         api.create_repo(upload.repo, private=upload.private, exist_ok=True, repo_type="model")
         info = api.create_commit(
@@ -161,6 +197,16 @@ def push(upload: Upload, token: str | None = None, api: Any = None) -> str:
         )
     except HfHubHTTPError as exc:
         raise UsageError(
-            f"the Hub refused the upload to {upload.repo!r}: {str(exc).splitlines()[0]}"
-        ) from exc
+            f"the Hub refused the upload to {upload.repo!r}: {scrub(_first_line(exc))}"
+        ) from None
+    except Exception as exc:
+        raise UsageError(
+            f"the upload to {upload.repo!r} failed ({type(exc).__name__}: {scrub(_first_line(exc))}); "
+            "check the network and try again"
+        ) from None
     return str(getattr(info, "commit_url", info))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__

@@ -59,18 +59,19 @@ class ModelInfo:
         return asdict(self)
 
 
-def _meta_model(source: str) -> tuple[nn.Module, dict[str, Any]]:
+def _meta_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """The model skeleton on the meta device, and the export's minillm.json ({} if not an export)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from minillm.export import read_metadata
-    from minillm.loading import _split_gguf
+    from minillm.loading import _split_gguf, check_remote_code
 
     folder, gguf_file = _split_gguf(source)
     metadata = read_metadata(folder) if Path(folder).is_dir() else {}
     if gguf_file is None and not Path(folder).exists() and folder.startswith((".", "/")):
         raise UsageError(f"model folder {source!r} does not exist")
-    trust = bool(metadata)  # our own exports' only remote code is the resizing file minillm wrote
+    check_remote_code(source, trust_remote_code)  # a minillm.json in the folder grants nothing
+    trust = trust_remote_code
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust)
     except OSError as exc:
@@ -162,12 +163,13 @@ def reachable_ratios(
     return result
 
 
-def inspect_model(source: str | nn.Module, skip_first: int = 0, skip_last: int = 0) -> ModelInfo:
+def inspect_model(source: str | nn.Module, skip_first: int = 0, skip_last: int = 0,
+                  trust_remote_code: bool = False) -> ModelInfo:
     """Architecture, groups per layer, parameters by part and reachable ratios of ``source``."""
     if isinstance(source, nn.Module):
         model, metadata, name = source, {}, getattr(source.config, "_name_or_path", "in-memory model")
     else:
-        (model, metadata), name = _meta_model(source), source
+        (model, metadata), name = _meta_model(source, trust_remote_code), source
     config = model.config
     layers = _layer_groups(model)
     parts = params_by_part(model)

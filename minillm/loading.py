@@ -7,6 +7,7 @@ are dequantised by transformers (needs the ``gguf`` package) into a plain model 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +58,40 @@ def _check_local(folder: str, gguf_file: str | None, source: str) -> None:
         )
 
 
-def load_tokenizer(source: str) -> Any:
+REMOTE_CODE_HINT = "pass --trust-remote-code to run it (only for folders from someone you trust)"
+
+
+def check_remote_code(source: str, trust_remote_code: bool = False) -> None:
+    """Refuse a local folder that brings its own model code unless the user asked for it.
+
+    Mirrors transformers' ``trust_remote_code``: nothing in the folder (not even a ``minillm.json``
+    saying "minillm made me") can grant trust, since whoever hands out the folder controls every file.
+    """
+    folder, gguf_file = _split_gguf(source)
+    config = Path(folder).expanduser() / "config.json"
+    if trust_remote_code or gguf_file is not None or not config.is_file():
+        return
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{str(config)!r} is not valid JSON ({exc}); the folder is not a usable model") \
+            from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{str(config)!r} is not a JSON mapping; the folder is not a usable model")
+    if data.get("auto_map") or data.get("minillm_layer_shapes"):
+        code = sorted(p.name for p in Path(folder).expanduser().glob("*.py")) or ["auto_map"]
+        raise UsageError(
+            f"{source!r} ships its own model code ({', '.join(code)}; minillm's per-layer exports do); "
+            f"{REMOTE_CODE_HINT}"
+        )
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     folder, gguf_file = _split_gguf(source)
     _check_local(folder, gguf_file, source)
-    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
 
 
 def _plain_copy_of_gguf_model(model: Any) -> Any:
@@ -84,12 +113,20 @@ def _plain_copy_of_gguf_model(model: Any) -> Any:
 
 
 def load_model(source: str, device_map: str | dict | None = "auto", max_memory: str | dict | None = None,
-               dtype: str = "auto", trust_remote_code: bool = False, offload_dir: str | None = None) -> Any:
-    """The model in eval mode; per-layer-width minillm exports need ``trust_remote_code=True``."""
+               dtype: str = "auto", trust_remote_code: bool = False, offload_dir: str | None = None,
+               seq_len: int | None = None) -> Any:
+    """The model in eval mode; per-layer-width minillm exports need ``trust_remote_code=True``.
+
+    ``seq_len`` (the windows the caller will run) is checked against the model's positions before
+    any weight is read.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from minillm.option_checks import check_seq_len
 
     folder, gguf_file = _split_gguf(source)
     _check_local(folder, gguf_file, source)
+    check_remote_code(source, trust_remote_code)
     memory = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if gguf_file is not None and torch_dtype == "auto":
@@ -98,9 +135,7 @@ def load_model(source: str, device_map: str | dict | None = "auto", max_memory: 
         config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise UsageError(f"cannot load a model config from {source!r}: {str(exc).splitlines()[0]}") from exc
-    if not trust_remote_code and getattr(config, "minillm_layer_shapes", None):
-        # our own per-layer-width export: its only remote code is the resizing file minillm wrote itself
-        trust_remote_code = (Path(folder) / "minillm.json").is_file()
+    check_seq_len(seq_len, getattr(config, "max_position_embeddings", None))
     model = AutoModelForCausalLM.from_pretrained(
         folder,
         gguf_file=gguf_file,

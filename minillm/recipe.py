@@ -8,12 +8,19 @@ unknown keys fail with a "did you mean …?" naming the closest field.
 
 Every option of the ``prune`` command is a field here (the test suite checks that); only ``--recipe``
 itself and the logging flags ``-v/-q`` are about the invocation rather than the run.
+
+A recipe says *what* to prune, never where to write, whether to replace, or whether to run code: the
+fields in :data:`minillm.output_guard.COMMAND_LINE_ONLY` (``out``, ``overwrite``, ``force``, ``report``,
+``offload_dir``, ``trust_remote_code``) are taken from the command line only. A recipe file that sets
+them is still read (an export's ``minillm.json`` records ``out``) and a one-line notice on stderr says
+they were ignored.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,7 +68,11 @@ class Recipe(BaseModel):
         None, description="Per-device cap, e.g. 0=20GiB,cpu=30GiB."
     )
     dtype: str = Field("auto", description="auto, float32, bfloat16, float16.")
-    overwrite: bool = Field(False, description="Replace a non-empty out folder.")
+    overwrite: bool = Field(False, description="Replace out if it is a minillm export (command line only).")
+    force: bool = Field(False, description="With overwrite: replace any out folder (command line only).")
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped in the model folder (command line only)."
+    )
     dry_run: bool = Field(False, description="Score and print the plan; write nothing.")
     max_shard_size: str | int = Field("5GB", description="Largest safetensors shard.")
     streaming: bool = Field(False, description="Score and export block by block (models larger than memory).")
@@ -103,6 +114,8 @@ class Recipe(BaseModel):
             raise UsageError(f"recipe {str(file)!r} is empty")
         if isinstance(data, dict) and "minillm_version" in data:  # an export's minillm.json
             data = _from_export_metadata(data, str(file))
+        if isinstance(data, dict):
+            data = _without_command_line_only(data, str(file))
         return cls.from_dict(data, source=str(file))
 
     @classmethod
@@ -114,9 +127,7 @@ class Recipe(BaseModel):
                 "no model to prune: pass --model (hub id, folder or .gguf) or set `model:` in the recipe"
             )
         if recipe.out is None and not recipe.dry_run:
-            raise UsageError(
-                "--out is required (or set `out:` in the recipe, or pass --dry-run to only print the plan)"
-            )
+            raise UsageError("--out is required (or pass --dry-run to only print the plan)")
         return recipe
 
     # --- output -------------------------------------------------------------------------------------
@@ -139,6 +150,18 @@ class Recipe(BaseModel):
         for key in ("description", "model", "report"):
             data.pop(key)
         return data
+
+
+def _without_command_line_only(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` minus the where-to-write settings, with a one-line notice if any was set."""
+    from minillm.output_guard import COMMAND_LINE_ONLY
+
+    normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
+    ignored = [k for k in COMMAND_LINE_ONLY if normalised.get(k) not in (None, False, "")]
+    if ignored:
+        print(f"note: {source}: ignoring {', '.join(ignored)} (only the command line says where to write, "
+              f"whether to overwrite and whether to run model code)", file=sys.stderr)
+    return {k: v for k, v in normalised.items() if k not in COMMAND_LINE_ONLY}
 
 
 def _explain(exc: ValidationError, as_flags: bool = False) -> str:

@@ -190,6 +190,8 @@ def save_pruned_streaming(
     max_shard_size: str | int = "5GB",
     skeleton: nn.Module | None = None,
     compensation: dict[str, torch.Tensor] | None = None,
+    force: bool = False,
+    inputs: tuple[str | Path, ...] = (),
 ) -> Path:
     """Apply ``plan`` block by block and write the export atomically (same files as :func:`save_pruned`)."""
     from accelerate.utils import convert_file_size_to_int
@@ -199,7 +201,7 @@ def save_pruned_streaming(
     max_bytes = (
         convert_file_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     )
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, force, inputs) as tmp:
         config = skeleton.config
         metadata = add_remote_code(skeleton, adapter, tmp, metadata)
         state = remove_tied_weights_from_state_dict(skeleton.state_dict(), skeleton)

@@ -102,7 +102,8 @@ def test_inspect_an_export_shows_its_plan(tmp_path, calib_file):
         spsa_steps=1,
         device_map=None,
     )
-    info = inspect_model(str(tmp_path / "out"))  # per-layer widths: built through the export's remote code
+    # per-layer widths: built through the export's remote code, which runs only when asked (issue 19)
+    info = inspect_model(str(tmp_path / "out"), trust_remote_code=True)
     assert info.total_params == result.plan.params_after
     assert [(r.heads, r.kv_heads, r.channels) for r in info.layers] == [
         (len(p.heads), len(p.kv_heads), len(p.channels)) for p in result.plan.layers
@@ -111,7 +112,8 @@ def test_inspect_an_export_shows_its_plan(tmp_path, calib_file):
     from minillm.cli import app, register_commands
 
     register_commands()
-    out = CliRunner().invoke(app, ["inspect", str(tmp_path / "out"), "--json", str(tmp_path / "i.json")])
+    out = CliRunner().invoke(app, ["inspect", str(tmp_path / "out"), "--json", str(tmp_path / "i.json"),
+                                   "--trust-remote-code"])
     assert out.exit_code == 0, out.output
     assert "minillm export" in out.output and "attention+mlp" in out.output
     assert json.loads((tmp_path / "i.json").read_text())["total_params"] == result.plan.params_after

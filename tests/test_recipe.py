@@ -213,7 +213,12 @@ def test_replaying_into_the_same_folder_needs_overwrite(tiny_models, tmp_path):
     out = tmp_path / "o"
     args = ["--model", str(tiny_models["llama"]), "--calib", str(tiny_models["calib"]), *TINY_RUN]
     assert _run([*args, "--out", str(out)]).exit_code == 0
+    # the stored `out:` is only a record: a recipe never says where to write (issue 19)
     result = _run(["--recipe", str(out)])  # a folder means its minillm.json
+    assert result.exit_code == 2 and "--out is required" in result.output and "ignoring out" in result.output
+    again = tmp_path / "again"
+    assert _run(["--recipe", str(out), "--out", str(again)]).exit_code == 0
+    result = _run(["--recipe", str(out), "--out", str(again)])
     assert result.exit_code == 2 and "--overwrite" in result.output
 
 

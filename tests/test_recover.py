@@ -47,7 +47,7 @@ def _config(**overrides) -> RecoverConfig:
 def test_recover_lowers_loss_and_merged_export_reloads_identically(pruned: Path, tmp_path: Path) -> None:
     data = _pattern_text(tmp_path / "train.txt")
     out = tmp_path / "recovered"
-    result = recover(str(pruned), str(data), out, _config())
+    result = recover(str(pruned), str(data), out, _config(), trust_remote_code=True)
     losses = result.log.losses
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.25  # nats: a clear drop, not noise
@@ -68,8 +68,8 @@ def test_recover_lowers_loss_and_merged_export_reloads_identically(pruned: Path,
     assert count_parameters(result.model) == before["params_after"]
     assert (out / "modeling_minillm.py").is_file() and "## Recovery" in (out / "README.md").read_text()
     assert not (tmp_path / "recovered.checkpoints").exists()
-    reloaded = load_model(str(out), device_map=None, dtype="float32")
-    original = load_model(str(pruned), device_map=None, dtype="float32")
+    reloaded = load_model(str(out), device_map=None, dtype="float32", trust_remote_code=True)
+    original = load_model(str(pruned), device_map=None, dtype="float32", trust_remote_code=True)
     ids = random_ids(2, 12, seed=5)
     with torch.no_grad():
         expected, got, old = result.model(ids).logits, reloaded(ids).logits, original(ids).logits
@@ -81,11 +81,11 @@ def test_resume_continues_the_same_run(pruned: Path, tmp_path: Path) -> None:
     data = _pattern_text(tmp_path / "train.txt")
     ckpt = tmp_path / "ckpt"
     full = recover(str(pruned), str(data), tmp_path / "full", _config(max_steps=6, save_every=3),
-                   checkpoint_dir=ckpt, keep_checkpoints=True)
+                   checkpoint_dir=ckpt, keep_checkpoints=True, trust_remote_code=True)
     assert [p.name for p in ckpt.iterdir()] == ["step-0000003"]
     spare = _copy(ckpt, tmp_path / "spare")
     resumed = recover(str(pruned), str(data), tmp_path / "resumed", _config(max_steps=6, save_every=3),
-                      checkpoint_dir=ckpt, resume=True)
+                      checkpoint_dir=ckpt, resume=True, trust_remote_code=True)
     assert resumed.log.resumed_from == 3 and not ckpt.exists()  # removed after the successful export
     losses = torch.tensor(resumed.log.losses), torch.tensor(full.log.losses)
     torch.testing.assert_close(*losses, atol=1e-5, rtol=0)
@@ -94,7 +94,7 @@ def test_resume_continues_the_same_run(pruned: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(resumed.model(ids).logits, full.model(ids).logits, atol=1e-5, rtol=0)
     with pytest.raises(UsageError, match="different lr"):
         recover(str(pruned), str(data), tmp_path / "other", _config(max_steps=6, save_every=3, lr=1e-3),
-                checkpoint_dir=spare, resume=True)
+                checkpoint_dir=spare, resume=True, trust_remote_code=True)
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -123,9 +123,10 @@ def test_wrong_fields_name_the_expected_ones_and_write_nothing(pruned: Path, tmp
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "w1", "answer": "w2"}\n' * 4)
     with pytest.raises(UsageError, match=r"expected a 'text' field .* 'instruction'.*'output'"):
-        recover(str(pruned), str(bad), tmp_path / "out", _config())
+        recover(str(pruned), str(bad), tmp_path / "out", _config(), trust_remote_code=True)
     register_commands()
-    args = ["recover", str(pruned), "--data", str(bad), "--out", str(tmp_path / "out")]
+    args = ["recover", str(pruned), "--data", str(bad), "--out", str(tmp_path / "out"),
+            "--trust-remote-code"]
     run = CliRunner().invoke(app, args)
     assert run.exit_code == 2 and "instruction" in run.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
@@ -146,7 +147,7 @@ def test_two_process_data_parallel_run_exports_once(pruned: Path, tmp_path: Path
     launcher = tmp_path / "launch_minillm.py"
     launcher.write_text(script + "\n")
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(launcher), "recover",
-            str(pruned), "--data", str(data), "--out", str(out), "--max-steps", "4", "--batch-size", "4",
+            str(pruned), "--trust-remote-code", "--data", str(data), "--out", str(out), "--max-steps", "4", "--batch-size", "4",
             "--grad-accum", "1", "--max-length", "16", "--val-size", "4", "--eval-every", "2",
             "--save-every", "2"]
     run = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)

@@ -28,6 +28,8 @@ def bench(
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     seed: int = typer.Option(0, help="Seed of the random prompt ids."),
     json_out: str = typer.Option(None, "--json", help="Also write rows and ratios as JSON here."),
+    overwrite: bool = options.overwrite_file(),
+    trust_remote_code: bool = options.trust_remote_code(),
 ) -> None:
     """Time prefill and decode (tokens/s) at a few batch sizes and lengths; with --compare-to, the ratios."""
     import json
@@ -35,9 +37,14 @@ def bench(
     import torch
 
     from minillm.loading import load_model
+    from minillm.option_checks import check_device, check_seed
+    from minillm.output_guard import check_output_file
     from minillm.progress import configure_logging
     from minillm.speed import benchmark, cases, geometric_mean, markdown, parse_ints, ratios
 
+    check_device(device, "--device")
+    check_seed(seed)
+    check_output_file(json_out, overwrite, "--json", inputs=(model, compare_to))
     if threads:
         torch.set_num_threads(threads)
     if device == "auto":
@@ -49,8 +56,9 @@ def bench(
     labels = _labels(model, compare_to)
     models = {}
     if compare_to:
-        models[labels[1]] = load_model(compare_to, device_map=device, dtype=dtype)
-    models[labels[0]] = load_model(model, device_map=device, dtype=dtype)
+        models[labels[1]] = load_model(compare_to, device_map=device, dtype=dtype,
+                                       trust_remote_code=trust_remote_code)
+    models[labels[0]] = load_model(model, device_map=device, dtype=dtype, trust_remote_code=trust_remote_code)
     with progress_bars() as progress:
         rows = benchmark(models, speed_cases, repeats, warmup, seed, progress)
     reference = labels[1] if compare_to else None

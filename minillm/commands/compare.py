@@ -46,6 +46,7 @@ def compare_command(
     device_map: str = options.device_map(),
     dtype: str = options.dtype(),
     out: str = typer.Option("compare-out", "--out", "-o", help="Folder for compare.md / .csv / .png."),
+    trust_remote_code: bool = options.trust_remote_code(),
 ) -> None:
     """Prune with each method (scored once, in a fresh process each) and tabulate quality and cost."""
     from minillm.compare import compare
@@ -78,6 +79,7 @@ def compare_command(
             dtype=dtype,
             out_dir=out,
             progress=progress,
+            trust_remote_code=trust_remote_code,
         )
     typer.echo(markdown_table(result))
     console.print("wrote " + ", ".join(str(f) for f in result.files))

@@ -50,12 +50,21 @@ def evaluate(
     device_map: str = options.device_map(),
     dtype: str = options.dtype(),
     json_out: str = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    overwrite: bool = options.overwrite_file(),
+    trust_remote_code: bool = options.trust_remote_code(),
 ) -> None:
     """Measure perplexity (non-overlapping windows) and zero-shot accuracy (lm-eval) of a model."""
     import json
     from pathlib import Path
 
     from minillm.evaluate.suite import evaluate_model, retained
+    from minillm.option_checks import check_loading, check_positive, check_seq_len
+    from minillm.output_guard import check_output_file
+
+    check_seq_len(seq_len, None)
+    check_positive(batch_size, "--batch-size")
+    check_loading(device_map, seed=seed)
+    check_output_file(json_out, overwrite, "--json", inputs=(model, compare_to, ppl))
 
     options = dict(
         ppl=ppl,
@@ -69,6 +78,7 @@ def evaluate(
         device_map=device_map,
         dtype=dtype,
         seed=seed,
+        trust_remote_code=trust_remote_code,
     )
     with progress_bars() as progress:
         report = evaluate_model(model, progress=progress, **options)
@@ -102,7 +112,7 @@ def evaluate(
     if json_out:
         payload = {
             **report.to_dict(),
-            "options": {k: v for k, v in options.items() if k != "device_map"},
+            "options": {k: v for k, v in options.items() if k not in ("device_map", "trust_remote_code")},
             "command": shlex.join(["minillm", *sys.argv[1:]]),
         }
         if reference is not None:

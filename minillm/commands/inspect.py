@@ -55,14 +55,20 @@ def inspect(
     skip_first: int = typer.Option(0, help="Reachable ratios with the first N layers kept whole."),
     skip_last: int = typer.Option(0, help="Reachable ratios with the last N layers kept whole."),
     json_out: str = typer.Option(None, "--json", help="Also write everything as JSON here."),
+    overwrite: bool = options.overwrite_file(),
+    trust_remote_code: bool = options.trust_remote_code(),
 ) -> None:
     """Show a model's architecture, prunable groups per layer, parameters by part and reachable ratios."""
     import json
     from pathlib import Path
 
+    from minillm.output_guard import check_output_file
+
+    check_output_file(json_out, overwrite, "--json", inputs=(model,))
+
     from minillm.inspect import inspect_model
 
-    info = inspect_model(model, skip_first, skip_last)
+    info = inspect_model(model, skip_first, skip_last, trust_remote_code=trust_remote_code)
     arch = Table(title=f"minillm inspect {model}", show_header=False)
     arch.add_row("architecture", f"{info.architecture} ({info.model_type})")
     arch.add_row("decoder layers", str(info.num_layers))

@@ -50,3 +50,19 @@ def skip_last() -> Any:
 
 def spsa_eps() -> Any:
     return typer.Option(1e-3, help="SPSA perturbation size.")
+
+
+def trust_remote_code() -> Any:
+    return typer.Option(False, "--trust-remote-code",
+                        help="Run model code shipped in the model folder (per-layer minillm exports need "
+                        "it); "
+                        "only for folders you trust.")
+
+
+def force() -> Any:
+    return typer.Option(False, "--force",
+                        help="With --overwrite: replace --out even if it is not a minillm export.")
+
+
+def overwrite_file() -> Any:
+    return typer.Option(False, "--overwrite", help="Replace an existing --json file.")

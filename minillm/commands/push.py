@@ -34,6 +34,8 @@ def push(
         typer.echo(f"would upload to {repo} ({'private' if private else 'public'}) in one commit:")
         for name, size in upload.files:
             typer.echo(f"  {name}  ({human_bytes(size)})")
+        for name in upload.skipped:
+            typer.echo(f"  skipped (symbolic link or hidden, never uploaded): {name}")
         typer.echo("  README.md  (generated model card, below)\n")
         typer.echo(upload.card)
         return

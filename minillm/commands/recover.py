@@ -50,7 +50,9 @@ def recover(
     keep_checkpoints: bool = typer.Option(False, help="Keep the checkpoints after a successful export."),
     seed: int = typer.Option(0, help="Seed for the validation split, shuffling and LoRA init."),
     dtype: str = options.dtype(),
-    overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it is a minillm export (or empty)."),
+    force: bool = options.force(),
+    trust_remote_code: bool = options.trust_remote_code(),
     max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard."),
 ) -> None:
     """Recover a pruned model with LoRA (peft + accelerate), merge the adapters, export it like prune does."""
@@ -115,6 +117,8 @@ def recover(
             resume=resume,
             keep_checkpoints=keep_checkpoints,
             overwrite=overwrite,
+            force=force,
+            trust_remote_code=trust_remote_code,
             dtype=dtype,
             max_shard_size=max_shard_size,
             on_step=on_step,

@@ -68,6 +68,7 @@ def evaluate_model(
     dtype: str = "auto",
     seed: int = 0,
     progress: Progress | None = None,
+    trust_remote_code: bool = False,
 ) -> EvalReport:
     """Perplexity on non-overlapping windows of ``ppl`` and/or zero-shot ``tasks`` through lm-eval."""
     from minillm.api import count_parameters
@@ -84,8 +85,9 @@ def evaluate_model(
     if isinstance(model, str):
         from minillm.loading import load_model, load_tokenizer
 
-        tokenizer = tokenizer or load_tokenizer(model)
-        model = load_model(model, device_map=device_map, dtype=dtype)
+        tokenizer = tokenizer or load_tokenizer(model, trust_remote_code)
+        model = load_model(model, device_map=device_map, dtype=dtype, trust_remote_code=trust_remote_code,
+                           seq_len=seq_len if ppl is not None else None)
     if tokenizer is None:
         raise UsageError("a tokenizer is needed for evaluation; pass tokenizer=…")
     report = EvalReport(model=name, params=count_parameters(model))

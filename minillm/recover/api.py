@@ -37,6 +37,19 @@ def default_checkpoint_dir(out: str | Path) -> Path:
     return path.with_name(f"{path.name}.checkpoints")
 
 
+def _remove_checkpoints(folder: Path) -> None:
+    """Delete the ``step-*`` checkpoints this command writes, and the folder if nothing else is in it."""
+    import shutil
+
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for step in folder.glob("step-*"):
+        if step.is_dir() and not step.is_symlink():
+            shutil.rmtree(step, ignore_errors=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
 def recover(
     pruned: str | nn.Module,
     data: str,
@@ -54,10 +67,13 @@ def recover(
     on_step: StepCallback | None = None,
     log: LogCallback | None = None,
     command: str | None = None,
+    force: bool = False,
+    trust_remote_code: bool = False,
 ) -> RecoverResult:
     """LoRA-fine-tune ``pruned`` (an export folder or a loaded model) on ``data``; merge; export to ``out``.
 
     The export carries the prune metadata (plan, widths, base model) with a ``recovery`` entry added.
+    ``out`` and the checkpoint folder never overlap an input (:mod:`minillm.output_guard`).
     """
     from minillm.arch import adapter_for
     from minillm.card import render_card
@@ -66,8 +82,16 @@ def recover(
 
     require_peft()
     config = config or RecoverConfig()
+    from minillm.option_checks import check_seed, check_size
+    from minillm.output_guard import check_no_overlap
+
+    check_seed(config.seed)
+    check_size(max_shard_size, "--max-shard-size")
+    inputs = (pruned if isinstance(pruned, str) else None, data, val_data)
     if out is not None:
-        check_output_dir(out, overwrite)
+        check_output_dir(out, overwrite, force, inputs)
+    if checkpoint_dir is not None:
+        check_no_overlap(checkpoint_dir, inputs, "--checkpoint-dir")
     if out is None and checkpoint_dir is None and (config.save_every or resume):
         raise UsageError("without --out give a checkpoint folder (or set save_every=0)")
     source = pruned if isinstance(pruned, str) else getattr(pruned.config, "_name_or_path", "in-memory model")
@@ -75,8 +99,9 @@ def recover(
     if isinstance(pruned, str):
         from minillm.loading import load_model, load_tokenizer
 
-        tokenizer = tokenizer or load_tokenizer(pruned)
-        pruned = load_model(pruned, device_map=None, dtype=dtype)  # accelerate places it
+        tokenizer = tokenizer or load_tokenizer(pruned, trust_remote_code)
+        pruned = load_model(pruned, device_map=None, dtype=dtype,  # accelerate places it
+                            trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise UsageError("a tokenizer is needed to read the training data; pass tokenizer=…")
     adapter = adapter_for(pruned.config)
@@ -131,10 +156,10 @@ def recover(
             render_card(metadata),
             overwrite=overwrite,
             max_shard_size=max_shard_size,
+            force=force,
+            inputs=inputs,
         )
         if not keep_checkpoints:
-            import shutil
-
-            shutil.rmtree(ckpt, ignore_errors=True)
+            _remove_checkpoints(ckpt)
     PartialState().wait_for_everyone()
     return result

@@ -123,6 +123,30 @@ def load_digits(image_size: int = 8, seed: int = 0) -> ImageData:
     return ImageData(trx, try_, tex, tey, 10, f"sklearn digits: seeded 80/20 split (seed {seed})")
 
 
+#: the only globals a CIFAR-10 batch needs: numpy's array rebuilders (and the bytes decoder of protocol 2)
+PICKLE_ALLOWED = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes, numbers and numpy arrays; any other global is refused.
+
+    Why: a pickle can call any importable function while loading (``os.system``); CIFAR's python
+    batches are pickles, so anyone who hands out a dataset folder could otherwise run code.
+    """
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name} from a data batch: only numpy arrays, lists, dicts and "
+                "bytes are allowed (is this really a CIFAR-10 python batch?)"
+            )
+        return super().find_class(module, name)
+
+
 def load_cifar10(root: str | Path) -> ImageData:
     root = Path(root)
     names = [f"data_batch_{i}" for i in range(1, 6)]
@@ -132,7 +156,9 @@ def load_cifar10(root: str | Path) -> ImageData:
 
     def read(name: str) -> tuple[np.ndarray, np.ndarray]:
         with open(root / name, "rb") as fh:
-            d = pickle.load(fh, encoding="bytes")
+            d = RestrictedUnpickler(fh, encoding="bytes").load()
+        if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
+            raise ValueError(f"{root / name}: not a CIFAR-10 python batch (no data/labels)")
         return d[b"data"], np.asarray(d[b"labels"])
 
     parts = [read(n) for n in names]
