@@ -40,6 +40,11 @@ def parse_max_memory(spec: str | None) -> dict[int | str, str] | None:
     return result
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def _split_gguf(source: str) -> tuple[str, str | None]:
     path = Path(source)
     if path.suffix.lower() == ".gguf":
@@ -55,6 +60,12 @@ def _check_local(folder: str, gguf_file: str | None, source: str) -> None:
     if gguf_file is None and looks_local and not Path(folder).expanduser().exists():
         raise UsageError(
             f"model folder {source!r} does not exist; pass an existing folder, a .gguf file or a hub id"
+        )
+    path = Path(folder).expanduser()
+    if gguf_file is None and path.is_dir() and not (path / "config.json").is_file():
+        raise UsageError(
+            f"{source!r} has no config.json, so it is not a model folder; pass a Hugging Face model folder, "
+            "a .gguf file or a hub id"
         )
 
 
@@ -91,7 +102,14 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
 
     folder, gguf_file = _split_gguf(source)
     _check_local(folder, gguf_file, source)
-    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    check_remote_code(source, trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot load a tokenizer from {source!r}: {_first_line(exc)} "
+            "(pass a local model folder, a .gguf file, or a hub id while online)"
+        ) from exc
 
 
 def _plain_copy_of_gguf_model(model: Any) -> Any:
@@ -134,7 +152,7 @@ def load_model(source: str, device_map: str | dict | None = "auto", max_memory: 
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     except OSError as exc:
-        raise UsageError(f"cannot load a model config from {source!r}: {str(exc).splitlines()[0]}") from exc
+        raise UsageError(f"cannot load a model config from {source!r}: {_first_line(exc)}") from exc
     check_seq_len(seq_len, getattr(config, "max_position_embeddings", None))
     model = AutoModelForCausalLM.from_pretrained(
         folder,

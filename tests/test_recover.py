@@ -147,7 +147,8 @@ def test_two_process_data_parallel_run_exports_once(pruned: Path, tmp_path: Path
     launcher = tmp_path / "launch_minillm.py"
     launcher.write_text(script + "\n")
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(launcher), "recover",
-            str(pruned), "--trust-remote-code", "--data", str(data), "--out", str(out), "--max-steps", "4", "--batch-size", "4",
+            str(pruned), "--trust-remote-code", "--data", str(data), "--out", str(out), "--max-steps", "4",
+            "--batch-size", "4",
             "--grad-accum", "1", "--max-length", "16", "--val-size", "4", "--eval-every", "2",
             "--save-every", "2"]
     run = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)

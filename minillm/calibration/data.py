@@ -45,6 +45,37 @@ def _rows_to_text(rows: Any, source: str) -> str:
     return "\n".join(str(t) for t in rows[field])
 
 
+def _check_local_file(path: Path, builder: str, source: str) -> None:
+    """UTF-8 text, and (for JSON) parseable, checked here so the error names the file and the line."""
+    import json
+
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{source!r} is not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x}); "
+                         "give a plain-text .txt, .jsonl or .json file") from None
+    if "\x00" in text:
+        raise UsageError(f"{source!r} looks binary (it contains NUL bytes); give a plain-text file")
+    if builder != "json":
+        return
+    if path.suffix.lower() == ".json":
+        try:
+            json.loads(text)
+            return
+        except ValueError:
+            pass  # JSON Lines under a .json name: datasets reads those too
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except ValueError as exc:
+            raise UsageError(f"{source!r} line {number} is not valid JSON ({exc}); "
+                             "write one JSON object per line, e.g. {\"text\": \"...\"}") from None
+
+
 def load_text(source: str, max_chars: int | None = None) -> str:
     """Read a local file or dataset into one string (``max_chars`` bounds huge corpora such as C4)."""
     import datasets
@@ -58,7 +89,12 @@ def load_text(source: str, max_chars: int | None = None) -> str:
         if path.stat().st_size == 0:
             raise UsageError(f"calibration/evaluation file {source!r} is empty")
         builder = LOCAL_SUFFIXES.get(path.suffix.lower(), "text")
-        rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+        _check_local_file(path, builder, source)
+        try:
+            rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as exc:  # datasets wraps parse errors in its own types
+            raise UsageError(f"cannot read {source!r} as {builder} ({type(exc).__name__}); "
+                             "give UTF-8 text, or one JSON object per line with a \"text\" field") from exc
     else:
         name, config, split, _, data_files = DATASET_ALIASES.get(
             source, (source.split(":")[0], [*source.split(":"), None][1], "train", "text", None)

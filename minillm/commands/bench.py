@@ -36,7 +36,7 @@ def bench(
 
     import torch
 
-    from minillm.loading import load_model
+    from minillm.loading import check_remote_code, load_model
     from minillm.option_checks import check_device, check_seed
     from minillm.output_guard import check_output_file
     from minillm.progress import configure_logging
@@ -45,6 +45,9 @@ def bench(
     check_device(device, "--device")
     check_seed(seed)
     check_output_file(json_out, overwrite, "--json", inputs=(model, compare_to))
+    for source in (model, compare_to):
+        if source:
+            check_remote_code(source, trust_remote_code)
     if threads:
         torch.set_num_threads(threads)
     if device == "auto":

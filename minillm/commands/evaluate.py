@@ -58,6 +58,7 @@ def evaluate(
     from pathlib import Path
 
     from minillm.evaluate.suite import evaluate_model, retained
+    from minillm.loading import check_remote_code
     from minillm.option_checks import check_loading, check_positive, check_seq_len
     from minillm.output_guard import check_output_file
 
@@ -65,6 +66,9 @@ def evaluate(
     check_positive(batch_size, "--batch-size")
     check_loading(device_map, seed=seed)
     check_output_file(json_out, overwrite, "--json", inputs=(model, compare_to, ppl))
+    for source in (model, compare_to):  # both, before the first evaluation starts
+        if source:
+            check_remote_code(source, trust_remote_code)
 
     options = dict(
         ppl=ppl,
