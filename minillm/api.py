@@ -149,6 +149,10 @@ def prune(
         CRITERIA.get(criterion)  # raises the did-you-mean error
     if out is not None and not dry_run:
         check_output_dir(out, overwrite, force, inputs)
+    if offload_dir is not None:
+        from minillm.output_guard import check_no_overlap
+
+        check_no_overlap(offload_dir, inputs, "--offload-dir")
     if report is not None:
         from minillm.report import require_matplotlib
 
@@ -181,6 +185,7 @@ def prune(
             return_large_frees_to_the_os()
     timeline.mark("loaded", model)
     layers = prunable_layers(len(adapter.decoder_layers(model)), skip_first, skip_last)
+    check_plan_from_shapes(model, layers, ratio, allocation, head_mode, structures)
     if isinstance(calib, CalibrationSet):
         calibration = calib
     else:
@@ -255,6 +260,22 @@ def prune(
         timeline.mark("exported", model)
     _write_report(result, report)
     return result
+
+
+def check_plan_from_shapes(model: nn.Module, layers: list[int], ratio: float, allocation: Allocation,
+                           head_mode: HeadMode, structures: Structures) -> None:
+    """Plan once with equal scores, before calibration and scoring: uniform widths depend only on the
+    shapes, so a ratio that would empty a layer is refused in a second instead of after scoring."""
+    if allocation != "uniform":
+        return
+    import torch
+
+    from minillm.plan import LayerScores
+
+    adapter = adapter_for(model.config)
+    flat = {i: LayerScores(torch.zeros(s.num_heads), torch.zeros(s.num_kv_heads), torch.zeros(s.intermediate))
+            for i, s in layer_shapes(model, adapter).items() if i in layers}
+    plan_from_scores(model, ScoreResult(scores=flat), ratio, allocation, head_mode, structures)
 
 
 def check_shrinks(plan: PrunePlan) -> None:

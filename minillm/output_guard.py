@@ -28,6 +28,8 @@ from minillm.errors import UsageError
 METADATA_FILE = "minillm.json"  # the marker of a minillm export (same name as minillm.export's)
 #: settings that say where to write or whether to replace: only the command line may give them
 COMMAND_LINE_ONLY = ("out", "overwrite", "force", "report", "offload_dir", "trust_remote_code")
+#: files minillm itself writes into an export folder, which may be replaced there (with --overwrite)
+OWN_FILES = ("minillm_eval.json",)
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp-minillm|old)-(?P<pid>\d+)(?:-.*)?$")
 
 
@@ -111,7 +113,13 @@ def check_output_file(path: str | Path | None, overwrite: bool, option: str,
     if path is None:
         return
     file = Path(path)
-    check_no_overlap(file, inputs, option)
+    target = _resolved(file)
+    for source in local_inputs(*inputs):
+        relation = _overlaps(target, source)
+        replaces = relation == "lies inside" and file.exists() and file.name not in OWN_FILES
+        if relation in ("is", "contains") or replaces:
+            raise UsageError(f"{option} {str(file)!r} would replace the input {str(source)!r}"
+                             f"{'' if relation == 'is' else ' or a file in it'}; choose another file")
     if file.is_dir():
         raise UsageError(f"{option} {str(file)!r} is a folder; give a file name")
     if (file.exists() or file.is_symlink()) and not overwrite:

@@ -561,3 +561,28 @@ def test_cifar_reader_refuses_pickled_code(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(pickle.UnpicklingError, match=r"posix.system|os.system|nt.system"):
         load_cifar10(tmp_path)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_ratio_that_empties_a_layer_is_refused_before_scoring(world, monkeypatch) -> None:
+    import minillm.api
+    from minillm.api import prune
+    from minillm.calibration.data import CalibrationSet
+
+    def never(*args, **kwargs):
+        raise AssertionError("scored although the plan could be refused from the shapes")
+
+    monkeypatch.setattr(minillm.api, "score_model", never)
+    with pytest.raises(UsageError, match="empty a layer"):
+        prune(str(world["base"]), ratio=0.9, calib=CalibrationSet(random_ids(4, 16, seed=1), batch_size=2),
+              dry_run=True, device_map=None)
+
+
+def test_json_may_join_an_export_but_never_replace_its_files(world) -> None:
+    from minillm.output_guard import check_output_file
+
+    folder = world["base"]
+    check_output_file(folder / "minillm_eval.json", False, "--json", inputs=(folder,))  # a new file: fine
+    with pytest.raises(UsageError, match="would replace"):
+        check_output_file(folder / "config.json", True, "--json", inputs=(folder,))
+    with pytest.raises(UsageError, match="would replace"):
+        check_output_file(world["calib"], True, "--json", inputs=(world["calib"],))

@@ -75,7 +75,7 @@ def train(
 ) -> TrainSummary:
     """Train a word-level LSTM LM from scratch (optionally with DST or group lasso) and save it."""
     if out_dir is not None:
-        check_output_dir(out_dir, overwrite)
+        check_output_dir(out_dir, overwrite, inputs=(data_dir,))
     corpus = Corpus.load(data_dir)
     config = LstmLmConfig(vocab_size=len(corpus.vocab), **model_config)
     model = LstmLm(config, torch.Generator().manual_seed(train_config.seed))
@@ -217,7 +217,7 @@ def prune(
 ) -> PruneSummary:
     """Load a saved LM, remove hidden units by ``settings``, fine-tune, evaluate and save (unless dry run)."""
     if out_dir is not None and not dry_run:
-        check_output_dir(out_dir, overwrite)
+        check_output_dir(out_dir, overwrite, inputs=(model_dir, data_dir))
     loaded = load_model(model_dir)
     corpus = Corpus.load(data_dir, loaded.vocab)
     model = loaded.model

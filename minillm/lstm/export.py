@@ -47,13 +47,20 @@ class LoadedModel:
     side_files: dict[str, Any] = field(default_factory=dict)
 
 
-def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    """Fail early (before any work) when the output folder exists and may not be replaced."""
+def check_output_dir(out_dir: Path, overwrite: bool, inputs: tuple[Path | str, ...] = ()) -> None:
+    """Fail early (before any work) when the output folder exists and may not be replaced: never an
+    input, the current or home directory, nor (even with ``overwrite``) a folder that is not an export."""
+    from minillm.output_guard import check_no_overlap
+
     out_dir = Path(out_dir)
+    check_no_overlap(out_dir, inputs)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output folder {str(out_dir)!r} already exists (pass --overwrite to replace)")
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"output path {str(out_dir)!r} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / CONFIG).is_file():
+        raise FileExistsError(f"output folder {str(out_dir)!r} is not a minillm LSTM export; "
+                              "--overwrite replaces only exports: choose another folder")
 
 
 def _state_dict(model: LstmLm) -> dict[str, torch.Tensor]:

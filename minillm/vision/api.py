@@ -172,6 +172,10 @@ def prune_cnn(
 ) -> dict[str, Any]:
     """Prune an export; fine-tune and export unless ``dry_run`` (which only returns the plan)."""
     settings.target()  # validate before any work
+    if out_dir is not None and not dry_run:
+        from minillm.output_guard import check_no_overlap
+
+        check_no_overlap(out_dir, (model_dir,))  # never replace the export being pruned
     model, config = load_model(model_dir)
     data = _data_for(config, data_spec)
     meta = config.get("meta", {})

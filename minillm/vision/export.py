@@ -32,7 +32,10 @@ def save_model(
     """Write ``model`` (weights + spec + ``meta``) to ``out_dir`` atomically; returns the folder."""
     from safetensors.torch import save_file
 
+    from minillm.output_guard import check_no_overlap
+
     out = Path(out_dir)
+    check_no_overlap(out)  # never the current or home directory
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / CONFIG).exists():
