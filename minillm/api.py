@@ -218,7 +218,7 @@ def prune(
         if score.compensation:  # count the biases compensation adds, as the export will have them
             from minillm.streaming_export import pruned_skeleton
 
-            plan.params_after = count_parameters(pruned_skeleton(model, adapter, plan, score.compensation))
+            _count_export(plan, count_parameters(pruned_skeleton(model, adapter, plan, score.compensation)))
         check_shrinks(plan)
         result.total_seconds = time.perf_counter() - start
         _write_report(result, report)
@@ -235,7 +235,7 @@ def prune(
             compensate(model, adapter, plan, score.compensation)
         apply_plan(model, adapter, plan)
         pruned = model
-    plan.params_after = count_parameters(pruned)
+    _count_export(plan, count_parameters(pruned))
     check_shrinks(plan)
     timeline.mark("pruned", model)
     result.total_seconds = time.perf_counter() - start
@@ -276,6 +276,13 @@ def check_plan_from_shapes(model: nn.Module, layers: list[int], ratio: float, al
     flat = {i: LayerScores(torch.zeros(s.num_heads), torch.zeros(s.num_kv_heads), torch.zeros(s.intermediate))
             for i, s in layer_shapes(model, adapter).items() if i in layers}
     plan_from_scores(model, ScoreResult(scores=flat), ratio, allocation, head_mode, structures)
+
+
+def _count_export(plan: PrunePlan, exported: int) -> None:
+    """``params_after`` becomes the export's count; what compensation added is recorded in ``extra``."""
+    if exported != plan.params_after:
+        plan.extra["compensation_params"] = exported - plan.params_after
+    plan.params_after = exported
 
 
 def check_shrinks(plan: PrunePlan) -> None:
