@@ -10,6 +10,8 @@ Why one module: every command that writes a folder (``prune``, ``recover``) or a
 * exports are built in a temporary folder beside ``--out`` named ``.NAME.tmp-minillm-PID-XXXX``, renamed into
   place at the end (a failing rename removes it); a run killed with SIGKILL leaves one behind, and the next
   run to the same ``--out`` removes every such folder whose owning process is gone;
+* SIGTERM (what ``timeout``, SLURM and docker send first) during an export ends the process through the
+  normal clean-up, so the temp folder goes at once;
 * the finished folder gets the permissions the umask gives (``mkdtemp`` alone makes it 0700).
 """
 
@@ -18,7 +20,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -169,6 +173,24 @@ def _umask() -> int:
 
 
 @contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """While exporting, SIGTERM raises ``SystemExit`` (so ``finally`` blocks run) instead of killing."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool, force: bool = False,
                       inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Yield a temp folder; on success it replaces ``out`` in one rename, on any failure it is deleted."""
@@ -180,7 +202,8 @@ def atomic_output_dir(out: str | Path, overwrite: bool, force: bool = False,
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.absolute().parent))
     old = None
     try:
-        yield tmp
+        with _sigterm_exits():
+            yield tmp
         tmp.chmod(0o777 & ~_umask())
         check_output_dir(out, overwrite, force, inputs)  # the folder may have appeared meanwhile
         if path.exists():

@@ -347,6 +347,25 @@ def test_sigkilled_export_temp_folder_is_removed_by_the_next_run(tmp_path: Path)
         sleeper.wait()
 
 
+def test_sigterm_during_export_removes_the_temp_folder_at_once(tmp_path: Path) -> None:
+    script = (
+        "import sys, time\n"
+        "from minillm.output_guard import atomic_output_dir\n"
+        "with atomic_output_dir(sys.argv[1], False) as tmp:\n"
+        "    (tmp / 'model.safetensors').write_bytes(b'x' * 1000)\n"
+        "    print(tmp, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "out")], stdout=subprocess.PIPE,
+                             text=True, env=env)
+    tmp = Path(child.stdout.readline().strip())
+    assert tmp.is_dir()
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=60) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failing_final_rename_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
     import errno
 
