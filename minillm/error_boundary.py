@@ -93,10 +93,11 @@ def describe(exc: BaseException) -> str:
 
 def _fail(exc: BaseException) -> typer.Exit:
     from rich.console import Console
+    from rich.markup import escape
 
     code = 2 if isinstance(exc, UsageError) or type(exc).__name__ == "UnknownNameError" else 1
-    Console(stderr=True).print(f"[bold red]error:[/] {scrub(describe(exc))}", highlight=False, soft_wrap=True,
-                               markup=True)
+    line = escape(scrub(describe(exc)))  # a message may hold brackets rich would read as markup
+    Console(stderr=True).print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

@@ -605,3 +605,19 @@ def test_json_may_join_an_export_but_never_replace_its_files(world) -> None:
         check_output_file(folder / "config.json", True, "--json", inputs=(folder,))
     with pytest.raises(UsageError, match="would replace"):
         check_output_file(world["calib"], True, "--json", inputs=(world["calib"],))
+
+
+def test_error_line_keeps_brackets_and_masks_secrets(monkeypatch) -> None:
+    import typer
+
+    from minillm.error_boundary import error_boundary
+
+    @error_boundary
+    def broken() -> None:
+        raise RuntimeError(f"[/bold] [model] failed with Authorization: Bearer {TOKEN}\nsecond line")
+
+    app_ = typer.Typer()
+    app_.command()(broken)
+    result = runner.invoke(app_, [])
+    line = _one_line_failure(result, "[/bold] [model] failed", "Bearer ***")
+    assert TOKEN not in line and result.exit_code == 1
