@@ -17,12 +17,13 @@ from torch import nn
 import minillm
 from minillm.arch import adapter_for
 from minillm.arch.base import ArchAdapter, LayerShape
+from minillm.calibration.blocks import is_offloaded
 from minillm.calibration.data import CalibrationSet, calibration_set
 from minillm.calibration.spsa import SpsaConfig
 from minillm.card import render_card
 from minillm.defaults import DEFAULT_CRITERION
 from minillm.errors import UsageError
-from minillm.export import check_output_dir, save_pruned
+from minillm.export import check_output_dir, needs_remote_code, save_pruned
 from minillm.groups import layer_costs, prunable_layers
 from minillm.memory import Measurement, measure
 from minillm.plan import Allocation, HeadMode, PrunePlan, Structures, build_plan, check_ratio
@@ -49,8 +50,15 @@ class PruneResult:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in model.parameters())
+    """Distinct parameters (tied embeddings counted once, also after accelerate's offload hooks have
+    replaced one side of the tie by a copy during a forward pass)."""
+    total = sum(p.numel() for p in model.parameters())
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if getattr(config, "tie_word_embeddings", False) and outputs is not None and inputs is not None \
+            and outputs.weight is not inputs.weight and outputs.weight.shape == inputs.weight.shape:
+        total -= outputs.weight.numel()
+    return total
 
 
 def layer_shapes(model: nn.Module, adapter: ArchAdapter) -> dict[int, LayerShape]:
@@ -68,7 +76,9 @@ def score_model(model: nn.Module, criterion: str, calibration: CalibrationSet, l
         calibration=calibration, seed=seed, spsa=spsa or SpsaConfig(seed=seed), options=dict(options or {}),
         progress=progress,
     )
-    return score_fn(ctx)
+    result = score_fn(ctx)
+    result.notes.setdefault("offloaded", ctx.run.offloaded)
+    return result
 
 
 def plan_from_scores(model: nn.Module, result: ScoreResult, ratio: float, allocation: Allocation = "uniform",
@@ -124,18 +134,7 @@ def prune(
     timeline = Timeline(progress)
     progress = timeline.progress
     check_ratio(ratio)
-    if streaming:
-        from minillm.memory import return_large_frees_to_the_os
-        from minillm.streaming import streaming_criterion
-
-        streaming_criterion(criterion)  # block-by-block needs a criterion that has that mode
-        return_large_frees_to_the_os()  # block-sized tensors come and go: keep them off the heap
-    elif criterion not in CRITERIA:
-        from minillm.streaming import STREAMING
-
-        if criterion in STREAMING:
-            raise UsageError(f"criterion {criterion!r} exists only block by block: add --streaming")
-        CRITERIA.get(criterion)  # raises the did-you-mean error
+    CRITERIA.get(criterion)  # unknown names fail before any loading, with a did-you-mean
     if out is not None and not dry_run:
         check_output_dir(out, overwrite)
     if report is not None:
@@ -157,16 +156,11 @@ def prune(
         model = load_model(model, device_map=device_map, max_memory=load_memory, dtype=dtype,
                            offload_dir=load_offload)
     adapter = adapter_for(model.config)
-    if not streaming:
-        from minillm.calibration.blocks import is_offloaded
+    offloaded = is_offloaded(model)  # decides only how the cut model is written, never how it is scored
+    if offloaded:
+        from minillm.memory import return_large_frees_to_the_os
 
-        if is_offloaded(model):  # offloaded weights sit on `meta`: only the block-by-block path can read them
-            from minillm.memory import return_large_frees_to_the_os
-            from minillm.streaming import streaming_criterion
-
-            streaming_criterion(criterion)
-            streaming = True
-            return_large_frees_to_the_os()
+        return_large_frees_to_the_os()  # block-sized tensors come and go: keep them off the heap
     timeline.mark("loaded", model)
     layers = prunable_layers(len(adapter.decoder_layers(model)), skip_first, skip_last)
     if isinstance(calib, CalibrationSet):
@@ -179,10 +173,7 @@ def prune(
         calibration = calibration_set(tokenizer, calib, calib_samples, seq_len, seed, batch_size)
     spsa = SpsaConfig(steps=spsa_steps, eps=spsa_eps, seed=seed)
     with measure() as scoring:
-        from minillm.streaming import score_streaming  # same signature as score_model, block by block
-
-        score_fn = score_streaming if streaming else score_model
-        score = score_fn(model, criterion, calibration, layers, seed, spsa, criterion_options, progress)
+        score = score_model(model, criterion, calibration, layers, seed, spsa, criterion_options, progress)
     timeline.mark("scored", model)
     plan = plan_from_scores(model, score, ratio, allocation, head_mode, structures)
     plan.extra = {"criterion": criterion, "layers_scored": layers}
@@ -201,7 +192,7 @@ def prune(
         result.total_seconds = time.perf_counter() - start
         _write_report(result, report)
         return result
-    if streaming:  # surgery (and any compensation) happens block by block in the export
+    if offloaded:  # the cut (and any compensation) happens block by block in the shard writer
         from minillm.streaming_export import pruned_skeleton
 
         pruned = pruned_skeleton(model, adapter, plan, score.compensation)
@@ -213,25 +204,33 @@ def prune(
         apply_plan(model, adapter, plan)
         pruned = model
     plan.params_after = count_parameters(pruned)
-    timeline.mark("pruned", model)
+    timeline.mark("pruned", pruned)
     result.total_seconds = time.perf_counter() - start
     result.metadata = _metadata(source, plan, options, score, scoring, result.total_seconds, command)
     result.metadata["recipe"] = export_recipe(source, out, options, device_map=device_map,
                                               max_memory=max_memory, dtype=dtype,
                                               max_shard_size=max_shard_size, report=report,
                                               streaming=streaming, offload_dir=offload_dir)
-    if out is not None:
-        if streaming:
-            from minillm.streaming_export import save_pruned_streaming
+    if offloaded:
+        from minillm.loading import load_model
+        from minillm.streaming import default_offload_dir
+        from minillm.streaming_export import save_pruned_streaming
 
-            result.out = save_pruned_streaming(model, tokenizer, adapter, plan, out, result.metadata,
-                                               render_card(result.metadata), overwrite=overwrite,
-                                               max_shard_size=max_shard_size, skeleton=pruned,
-                                               compensation=score.compensation)
-        else:
-            result.out = save_pruned(model, tokenizer, adapter, out, result.metadata,
-                                     render_card(result.metadata), overwrite=overwrite,
-                                     max_shard_size=max_shard_size)
+        folder = out if out is not None else default_offload_dir()  # the Python API without --out
+        written = save_pruned_streaming(model, tokenizer, adapter, plan, folder, result.metadata,
+                                        render_card(result.metadata), overwrite=overwrite or out is None,
+                                        max_shard_size=max_shard_size, skeleton=pruned,
+                                        compensation=score.compensation)
+        result.out = written if out is not None else None
+        timeline.mark("exported", pruned)
+        # the pruned model, offloaded like the dense one was (its weights are read from the export)
+        result.model = load_model(str(written), device_map=device_map, max_memory=max_memory, dtype=dtype,
+                                  offload_dir=default_offload_dir(),
+                                  trust_remote_code=needs_remote_code(pruned, adapter))  # our own file
+    elif out is not None:
+        result.out = save_pruned(model, tokenizer, adapter, out, result.metadata,
+                                 render_card(result.metadata), overwrite=overwrite,
+                                 max_shard_size=max_shard_size)
         timeline.mark("exported", model)
     _write_report(result, report)
     return result

@@ -170,18 +170,15 @@ def prune(
 
 @app.command("criteria")
 def list_criteria() -> None:
-    """List the scoring criteria: what each measures, and whether it has a --streaming mode."""
+    """List the scoring criteria and what each measures (every one runs on offloaded models too)."""
     from minillm.scoring import CRITERIA
-    from minillm.streaming import STREAMING
 
     table = Table(box=None, pad_edge=False, show_edge=False)
-    for column in ("criterion", "what it scores", "--streaming"):
+    for column in ("criterion", "what it scores"):
         table.add_column(column)
-    for name in sorted(set(CRITERIA.names()) | set(STREAMING.names())):
+    for name in CRITERIA.names():
         label = f"{name} (default)" if name == DEFAULT_CRITERION else name
-        summary = CRITERIA.summary(name) if name in CRITERIA else STREAMING.summary(name)
-        mode = ("yes" if name in CRITERIA else "only") if name in STREAMING else ""
-        table.add_row(label, summary, mode)
+        table.add_row(label, CRITERIA.summary(name))
     Console(soft_wrap=True).print(table)
 
 

@@ -9,14 +9,15 @@ import torch
 from minillm.loading import load_model
 
 
-def offloaded(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
-    """The same weights reloaded with a cap that sends every module to accelerate's disk offload."""
+def offloaded(model: torch.nn.Module, folder: Path, dtype: str = "float32") -> torch.nn.Module:
+    """The same weights reloaded with a cap that sends every module to accelerate's disk offload
+    (``dtype="auto"``: the dtype they were saved in, e.g. float64)."""
     model.save_pretrained(folder)
     loaded = load_model(
         str(folder),
         device_map="auto",
         max_memory={"cpu": "30KB"},
-        dtype="float32",
+        dtype=dtype,
         offload_dir=str(folder / "offload"),
     )
     layer = loaded.get_decoder().layers[0]
