@@ -161,7 +161,7 @@ def prune(
         from minillm.memory import return_large_frees_to_the_os
 
         return_large_frees_to_the_os()  # block-sized tensors come and go: keep them off the heap
-    timeline.mark("loaded", model)
+    timeline.mark("loaded", count_parameters(model))
     layers = prunable_layers(len(adapter.decoder_layers(model)), skip_first, skip_last)
     if isinstance(calib, CalibrationSet):
         calibration = calib
@@ -174,7 +174,7 @@ def prune(
     spsa = SpsaConfig(steps=spsa_steps, eps=spsa_eps, seed=seed)
     with measure() as scoring:
         score = score_model(model, criterion, calibration, layers, seed, spsa, criterion_options, progress)
-    timeline.mark("scored", model)
+    timeline.mark("scored", count_parameters(model))
     plan = plan_from_scores(model, score, ratio, allocation, head_mode, structures)
     plan.extra = {"criterion": criterion, "layers_scored": layers}
     options = {
@@ -204,7 +204,7 @@ def prune(
         apply_plan(model, adapter, plan)
         pruned = model
     plan.params_after = count_parameters(pruned)
-    timeline.mark("pruned", pruned)
+    timeline.mark("pruned", plan.params_after)
     result.total_seconds = time.perf_counter() - start
     result.metadata = _metadata(source, plan, options, score, scoring, result.total_seconds, command)
     result.metadata["recipe"] = export_recipe(source, out, options, device_map=device_map,
@@ -222,7 +222,7 @@ def prune(
                                         max_shard_size=max_shard_size, skeleton=pruned,
                                         compensation=score.compensation)
         result.out = written if out is not None else None
-        timeline.mark("exported", pruned)
+        timeline.mark("exported", plan.params_after)
         # the pruned model, offloaded like the dense one was (its weights are read from the export)
         result.model = load_model(str(written), device_map=device_map, max_memory=max_memory, dtype=dtype,
                                   offload_dir=default_offload_dir(),
@@ -231,7 +231,7 @@ def prune(
         result.out = save_pruned(model, tokenizer, adapter, out, result.metadata,
                                  render_card(result.metadata), overwrite=overwrite,
                                  max_shard_size=max_shard_size)
-        timeline.mark("exported", model)
+        timeline.mark("exported", plan.params_after)
     _write_report(result, report)
     return result
 

@@ -14,7 +14,6 @@ weights it may keep resident. A cap that cannot hold that reserve is refused wit
 from __future__ import annotations
 
 import atexit
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -32,15 +31,6 @@ KEEPS_BLOCK_INPUTS = frozenset({"taylor", "taylor-fisher", "taylor-vector", "tay
                                 "taylor-gate-fisher", "taylor-gate-fms", "fms-bp", "fms-lowmem"})
 
 GiB = 1024**3
-
-
-def current_rss_bytes() -> int:
-    """Resident set size of this process now (Linux ``/proc``; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 @dataclass(frozen=True)
@@ -179,6 +169,7 @@ def prepare_streaming_load(
     from transformers import AutoConfig
 
     from minillm.loading import parse_max_memory
+    from minillm.memory import rss_bytes
 
     memory = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
     if memory:
@@ -194,7 +185,7 @@ def prepare_streaming_load(
             batch_size,
             seq_len,
             samples,
-            current_rss_bytes(),
+            rss_bytes(),
             with_loss=criterion not in WITHOUT_LOSS,
             keeps_block_inputs=criterion in KEEPS_BLOCK_INPUTS,
         )
