@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -21,7 +21,6 @@ from minillm.calibration.blocks import is_offloaded
 from minillm.calibration.data import CalibrationSet, calibration_set
 from minillm.calibration.spsa import SpsaConfig
 from minillm.card import render_card
-from minillm.defaults import DEFAULT_CRITERION
 from minillm.errors import UsageError
 from minillm.export import check_output_dir, needs_remote_code, save_pruned
 from minillm.groups import layer_costs, prunable_layers
@@ -31,6 +30,9 @@ from minillm.recipe import export_recipe
 from minillm.report.timeline import Timeline
 from minillm.scoring import CRITERIA, ScoreResult, ScoringContext
 from minillm.surgery import apply_plan, pruned_widths
+
+if TYPE_CHECKING:
+    from minillm.recipe import Recipe
 
 Progress = Callable[[str, int, int], None]
 
@@ -91,45 +93,44 @@ def plan_from_scores(model: nn.Module, result: ScoreResult, ratio: float, alloca
                       structures)
 
 
+#: Recipe fields that are not settings of the pruning itself (where the result goes, replay text): they
+#: are keyword arguments of :func:`prune` (command-line flags), never read from a recipe by the run.
+_NOT_RUN_SETTINGS = ("description", "model", "out", "overwrite", "report", "offload_dir")
+
+
 def prune(
     model: str | nn.Module,
+    recipe: Recipe | None = None,
     *,
-    ratio: float = 0.2,
-    out: str | Path | None = None,
-    criterion: str = DEFAULT_CRITERION,
-    allocation: Allocation = "uniform",
-    head_mode: HeadMode = "kv",
-    structures: Structures = "both",
-    skip_first: int = 0,
-    skip_last: int = 0,
-    calib: str | CalibrationSet = "wikitext2",
-    calib_samples: int = 32,
-    seq_len: int = 128,
-    batch_size: int = 8,
-    seed: int = 0,
-    spsa_steps: int = 16,
-    spsa_eps: float = 1e-3,
-    criterion_options: dict[str, Any] | None = None,
+    calib: str | CalibrationSet | None = None,
     tokenizer: Any = None,
-    device_map: str | dict | None = "auto",
-    max_memory: str | dict | None = None,
-    dtype: str = "auto",
+    out: str | Path | None = None,
     overwrite: bool = False,
-    dry_run: bool = False,
-    max_shard_size: str | int = "5GB",
-    streaming: bool = False,
-    offload_dir: str | None = None,
     report: str | Path | None = None,
+    offload_dir: str | None = None,
     progress: Progress | None = None,
     command: str | None = None,
+    **overrides: Any,
 ) -> PruneResult:
-    """Prune ``model`` (hub id, folder, ``.gguf`` file, or a loaded model) by ``ratio`` of its parameters.
+    """Prune ``model`` (hub id, folder, ``.gguf`` file, or a loaded model) as ``recipe`` says.
 
-    With ``out`` the pruned model is exported there atomically; with ``dry_run`` only the plan is made.
-    With ``report`` an HTML report (and PNGs beside it) is written at the end (needs matplotlib).
+    Every setting of the run is a field of :class:`~minillm.recipe.Recipe` (with its help text and
+    validation): pass a recipe, or its fields as keyword ``overrides`` (``prune(m, ratio=0.3)``), or
+    both (overrides win). ``calib`` may also be a ready :class:`CalibrationSet`. With ``out`` the pruned
+    model is exported there atomically; with ``dry_run`` only the plan is made; with ``report`` an HTML
+    report (and PNGs beside it) is written at the end (needs matplotlib).
     """
     import time
 
+    from minillm.recipe import Recipe
+
+    if isinstance(calib, str):
+        overrides["calib"] = calib
+    settings = (recipe or Recipe()).merged(overrides, source="prune()")
+    run = settings.model_dump(exclude=set(_NOT_RUN_SETTINGS))
+    ratio, criterion, streaming, dry_run = run["ratio"], run["criterion"], run["streaming"], run["dry_run"]
+    device_map, max_memory, dtype = run["device_map"], run["max_memory"], run["dtype"]
+    calibration_source: str | CalibrationSet = calib if isinstance(calib, CalibrationSet) else run["calib"]
     start = time.perf_counter()
     timeline = Timeline(progress)
     progress = timeline.progress
@@ -150,7 +151,8 @@ def prune(
             from minillm.streaming import prepare_streaming_load
 
             load_memory, load_offload = prepare_streaming_load(
-                criterion, model, max_memory, offload_dir, dtype, batch_size, seq_len, calib_samples)
+                criterion, model, max_memory, offload_dir, dtype, run["batch_size"], run["seq_len"],
+                run["calib_samples"])
         else:
             load_memory, load_offload = max_memory, offload_dir
         model = load_model(model, device_map=device_map, max_memory=load_memory, dtype=dtype,
@@ -162,28 +164,29 @@ def prune(
 
         return_large_frees_to_the_os()  # block-sized tensors come and go: keep them off the heap
     timeline.mark("loaded", count_parameters(model))
-    layers = prunable_layers(len(adapter.decoder_layers(model)), skip_first, skip_last)
-    if isinstance(calib, CalibrationSet):
-        calibration = calib
+    layers = prunable_layers(len(adapter.decoder_layers(model)), run["skip_first"], run["skip_last"])
+    if isinstance(calibration_source, CalibrationSet):
+        calibration = calibration_source
     else:
         if tokenizer is None:
             raise UsageError(
                 "a tokenizer is needed to read calibration text; pass tokenizer=… or a CalibrationSet"
             )
-        calibration = calibration_set(tokenizer, calib, calib_samples, seq_len, seed, batch_size)
-    spsa = SpsaConfig(steps=spsa_steps, eps=spsa_eps, seed=seed)
+        calibration = calibration_set(tokenizer, calibration_source, run["calib_samples"], run["seq_len"],
+                                      run["seed"], run["batch_size"])
+    spsa = SpsaConfig(steps=run["spsa_steps"], eps=run["spsa_eps"], seed=run["seed"])
     with measure() as scoring:
-        score = score_model(model, criterion, calibration, layers, seed, spsa, criterion_options, progress)
+        score = score_model(model, criterion, calibration, layers, run["seed"], spsa,
+                            run["criterion_options"], progress)
     timeline.mark("scored", count_parameters(model))
-    plan = plan_from_scores(model, score, ratio, allocation, head_mode, structures)
+    plan = plan_from_scores(model, score, ratio, run["allocation"], run["head_mode"], run["structures"])
     plan.extra = {"criterion": criterion, "layers_scored": layers}
-    options = {
-        "ratio": ratio, "criterion": criterion, "allocation": allocation, "head_mode": head_mode,
-        "structures": structures, "skip_first": skip_first, "skip_last": skip_last,
-        "calib": calib if isinstance(calib, str) else "in-memory",
-        "calib_samples": calibration.input_ids.shape[0],
-        "seq_len": calibration.input_ids.shape[1], "batch_size": calibration.batch_size, "seed": seed,
-        "spsa_steps": spsa_steps, "spsa_eps": spsa_eps, "criterion_options": criterion_options or {},
+    options = {  # the run's settings as they were used (an in-memory calibration set shows its shape)
+        **{k: v for k, v in run.items() if k not in ("device_map", "max_memory", "dtype", "dry_run",
+                                                   "max_shard_size", "streaming")},
+        "calib": run["calib"] if not isinstance(calibration_source, CalibrationSet) else "in-memory",
+        "calib_samples": calibration.input_ids.shape[0], "seq_len": calibration.input_ids.shape[1],
+        "batch_size": calibration.batch_size,
     }
     result = PruneResult(
         plan=plan, model=model, score=score, scoring=scoring, total_seconds=0.0, timeline=timeline
@@ -209,7 +212,7 @@ def prune(
     result.metadata = _metadata(source, plan, options, score, scoring, result.total_seconds, command)
     result.metadata["recipe"] = export_recipe(source, out, options, device_map=device_map,
                                               max_memory=max_memory, dtype=dtype,
-                                              max_shard_size=max_shard_size, report=report,
+                                              max_shard_size=run["max_shard_size"], report=report,
                                               streaming=streaming, offload_dir=offload_dir)
     if offloaded:
         from minillm.loading import load_model
@@ -219,7 +222,7 @@ def prune(
         folder = out if out is not None else default_offload_dir()  # the Python API without --out
         written = save_pruned_streaming(model, tokenizer, adapter, plan, folder, result.metadata,
                                         render_card(result.metadata), overwrite=overwrite or out is None,
-                                        max_shard_size=max_shard_size, skeleton=pruned,
+                                        max_shard_size=run["max_shard_size"], skeleton=pruned,
                                         compensation=score.compensation)
         result.out = written if out is not None else None
         timeline.mark("exported", plan.params_after)
@@ -230,7 +233,7 @@ def prune(
     elif out is not None:
         result.out = save_pruned(model, tokenizer, adapter, out, result.metadata,
                                  render_card(result.metadata), overwrite=overwrite,
-                                 max_shard_size=max_shard_size)
+                                 max_shard_size=run["max_shard_size"])
         timeline.mark("exported", plan.params_after)
     _write_report(result, report)
     return result
