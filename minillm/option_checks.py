@@ -17,10 +17,13 @@ from minillm.errors import UsageError
 MAX_SEED = 2**32 - 1  # numpy's and lm-eval's seeds are 32-bit
 DEVICE_MAP_WORDS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "mps", "disk")
 _SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*([KMGT]i?B)?\s*$", re.IGNORECASE)
-#: criterion options and the criteria that read them (anything else is refused)
-CRITERION_OPTIONS: dict[str, tuple[str, ...]] = {
-    "fwd_grad_mode": ("fwd-grad",),
-    "checkpoint": ("taylor-gate", "taylor-gate-fisher", "taylor-gate-fms"),
+_TAYLOR = "minillm.scoring.taylor:TaylorOptions"
+_GATE = "minillm.scoring.taylor_gate:TaylorGateOptions"
+#: criterion → its typed options dataclass (what ``ScoringContext.options_as`` reads); the others take none
+CRITERION_OPTIONS: dict[str, str] = {
+    "fwd-grad": "minillm.scoring.fwd_grad:FwdGradOptions",
+    "taylor": _TAYLOR, "taylor-fisher": _TAYLOR, "taylor-vector": _TAYLOR, "taylor-lowmem": _TAYLOR,
+    "taylor-gate": _GATE, "taylor-gate-fisher": _GATE, "taylor-gate-fms": _GATE,
 }
 
 
@@ -94,14 +97,21 @@ def check_max_memory(spec: str | dict | None) -> None:
 
 
 def check_criterion_options(criterion: str, options: dict[str, Any] | None) -> None:
-    """Refuse options no criterion reads, or that the chosen criterion ignores."""
-    for key in options or {}:
-        users = CRITERION_OPTIONS.get(key)
-        if users is None:
-            known = ", ".join(f"{k} ({'/'.join(v)})" for k, v in CRITERION_OPTIONS.items())
-            raise UsageError(f"unknown criterion option {key!r}; known: {known}")
-        if criterion not in users:
-            raise UsageError(f"criterion option {key!r} is only for {', '.join(users)}, not {criterion!r}")
+    """Before loading: refuse options the chosen criterion does not read (scoring would ignore them)."""
+    if not options:
+        return
+    target = CRITERION_OPTIONS.get(criterion)
+    if target is None:
+        raise UsageError(f"criterion {criterion!r} takes no criterion options (got {', '.join(options)})")
+    import dataclasses
+    import importlib
+
+    module, name = target.split(":")
+    names = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise UsageError(f"unknown criterion option(s) {', '.join(unknown)} for {criterion!r}; "
+                         f"it takes: {', '.join(sorted(names))}")
 
 
 def max_positions(source: str) -> int | None:

@@ -447,7 +447,9 @@ def _bad_inputs(w: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
         "truncated safetensors": (["prune", "--model", str(truncated), *prune[3:]], "safetensors"),
         "garbage gguf": (["prune", "--model", str(gguf), *prune[3:]], "error"),
         "seq len beyond positions": ([*prune[:7], "--seq-len", "512", *prune[9:]], "positions"),
-        "ratio that would grow the model": ([*prune, "--ratio", "0.0001", "--criterion", "flap"], "shrink"),
+        # found after scoring: -q keeps the scoring's progress lines out, so only the error line remains
+        "ratio that would grow the model": ([*prune, "--ratio", "0.0001", "--criterion", "flap", "-q"],
+                                            "shrink"),
         "unknown criterion option": ([*prune, "--recipe", str(recipe)], "no_such_option"),
         "dry run with report": ([*prune, "--dry-run", "--report", str(tmp / "r.html")], "--dry-run"),
         "report exists": ([*prune, "--report", str(report)], "--report"),
@@ -507,7 +509,7 @@ def test_full_disk_is_one_line_and_leaves_no_temp_folder(world, tmp_path: Path, 
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
     result = runner.invoke(app, ["prune", "--model", str(world["base"]), "--calib", str(world["calib"]),
-                                 "--ratio", "0.25", *TINY, "--out", str(tmp_path / "out")])
+                                 "--ratio", "0.25", *TINY, "-q", "--out", str(tmp_path / "out")])
     _one_line_failure(result, "no space left")
     assert list(tmp_path.iterdir()) == []
 
@@ -551,10 +553,10 @@ def test_unknown_or_misdirected_criterion_options_are_refused(world) -> None:
     from minillm.calibration.data import CalibrationSet
 
     calib = CalibrationSet(random_ids(4, 16, seed=1), batch_size=2)
-    with pytest.raises(UsageError, match="unknown criterion option 'chekpoint'"):
+    with pytest.raises(UsageError, match=r"unknown criterion option.* chekpoint .*takes: checkpoint"):
         prune(str(world["base"]), calib=calib, criterion="taylor-gate",
               criterion_options={"chekpoint": False}, dry_run=True, device_map=None)
-    with pytest.raises(UsageError, match="only for taylor-gate"):
+    with pytest.raises(UsageError, match="'fms' takes no criterion options"):
         prune(str(world["base"]), calib=calib, criterion="fms", criterion_options={"checkpoint": False},
               dry_run=True, device_map=None)
 
