@@ -453,6 +453,8 @@ def _bad_inputs(w: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
         "unknown criterion option": ([*prune, "--recipe", str(recipe)], "no_such_option"),
         "dry run with report": ([*prune, "--dry-run", "--report", str(tmp / "r.html")], "--dry-run"),
         "report exists": ([*prune, "--report", str(report)], "--report"),
+        "compare report exists": (["compare", "--model", base, "--methods", "magnitude", "--calib", calib,
+                                   "--out", str(tmp / "cmp"), "--report", str(report)], "--report"),
         "inspect corrupt minillm.json": (["inspect", str(corrupt_export)], "minillm.json"),
         "inspect no model": (["inspect", str(empty_folder)], "no-model"),
         "push corrupt minillm.json": (["push", str(corrupt_export), "--repo", "me/x", "--dry-run"],
@@ -472,6 +474,7 @@ BAD = ["device map cuda:7", "max memory lots", "max memory gpu 7", "max memory n
        "huge seed", "negative seed", "binary calibration", "malformed jsonl", "folder with no model",
        "corrupt config.json", "truncated safetensors", "garbage gguf", "seq len beyond positions",
        "ratio that would grow the model", "unknown criterion option", "dry run with report", "report exists",
+       "compare report exists",
        "inspect corrupt minillm.json", "inspect no model", "push corrupt minillm.json", "eval seq len 0",
        "eval json into missing folder", "eval json exists", "eval cuda:7", "eval binary ppl", "bench cuda:7",
        "recover shard size"]

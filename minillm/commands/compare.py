@@ -49,14 +49,17 @@ def compare_command(
     report: str = typer.Option(None, help="Also write an HTML report (plots as PNGs beside it), e.g. "
                                "compare.html — the same look as prune's --report."),
     trust_remote_code: bool = options.trust_remote_code(),
+    overwrite: bool = options.overwrite_file(),
 ) -> None:
     """Prune with each method (scored once, in a fresh process each) and tabulate quality and cost."""
     from minillm.compare import compare
     from minillm.compare.report import markdown_table, render_compare_report
 
     if report is not None:
+        from minillm.output_guard import check_output_file
         from minillm.report import require_matplotlib
 
+        check_output_file(report, overwrite, "--report", inputs=(model, calib, eval_ppl), create_folder=True)
         require_matplotlib()  # fail before the work, not after it
 
     with progress_bars() as progress:

@@ -65,4 +65,4 @@ def force() -> Any:
 
 
 def overwrite_file() -> Any:
-    return typer.Option(False, "--overwrite", help="Replace an existing --json file.")
+    return typer.Option(False, "--overwrite", help="Replace an existing --json / --report file.")
