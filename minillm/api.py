@@ -17,6 +17,7 @@ from torch import nn
 import minillm
 from minillm.arch import adapter_for
 from minillm.arch.base import ArchAdapter, LayerShape
+from minillm.axes_stats import score_axes
 from minillm.calibration.data import CalibrationSet, calibration_set
 from minillm.card import render_card
 from minillm.defaults import DEFAULT_CRITERION
@@ -24,7 +25,16 @@ from minillm.errors import UsageError
 from minillm.export import check_output_dir, save_pruned
 from minillm.groups import layer_costs, prunable_layers
 from minillm.memory import Measurement, measure
-from minillm.plan import Allocation, HeadMode, PrunePlan, Structures, build_plan, check_ratio
+from minillm.plan import (
+    Allocation,
+    HeadMode,
+    PrunePlan,
+    Structures,
+    build_plan,
+    check_ratio,
+    parse_structures,
+    structures_label,
+)
 from minillm.recipe import export_recipe
 from minillm.report.timeline import Timeline
 from minillm.scoring import CRITERIA, ScoreResult, ScoringContext
@@ -72,13 +82,37 @@ def score_model(model: nn.Module, criterion: str, calibration: CalibrationSet, l
 
 
 def plan_from_scores(model: nn.Module, result: ScoreResult, ratio: float, allocation: Allocation = "uniform",
-                     head_mode: HeadMode = "kv", structures: Structures = "both") -> PrunePlan:
+                     head_mode: HeadMode = "kv", structures: Structures | str = "both", round_to: int = 1,
+                     hidden_scores: Any = None, layer_scores: dict[int, float] | None = None) -> PrunePlan:
+    """The plan for ``structures``: heads/channels as before, or (with hidden, layers or ``round_to``)
+    the uniform all-axes planner of :mod:`minillm.plan_axes`."""
     adapter = adapter_for(model.config)
     shapes = layer_shapes(model, adapter)
+    names = parse_structures(structures)
+    if names & {"hidden", "layers"} or round_to != 1:
+        from minillm.plan_axes import build_axes_plan
+
+        check_axes_options(names, allocation, round_to)
+        return build_axes_plan(model, adapter, shapes, result.scores, count_parameters(model), ratio, names,
+                               head_mode, round_to, hidden_scores, layer_scores)
     layers = adapter.decoder_layers(model)
     costs = {i: layer_costs(adapter, layers[i], shapes[i]) for i in shapes}
     return build_plan(shapes, costs, result.scores, count_parameters(model), ratio, allocation, head_mode,
-                      structures)
+                      structures_label(names))  # type: ignore[arg-type]
+
+
+def check_axes_options(names: frozenset[str], allocation: str, round_to: int,
+                       streaming: bool = False) -> None:
+    """Combinations the all-axes planner refuses, each in one line (checked before any work)."""
+    if round_to < 1:
+        raise UsageError(f"--round-to must be >= 1 (got {round_to})")
+    uses_axes = bool(names & {"hidden", "layers"}) or round_to != 1
+    if uses_axes and allocation != "uniform":
+        raise UsageError("--structures hidden/layers and --round-to plan uniform widths only; "
+                         "use --allocation uniform")
+    if streaming and names & {"hidden", "layers"}:
+        raise UsageError("--structures hidden/layers is not available with --streaming yet; "
+                         "drop --streaming or prune attn,mlp")
 
 
 def prune(
@@ -89,7 +123,9 @@ def prune(
     criterion: str = DEFAULT_CRITERION,
     allocation: Allocation = "uniform",
     head_mode: HeadMode = "kv",
-    structures: Structures = "both",
+    structures: Structures | str = "both",
+    round_to: int = 1,
+    layer_score: str = "influence",
     skip_first: int = 0,
     skip_last: int = 0,
     calib: str | CalibrationSet = "wikitext2",
@@ -124,6 +160,8 @@ def prune(
     timeline = Timeline(progress)
     progress = timeline.progress
     check_ratio(ratio)
+    names = parse_structures(structures)
+    check_axes_options(names, allocation, round_to, streaming)
     if streaming:
         from minillm.memory import return_large_frees_to_the_os
         from minillm.streaming import streaming_criterion
@@ -157,6 +195,8 @@ def prune(
         model = load_model(model, device_map=device_map, max_memory=load_memory, dtype=dtype,
                            offload_dir=load_offload)
     adapter = adapter_for(model.config)
+    if "hidden" in names and (blocker := adapter.hidden_pruning_blocker(model.config)):
+        raise UsageError(blocker)
     if not streaming:
         from minillm.calibration.blockwise import is_offloaded
 
@@ -182,13 +222,23 @@ def prune(
         from minillm.streaming import score_streaming  # same signature as score_model, block by block
 
         score_fn = score_streaming if streaming else score_model
-        score = score_fn(model, criterion, calibration, layers, seed, spsa, criterion_options, progress)
+        if names & {"attn", "mlp"}:
+            score = score_fn(model, criterion, calibration, layers, seed, spsa, criterion_options, progress)
+        else:  # hidden/layers only: the width criterion has nothing to score
+            score = ScoreResult(scores={}, notes={"width_criterion": "not run (no attn/mlp structures)"})
+        hidden_scores, layer_scores = score_axes(model, adapter, calibration, names, layers, layer_score,
+                                                 progress)
     timeline.mark("scored", model)
-    plan = plan_from_scores(model, score, ratio, allocation, head_mode, structures)
-    plan.extra = {"criterion": criterion, "layers_scored": layers}
+    plan = plan_from_scores(model, score, ratio, allocation, head_mode, structures, round_to, hidden_scores,
+                            layer_scores)
+    plan.extra = {"criterion": criterion, "layers_scored": layers, "structures": structures_label(names)}
+    if layer_scores is not None:
+        plan.extra["layer_scores"] = {str(i): v for i, v in layer_scores.items()}
+        plan.extra["layer_score"] = layer_score
     options = {
         "ratio": ratio, "criterion": criterion, "allocation": allocation, "head_mode": head_mode,
-        "structures": structures, "skip_first": skip_first, "skip_last": skip_last,
+        "structures": structures_label(names), "round_to": round_to, "layer_score": layer_score,
+        "skip_first": skip_first, "skip_last": skip_last,
         "calib": calib if isinstance(calib, str) else "in-memory",
         "calib_samples": calibration.input_ids.shape[0],
         "seq_len": calibration.input_ids.shape[1], "batch_size": calibration.batch_size, "seed": seed,

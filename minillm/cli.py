@@ -117,6 +117,8 @@ def prune(
     allocation: str = typer.Option("uniform", help="uniform (same widths everywhere) or global."),
     head_mode: str = options.head_mode(),
     structures: str = options.structures(),
+    round_to: int = options.round_to(),
+    layer_score: str = options.layer_score(),
     skip_first: int = options.skip_first(),
     skip_last: int = options.skip_last(),
     calib: str = options.calib(),
