@@ -19,6 +19,7 @@ from minillm.arch import adapter_for
 from minillm.arch.base import ArchAdapter, LayerShape
 from minillm.axes_stats import score_axes
 from minillm.calibration.data import CalibrationSet, calibration_set
+from minillm.calibration.spsa import SpsaConfig
 from minillm.card import render_card
 from minillm.defaults import DEFAULT_CRITERION
 from minillm.errors import UsageError
@@ -38,7 +39,6 @@ from minillm.plan import (
 from minillm.recipe import export_recipe
 from minillm.report.timeline import Timeline
 from minillm.scoring import CRITERIA, ScoreResult, ScoringContext
-from minillm.scoring.spsa import SpsaConfig
 from minillm.surgery import apply_plan, pruned_widths
 
 Progress = Callable[[str, int, int], None]
@@ -198,7 +198,7 @@ def prune(
     if "hidden" in names and (blocker := adapter.hidden_pruning_blocker(model.config)):
         raise UsageError(blocker)
     if not streaming:
-        from minillm.calibration.blockwise import is_offloaded
+        from minillm.calibration.blocks import is_offloaded
 
         if is_offloaded(model):  # offloaded weights sit on `meta`: only the block-by-block path can read them
             from minillm.memory import return_large_frees_to_the_os
