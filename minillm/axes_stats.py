@@ -2,7 +2,8 @@
 
 * Hidden channel (Minitron): the activation of every residual-stream norm's output, ``|x|`` averaged
   over the sequence, then the L2 norm over the batch, summed over the norms. Pure reductions
-  (:func:`hidden_activation`, :class:`HiddenStats`) so any calibration executor can feed them.
+  (:func:`hidden_activation`, :class:`HiddenStats`), fed block by block by the sequential executor
+  (:mod:`minillm.calibration.sequential`), so offloaded models are scored the same way.
 * Layer, ``influence`` (ShortGPT's block influence): ``1 - cos(h_in, h_out)`` of the layer's input and
   output hidden states, averaged over calibration tokens. A layer that barely turns the residual stream
   is the cheapest to drop. Pure reduction: :func:`block_influence`, accumulated in :class:`LayerStats`.
@@ -22,10 +23,10 @@ from torch import nn
 
 from minillm.arch.base import ArchAdapter
 from minillm.calibration.data import CalibrationSet
-from minillm.calibration.forward import mean_loss, run_forward
 from minillm.errors import UsageError
 
 LAYER_SCORES = ("influence", "loss")
+Progress = Callable[[str, int, int], None]
 
 
 def hidden_activation(norm_output: torch.Tensor) -> torch.Tensor:
@@ -83,46 +84,63 @@ def _first_tensor(value: object) -> torch.Tensor:
 
 
 def collect_axis_stats(model: nn.Module, adapter: ArchAdapter, calibration: CalibrationSet,
-                       hidden: bool, layers: Sequence[int]) -> tuple[torch.Tensor | None, dict[int, float]]:
-    """Hidden-channel scores (or None) and block influence of ``layers``, from plain forward passes
-    observed by hooks (the model's own forward, so every family and attention type is run faithfully)."""
+                       hidden: bool, layers: Sequence[int], progress: Progress | None = None
+                       ) -> tuple[torch.Tensor | None, dict[int, float]]:
+    """Hidden-channel scores (or None) and block influence of ``layers``, in one walk of the sequential
+    executor: each block's norms are observed while it advances, the final norm on the last outputs."""
+    from minillm.calibration.blocks import head_resident
+    from minillm.calibration.sequential import Block, Sequential
+
     hidden_stats, layer_stats = HiddenStats(), LayerStats()
     decoder = adapter.decoder_layers(model)
-    handles = []
+    norms = adapter.hidden_norms(model) if hidden else []
+    index_of = {id(norm): i for i, norm in enumerate(norms)}
+    block_norms = {i: [n for n in layer.modules() if id(n) in index_of] for i, layer in enumerate(decoder)}
+    inside = {id(n) for found in block_norms.values() for n in found}
+    outer = [n for n in norms if id(n) not in inside]
 
-    def norm_hook(index: int):
-        return lambda module, args, output: hidden_stats.add(index, _first_tensor(output))
+    def per_block(block: Block) -> None:
+        handles = [norm.register_forward_hook(
+            lambda module, args, output: hidden_stats.add(index_of[id(module)], _first_tensor(output)))
+            for norm in block_norms[block.index]]
+        try:
+            outputs = block.forward(advance=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if block.index in chosen:
+            for before, after in zip(block.inputs, outputs, strict=True):
+                layer_stats.add(block.index, before.hidden, after.hidden)
 
-    def layer_hook(index: int):
-        def observe(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-            h_in = args[0] if args else kwargs["hidden_states"]
-            layer_stats.add(index, h_in, _first_tensor(output))
-        return observe
-
-    try:
-        if hidden:
-            for index, norm in enumerate(adapter.hidden_norms(model)):
-                handles.append(norm.register_forward_hook(norm_hook(index)))
-        for index in layers:
-            handles.append(decoder[index].register_forward_hook(layer_hook(index), with_kwargs=True))
-        run_forward(model, calibration)
-    finally:
-        for handle in handles:
-            handle.remove()
+    chosen = set(layers)
+    walked = set(range(len(decoder))) if hidden else chosen
+    executor = Sequential(model, adapter, calibration, progress=progress)
+    walk = executor.run(per_block, layers=sorted(walked), to_end=bool(outer), task="hidden/layer statistics")
+    if outer:
+        with torch.no_grad(), head_resident(model, adapter):
+            for batch in walk.outputs or []:
+                for norm in outer:
+                    hidden_stats.add(index_of[id(norm)], norm(batch.hidden))
     return (hidden_stats.scores() if hidden else None), layer_stats.scores()
 
 
 def layer_loss_scores(model: nn.Module, adapter: ArchAdapter, calibration: CalibrationSet,
-                      layers: Sequence[int], progress: Callable[[str, int, int], None] | None = None
-                      ) -> dict[int, float]:
-    """Calibration loss with each layer of ``layers`` skipped, minus the dense loss."""
+                      layers: Sequence[int], progress: Progress | None = None) -> dict[int, float]:
+    """Calibration loss with each layer of ``layers`` skipped, minus the dense loss (one executor walk
+    per layer, the skipped block passing its input through)."""
+    from minillm.calibration.sequential import Sequential
     from minillm.surgery_depth import skipped_layers
 
-    base = mean_loss(model, calibration)
+    executor = Sequential(model, adapter, calibration)
+
+    def loss() -> float:
+        return executor.loss(executor.run(to_end=True).outputs or [])
+
+    base = loss()
     scores = {}
     for done, index in enumerate(layers, 1):
         with skipped_layers(model, adapter, [index]):
-            scores[index] = mean_loss(model, calibration) - base
+            scores[index] = loss() - base
         if progress is not None:
             progress("layer loss scores", done, len(layers))
     return scores
@@ -130,7 +148,7 @@ def layer_loss_scores(model: nn.Module, adapter: ArchAdapter, calibration: Calib
 
 def score_axes(model: nn.Module, adapter: ArchAdapter, calibration: CalibrationSet,
                structures: frozenset[str], layers: Sequence[int], layer_score: str = "influence",
-               progress: Callable[[str, int, int], None] | None = None
+               progress: Progress | None = None
                ) -> tuple[torch.Tensor | None, dict[int, float] | None]:
     """Hidden-channel scores (if ``hidden`` is cut) and layer scores (if ``layers`` are cut)."""
     if layer_score not in LAYER_SCORES:
@@ -142,7 +160,7 @@ def score_axes(model: nn.Module, adapter: ArchAdapter, calibration: CalibrationS
     hidden_scores, layer_scores = None, None
     if want_hidden or influence_layers:
         hidden_scores, influence = collect_axis_stats(model, adapter, calibration, want_hidden,
-                                                      influence_layers)
+                                                      influence_layers, progress)
         layer_scores = influence if influence_layers else None
     if want_layers and layer_score == "loss":
         layer_scores = layer_loss_scores(model, adapter, calibration, layers, progress)

@@ -203,6 +203,37 @@ def test_block_influence_and_hidden_activation_reductions() -> None:
     assert hidden_activation(a).shape == (2, 8)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_executor_statistics_equal_a_plain_forward_observed_by_hooks(family: str) -> None:
+    from minillm.axes_stats import collect_axis_stats
+
+    model = deep_model(family, layers=3)
+    calibration = CalibrationSet(random_ids(4, 10, seed=2), batch_size=2)
+    hidden, influence = collect_axis_stats(model, adapter_for(model.config), calibration, True, [0, 2])
+    norms = [m for layer in model.model.layers
+             for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+    norms.append(model.model.norm)
+    per_norm = {i: [] for i in range(len(norms))}
+    pairs = {0: [], 2: []}
+    hooks = [n.register_forward_hook(lambda m, a, out, i=i: per_norm[i].append(out))
+             for i, n in enumerate(norms)]
+    hooks += [model.model.layers[i].register_forward_hook(lambda m, a, out, i=i: pairs[i].append((a[0], out)))
+              for i in pairs]
+    with torch.no_grad():
+        for batch in calibration.batches():
+            model(batch, use_cache=False)
+    for h in hooks:
+        h.remove()
+    expected = sum(torch.linalg.vector_norm(torch.cat(outs).abs().double().mean(1), dim=0)
+                   for outs in per_norm.values())
+    torch.testing.assert_close(hidden.double(), expected, rtol=1e-5, atol=1e-6)
+    for i, seen in pairs.items():
+        h_in = torch.cat([a for a, _ in seen]).flatten(0, 1)
+        h_out = torch.cat([b for _, b in seen]).flatten(0, 1)
+        cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
+        assert influence[i] == pytest.approx(float((1 - cos).mean()), rel=1e-6)
+
+
 # --- planning and the whole run -----------------------------------------------------------------------
 
 
