@@ -125,8 +125,10 @@ def mask_plan(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan) -> None:
 
 
 def pruned_widths(plan: PrunePlan) -> list[dict[str, int]]:
-    """Per-layer widths after the plan, for summaries and model cards."""
+    """Per-layer widths after the plan, for summaries and model cards (removed layers left out; ``layer``
+    is the original index)."""
+    kept = None if plan.kept_layers is None else set(plan.kept_layers)
     return [
         {"layer": p.index, "heads": len(p.heads), "kv_heads": len(p.kv_heads), "channels": len(p.channels)}
-        for p in plan.layers
+        for p in plan.layers if kept is None or p.index in kept
     ]
