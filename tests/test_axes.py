@@ -181,7 +181,7 @@ def test_hidden_not_divisible_by_heads_is_refused_in_one_line() -> None:
 def test_hidden_pruning_of_opt_is_refused_before_any_work() -> None:
     model = deep_model("opt", layers=2)
     calibration = CalibrationSet(random_ids(2, 8, seed=1), batch_size=2)
-    with pytest.raises(UsageError, match="not supported for OPT"):
+    with pytest.raises(UsageError, match="not supported for opt"):
         prune(model, ratio=0.2, calib=calibration, structures="hidden", dry_run=True)
 
 
@@ -288,6 +288,8 @@ def test_round_to_widths_are_multiples_and_an_impossible_one_is_refused() -> Non
     assert "\n" not in str(info.value)
     with pytest.raises(UsageError, match="--allocation uniform"):
         prune(model, ratio=0.2, calib=_calibration(), structures="layers", allocation="global", dry_run=True)
+    with pytest.raises(UsageError, match="--streaming"):
+        prune(model, ratio=0.2, calib=_calibration(), structures="hidden", streaming=True, dry_run=True)
 
 
 def test_cli_structures_and_round_to(tmp_path, calib_file) -> None:

@@ -129,14 +129,18 @@ class ArchAdapter:
 
     #: config keys holding one entry per decoder layer (sliced with the kept layers when layers go).
     per_layer_config_keys: ClassVar[tuple[str, ...]] = ("layer_types", "no_rope_layers")
+    #: opt-in: the family's residual stream is written only by the embedding, ``o`` and the closing MLP
+    #: projection and read only through norms, and nothing else derives from ``hidden_size`` (Gemma's
+    #: embedding scale √hidden would change on reload, for example), so :mod:`minillm.surgery_hidden`
+    #: is exact for it.
+    hidden_pruning: ClassVar[bool] = False
 
     def hidden_pruning_blocker(self, config: Any) -> str | None:
-        """Why this family's hidden size cannot be cut (one line), or ``None`` when it can.
-
-        The default serves pre-norm decoders whose residual stream is written only by the embedding,
-        ``o`` and the closing MLP projection, and read by norms (and the projections after them).
-        """
-        return None
+        """Why this family's hidden size cannot be cut (one line), or ``None`` when it can."""
+        if self.hidden_pruning:
+            return None
+        return (f"--structures hidden is not supported for {getattr(config, 'model_type', '?')} yet (its "
+                "adapter does not declare hidden_pruning); prune attn, mlp or layers instead")
 
     def hidden_norms(self, model: nn.Module) -> list[nn.Module]:
         """Every norm acting on the residual stream (weight of ``hidden_size``), attention-internal

@@ -44,7 +44,3 @@ class OptAdapter(ArchAdapter):
         if shape.num_heads != config.num_attention_heads:
             return None
         return {"ffn_dim": shape.intermediate}
-
-    def hidden_pruning_blocker(self, config: Any) -> str | None:
-        return ("--structures hidden is not supported for OPT (learned positions, post-norm variants and "
-                "word_embed_proj_dim touch the hidden size); prune attn, mlp or layers instead")
