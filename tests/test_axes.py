@@ -249,8 +249,10 @@ def test_structures_parse_and_label() -> None:
         parse_structures("attn,depth")
 
 
-@pytest.mark.parametrize("structures", ["layers", "attn,mlp,hidden", "mlp,hidden,layers"])
-@pytest.mark.parametrize("layer_score", ["influence", "loss"])
+@pytest.mark.parametrize(("structures", "layer_score"), [
+    ("layers", "influence"), ("layers", "loss"), ("attn,mlp,hidden", "influence"),
+    ("mlp,hidden,layers", "influence"),
+])
 def test_prune_all_axes_exports_a_stock_config(structures: str, layer_score: str, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
