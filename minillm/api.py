@@ -17,6 +17,7 @@ from torch import nn
 import minillm
 from minillm.arch import adapter_for
 from minillm.arch.base import ArchAdapter, LayerShape
+from minillm.axes_stats import score_axes
 from minillm.calibration.blocks import is_offloaded
 from minillm.calibration.data import CalibrationSet, calibration_set
 from minillm.calibration.spsa import SpsaConfig
@@ -25,7 +26,16 @@ from minillm.errors import UsageError
 from minillm.export import check_output_dir, needs_remote_code, save_pruned
 from minillm.groups import layer_costs, prunable_layers
 from minillm.memory import Measurement, measure
-from minillm.plan import Allocation, HeadMode, PrunePlan, Structures, build_plan, check_ratio
+from minillm.plan import (
+    Allocation,
+    HeadMode,
+    PrunePlan,
+    Structures,
+    build_plan,
+    check_ratio,
+    parse_structures,
+    structures_label,
+)
 from minillm.recipe import export_recipe
 from minillm.report.timeline import Timeline
 from minillm.scoring import CRITERIA, ScoreResult, ScoringContext
@@ -84,13 +94,38 @@ def score_model(model: nn.Module, criterion: str, calibration: CalibrationSet, l
 
 
 def plan_from_scores(model: nn.Module, result: ScoreResult, ratio: float, allocation: Allocation = "uniform",
-                     head_mode: HeadMode = "kv", structures: Structures = "both") -> PrunePlan:
+                     head_mode: HeadMode = "kv", structures: Structures | str = "both", round_to: int = 1,
+                     hidden_scores: Any = None, layer_scores: dict[int, float] | None = None) -> PrunePlan:
+    """The plan for ``structures``: heads/channels as before, or (with hidden, layers or ``round_to``)
+    the uniform all-axes planner of :mod:`minillm.plan_axes`."""
     adapter = adapter_for(model.config)
     shapes = layer_shapes(model, adapter)
+    names = parse_structures(structures)
+    if names & {"hidden", "layers"} or round_to != 1:
+        from minillm.plan_axes import build_axes_plan
+
+        check_axes_options(names, allocation, round_to)
+        return build_axes_plan(model, adapter, shapes, result.scores, count_parameters(model), ratio, names,
+                               head_mode, round_to, hidden_scores, layer_scores)
     layers = adapter.decoder_layers(model)
     costs = {i: layer_costs(adapter, layers[i], shapes[i]) for i in shapes}
     return build_plan(shapes, costs, result.scores, count_parameters(model), ratio, allocation, head_mode,
-                      structures)
+                      structures_label(names))  # type: ignore[arg-type]
+
+
+def check_axes_options(names: frozenset[str], allocation: str, round_to: int,
+                       streaming: bool = False) -> None:
+    """Combinations the all-axes planner refuses, each in one line (checked before any work)."""
+    if round_to < 1:
+        raise UsageError(f"--round-to must be >= 1 (got {round_to})")
+    uses_axes = bool(names & {"hidden", "layers"}) or round_to != 1
+    if uses_axes and allocation != "uniform":
+        raise UsageError("--structures hidden/layers and --round-to plan uniform widths only; "
+                         "use --allocation uniform")
+    if streaming and names & {"hidden", "layers"}:
+        raise UsageError("--structures hidden/layers is not available with --streaming or offloaded "
+                         "models yet (the block-by-block export cuts heads and channels only); "
+                         "drop --streaming or prune attn,mlp")
 
 
 #: Recipe fields that are not settings of the pruning itself (where the result goes, replay text): they
@@ -147,6 +182,8 @@ def prune(
 
     check_loading(device_map, max_memory, run["seed"], run["max_shard_size"])
     check_criterion_options(criterion, run["criterion_options"])
+    names = parse_structures(run["structures"])
+    check_axes_options(names, run["allocation"], run["round_to"], streaming)
     inputs = (model, calibration_source, *inputs)
     if out is not None and not dry_run:
         check_output_dir(out, overwrite, force, inputs)
@@ -175,7 +212,10 @@ def prune(
                            offload_dir=load_offload, trust_remote_code=trust_remote_code,
                            seq_len=None if isinstance(calibration_source, CalibrationSet) else run["seq_len"])
     adapter = adapter_for(model.config)
+    if "hidden" in names and (blocker := adapter.hidden_pruning_blocker(model.config)):
+        raise UsageError(blocker)
     offloaded = is_offloaded(model)  # decides only how the cut model is written, never how it is scored
+    check_axes_options(names, run["allocation"], run["round_to"], offloaded)
     if offloaded:
         from minillm.memory import return_large_frees_to_the_os
 
@@ -194,17 +234,26 @@ def prune(
                                       run["seed"], run["batch_size"])
     spsa = SpsaConfig(steps=run["spsa_steps"], eps=run["spsa_eps"], seed=run["seed"])
     with measure() as scoring:
-        score = score_model(model, criterion, calibration, layers, run["seed"], spsa,
-                            run["criterion_options"], progress)
+        if names & {"attn", "mlp"}:
+            score = score_model(model, criterion, calibration, layers, run["seed"], spsa,
+                                run["criterion_options"], progress)
+        else:  # hidden/layers only: the width criterion has nothing to score
+            score = ScoreResult(scores={}, notes={"width_criterion": "not run (no attn/mlp structures)"})
+        hidden_scores, layer_scores = score_axes(model, adapter, calibration, names, layers,
+                                                 run["layer_score"], progress)
     timeline.mark("scored", count_parameters(model))
-    plan = plan_from_scores(model, score, ratio, run["allocation"], run["head_mode"], run["structures"])
-    plan.extra = {"criterion": criterion, "layers_scored": layers}
+    plan = plan_from_scores(model, score, ratio, run["allocation"], run["head_mode"], run["structures"],
+                            run["round_to"], hidden_scores, layer_scores)
+    plan.extra = {"criterion": criterion, "layers_scored": layers, "structures": structures_label(names)}
+    if layer_scores is not None:
+        plan.extra["layer_scores"] = {str(i): v for i, v in layer_scores.items()}
+        plan.extra["layer_score"] = run["layer_score"]
     options = {  # the run's settings as they were used (an in-memory calibration set shows its shape)
         **{k: v for k, v in run.items() if k not in ("device_map", "max_memory", "dtype", "dry_run",
                                                    "max_shard_size", "streaming")},
         "calib": run["calib"] if not isinstance(calibration_source, CalibrationSet) else "in-memory",
         "calib_samples": calibration.input_ids.shape[0], "seq_len": calibration.input_ids.shape[1],
-        "batch_size": calibration.batch_size,
+        "batch_size": calibration.batch_size, "structures": structures_label(names),
     }
     result = PruneResult(
         plan=plan, model=model, score=score, scoring=scoring, total_seconds=0.0, timeline=timeline

@@ -46,6 +46,13 @@ def render_card(metadata: dict[str, Any], evaluation: dict[str, Any] | None = No
     if remote:
         lines += ["", "Layers have different widths, which the stock config cannot express; the small "
                   "`modeling_minillm.py` in this folder resizes them (it imports only transformers)."]
+    plan = metadata.get("plan") or {}
+    if plan.get("hidden") is not None:
+        lines += ["", f"Hidden size cut to {len(plan['hidden'])} channels (embedding, norms, LM head)."]
+    if plan.get("kept_layers") is not None:
+        removed = sorted({p["index"] for p in plan.get("layers", [])} - set(plan["kept_layers"]))
+        lines += ["", f"Decoder layers removed: {', '.join(map(str, removed))} "
+                  f"({len(plan['kept_layers'])} kept; the widths table uses the original indices)."]
     widths = metadata.get("layer_widths", [])
     if widths:
         lines += ["", "## Per-layer widths", "",

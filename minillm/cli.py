@@ -68,6 +68,11 @@ def print_prune_summary(result: Any) -> None:
     table = Table(title="minillm prune", show_header=False)
     table.add_row("parameters", f"{plan.params_before:,} → {plan.params_after:,}")
     table.add_row("ratio", f"target {plan.target_ratio:.2%}, achieved {plan.achieved_ratio:.2%}")
+    if plan.hidden is not None:
+        table.add_row("hidden size", f"{len(plan.hidden)} channels kept")
+    if plan.kept_layers is not None:
+        removed = sorted({p.index for p in plan.layers} - set(plan.kept_layers))
+        table.add_row("layers", f"{len(plan.kept_layers)} kept; removed {', '.join(map(str, removed))}")
     table.add_row("criterion", f"{result.plan.extra.get('criterion')} "
                   f"({result.score.forward_passes} forward, {result.score.backward_passes} backward passes)")
     table.add_row("scoring time", f"{result.scoring.seconds:.1f} s")
@@ -126,6 +131,8 @@ def prune(
     allocation: str = typer.Option("uniform", help="uniform (same widths everywhere) or global."),
     head_mode: str = options.head_mode(),
     structures: str = options.structures(),
+    round_to: int = options.round_to(),
+    layer_score: str = options.layer_score(),
     skip_first: int = options.skip_first(),
     skip_last: int = options.skip_last(),
     calib: str = options.calib(),

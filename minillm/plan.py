@@ -81,6 +81,10 @@ class PrunePlan:
     target_ratio: float
     format: str = PLAN_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
+    #: kept hidden channels (original indices); None = hidden size untouched
+    hidden: list[int] | None = None
+    #: kept decoder layers (original indices); None = every layer kept
+    kept_layers: list[int] | None = None
 
     @property
     def achieved_ratio(self) -> float:
@@ -103,6 +107,34 @@ class PrunePlan:
             raise UsageError(f"not a minillm prune plan (format {data.get('format')!r}, want {PLAN_FORMAT})")
         fields = {k: v for k, v in data.items() if k not in ("achieved_ratio", "layers")}
         return cls(layers=[LayerPlan(**layer) for layer in data["layers"]], **fields)
+
+
+#: what ``--structures`` may list; ``both`` is shorthand for ``attn,mlp``
+STRUCTURE_NAMES = ("attn", "mlp", "hidden", "layers")
+
+
+def parse_structures(text: str) -> frozenset[str]:
+    """``--structures``: a comma list of attn, mlp, hidden, layers (``both`` = attn,mlp)."""
+    names: set[str] = set()
+    for part in str(text).split(","):
+        part = part.strip()
+        if part == "both":
+            names |= {"attn", "mlp"}
+        elif part in STRUCTURE_NAMES:
+            names.add(part)
+        elif part:
+            raise UsageError(f"--structures takes a comma list of {', '.join(STRUCTURE_NAMES)} or both "
+                             f"(got {part!r}), e.g. --structures attn,mlp,hidden")
+    if not names:
+        raise UsageError("--structures is empty; e.g. --structures both or --structures layers")
+    return frozenset(names)
+
+
+def structures_label(names: frozenset[str]) -> str:
+    """The canonical spelling: ``both``/``attn``/``mlp`` as before, else the comma list in fixed order."""
+    if names == {"attn", "mlp"}:
+        return "both"
+    return ",".join(n for n in STRUCTURE_NAMES if n in names)
 
 
 def check_ratio(ratio: float) -> None:

@@ -50,7 +50,13 @@ class Recipe(BaseModel):
     head_mode: Literal["kv", "query"] = Field(
         "kv", description="kv: whole key/value groups; query: query heads."
     )
-    structures: Literal["both", "mlp", "attn"] = Field("both", description="What to prune.")
+    structures: str = Field(
+        "both", description="What to prune: comma list of attn, mlp, hidden, layers (both = attn,mlp)."
+    )
+    round_to: int = Field(1, ge=1, description="MLP width and hidden size in multiples of N.")
+    layer_score: Literal["influence", "loss"] = Field(
+        "influence", description="Layer score for --structures layers: influence (1 - cos) or loss."
+    )
     skip_first: int = Field(0, ge=0, description="Keep the first N decoder layers whole.")
     skip_last: int = Field(0, ge=0, description="Keep the last N decoder layers whole.")
     calib: str = Field("wikitext2", description="Calibration text: .txt/.jsonl/.json file or dataset name.")

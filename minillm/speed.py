@@ -204,8 +204,41 @@ def benchmark(
     return rows
 
 
+def pin_threads(threads: int | None = None) -> tuple[int, list[int]]:
+    """Pin this process to ``threads`` CPUs (default: all it may use) and give torch that many threads.
+
+    Why: latency ratios are only comparable when both models run on the same cores with the same
+    thread count; the OS and torch's defaults may change between runs. Returns (threads, CPU ids).
+    """
+    import os
+
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1 (got {threads})")
+    available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    count = threads or len(available) or torch.get_num_threads()
+    if available and count > len(available):
+        raise UsageError(f"--threads {count} exceeds the {len(available)} CPUs this process may use")
+    cpus = available[:count]
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    torch.set_num_threads(count)
+    return count, cpus
+
+
+def _spread(values: list[float]) -> tuple[float, float]:
+    """The 25th and 75th percentiles (the interquartile range) of paired per-repeat ratios."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
 def ratios(rows: list[SpeedRow], reference: str) -> list[dict[str, Any]]:
-    """Per non-reference row: latency ratios (model time / reference time) for prefill and decode."""
+    """Per non-reference row: latency ratios (model time / reference time) for prefill and decode.
+
+    The ratio is of the medians; its spread is the interquartile range of the per-repeat ratios (each
+    repeat times both models back to back, so pairing them cancels slow drifts in the machine's load).
+    """
     base = {(r.batch_size, r.prompt_len, r.new_tokens): r for r in rows if r.model == reference}
     result = []
     for row in rows:
@@ -220,6 +253,10 @@ def ratios(rows: list[SpeedRow], reference: str) -> list[dict[str, Any]]:
                 "new_tokens": row.new_tokens,
                 "prefill_latency_ratio": row.prefill_seconds / ref.prefill_seconds,
                 "decode_latency_ratio": row.decode_seconds / ref.decode_seconds,
+                "prefill_latency_ratio_iqr": _spread(
+                    [a / b for a, b in zip(row.prefill_all, ref.prefill_all, strict=False)]),
+                "decode_latency_ratio_iqr": _spread(
+                    [a / b for a, b in zip(row.decode_all, ref.decode_all, strict=False)]),
                 "params_ratio": row.params / ref.params,
             }
         )
@@ -232,6 +269,11 @@ def geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def _with_spread(ratio: dict[str, Any], phase: str) -> str:
+    low, high = ratio[f"{phase}_latency_ratio_iqr"]
+    return f"{ratio[f'{phase}_latency_ratio']:.3f} ({low:.2f}–{high:.2f})"
+
+
 def markdown(rows: list[SpeedRow], reference: str | None = None) -> str:
     """The table docs/benchmarks.md shows: tokens/s per case and, with a reference, latency ratios."""
     ratio = {
@@ -240,7 +282,7 @@ def markdown(rows: list[SpeedRow], reference: str | None = None) -> str:
     }
     head = ["model", "params", "batch", "prompt", "new", "prefill tok/s", "decode tok/s", "peak extra MiB"]
     if reference:
-        head += ["prefill latency ×", "decode latency ×"]
+        head += ["prefill latency × (IQR)", "decode latency × (IQR)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         peak = "-" if r.peak_extra_bytes is None else f"{r.peak_extra_bytes / 2**20:.0f}"
@@ -260,7 +302,7 @@ def markdown(rows: list[SpeedRow], reference: str | None = None) -> str:
                 ["1.00", "1.00"]
                 if r.model == reference
                 else (
-                    [f"{x['prefill_latency_ratio']:.3f}", f"{x['decode_latency_ratio']:.3f}"]
+                    [_with_spread(x, "prefill"), _with_spread(x, "decode")]
                     if x
                     else ["-", "-"]
                 )

@@ -90,11 +90,26 @@ def apply_plan(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan) -> None:
         if update is not None:
             for key, value in update.items():
                 setattr(model.config, key, value)
+    if plan.hidden is not None:  # the other axes (issue 17): hidden size, then whole layers
+        from minillm.surgery_hidden import slice_hidden
+
+        slice_hidden(model, adapter, plan.hidden)
+    if plan.kept_layers is not None:
+        from minillm.surgery_depth import remove_layers
+
+        remove_layers(model, adapter, plan.kept_layers)
 
 
 @torch.no_grad()
 def mask_plan(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan) -> None:
-    """Zero the closing-projection columns of every group ``plan`` removes (dense shapes kept)."""
+    """Zero the closing-projection columns of every group ``plan`` removes (dense shapes kept).
+
+    Hidden channels and whole layers have no zero-mask equivalent (RMSNorm averages over the kept
+    channels; a skipped layer is not a zeroed one): plans cutting them are refused here.
+    """
+    if plan.hidden is not None or plan.kept_layers is not None:
+        raise UsageError("masking covers heads and MLP channels only; this plan also cuts hidden channels "
+                         "or whole layers (apply it with apply_plan)")
     layers = adapter.decoder_layers(model)
     head_dim = adapter.head_dim(model.config)
     for layer_plan in plan.layers:
@@ -110,8 +125,10 @@ def mask_plan(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan) -> None:
 
 
 def pruned_widths(plan: PrunePlan) -> list[dict[str, int]]:
-    """Per-layer widths after the plan, for summaries and model cards."""
+    """Per-layer widths after the plan, for summaries and model cards (removed layers left out; ``layer``
+    is the original index)."""
+    kept = None if plan.kept_layers is None else set(plan.kept_layers)
     return [
         {"layer": p.index, "heads": len(p.heads), "kv_heads": len(p.kv_heads), "channels": len(p.channels)}
-        for p in plan.layers
+        for p in plan.layers if kept is None or p.index in kept
     ]

@@ -48,7 +48,30 @@ def test_benchmark_rows_and_ratios_come_from_the_medians():
         assert x["prefill_latency_ratio"] == pytest.approx(
             by[("pruned", x["batch_size"])].prefill_seconds / by[("dense", x["batch_size"])].prefill_seconds
         )
-    assert "prefill latency ×" in markdown(rows, "dense")
+    assert "prefill latency × (IQR)" in markdown(rows, "dense")
+    for x in ratios(rows, "dense"):  # the spread: IQR of the paired per-repeat ratios, around the median's
+        pre = by[("pruned", x["batch_size"])].prefill_all
+        ref = by[("dense", x["batch_size"])].prefill_all
+        paired = [a / b for a, b in zip(pre, ref, strict=True)]
+        low, high = x["prefill_latency_ratio_iqr"]
+        assert min(paired) <= low <= high <= max(paired)
+
+
+def test_pin_threads_pins_and_states_the_cpus():
+    import os
+
+    from minillm.speed import pin_threads
+
+    before, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    try:
+        count, cpus = pin_threads(1)
+        assert count == 1 == torch.get_num_threads() and os.sched_getaffinity(0) == set(cpus)
+        assert len(cpus) == 1
+        with pytest.raises(UsageError, match="--threads"):
+            pin_threads(0)
+    finally:
+        os.sched_setaffinity(0, before)
+        torch.set_num_threads(threads)
 
 
 def test_parse_ints_rejects_bad_lists():
@@ -83,7 +106,7 @@ def test_bench_cli_compare_to(tmp_path):
     ]
     out = CliRunner().invoke(app, args)
     assert out.exit_code == 0, out.output
-    assert "latency vs dense" in out.output
+    assert "latency vs dense" in out.output and "threads pinned to CPUs" in out.output
     payload = json.loads((tmp_path / "b.json").read_text())
     assert payload["reference"] == str(tmp_path / "dense") and len(payload["ratios"]) == 1
     bad = CliRunner().invoke(app, ["bench", str(tmp_path / "small"), "--batch-sizes", "x"])

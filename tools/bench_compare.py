@@ -95,12 +95,12 @@ def main() -> None:
         print("\n".join(targets(data)))
         if args.plot:
             from minillm.compare import CompareResult
-            from minillm.compare_report import plot
+            from minillm.compare.report import plot
 
             plot(CompareResult.from_dict(data), Path(args.plot))
         return
     from minillm.compare import compare
-    from minillm.compare_report import markdown_table
+    from minillm.compare.report import markdown_table
 
     result = compare(
         args.model,

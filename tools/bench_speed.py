@@ -17,10 +17,8 @@ import json
 import platform
 from pathlib import Path
 
-import torch
-
 from minillm.loading import load_model
-from minillm.speed import benchmark, cases, geometric_mean, markdown, parse_ints, ratios
+from minillm.speed import benchmark, cases, geometric_mean, markdown, parse_ints, pin_threads, ratios
 
 
 def main() -> None:
@@ -34,7 +32,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="pinned CPU threads (default: all)")
     args = parser.parse_args()
+    threads, cpus = pin_threads(args.threads)
     models = {"dense": load_model(args.dense, device_map=args.device, dtype="float32")}
     for spec in args.pruned:
         label, _, folder = spec.partition("=")
@@ -53,7 +53,7 @@ def main() -> None:
     )
     table = markdown(rows, "dense")
     print(
-        f"\ndevice {args.device}, {torch.get_num_threads()} torch threads, "
+        f"\ndevice {args.device}, {threads} torch threads pinned to CPUs {cpus}, "
         f"{platform.processor() or platform.machine()}, "
         f"median of {args.repeats} interleaved repeats (+{args.warmup} warm-up)\n"
     )
@@ -81,7 +81,8 @@ def main() -> None:
                     "ratios": ratios(rows, "dense"),
                     "summary": summary,
                     "args": vars(args),
-                    "threads": torch.get_num_threads(),
+                    "threads": threads,
+                    "cpus": cpus,
                 },
                 indent=1,
             )

@@ -124,3 +124,42 @@ class ArchAdapter:
             "head_dim": shape.head_dim,
             "intermediate_size": shape.intermediate,
         }
+
+    # --- hidden size and depth (issue 17): the few family-specific facts those cuts need ------------
+
+    #: config keys holding one entry per decoder layer (sliced with the kept layers when layers go).
+    per_layer_config_keys: ClassVar[tuple[str, ...]] = ("layer_types", "no_rope_layers")
+    #: opt-in: the family's residual stream is written only by the embedding, ``o`` and the closing MLP
+    #: projection and read only through norms, and nothing else derives from ``hidden_size`` (Gemma's
+    #: embedding scale √hidden would change on reload, for example), so :mod:`minillm.surgery_hidden`
+    #: is exact for it.
+    hidden_pruning: ClassVar[bool] = False
+
+    def hidden_pruning_blocker(self, config: Any) -> str | None:
+        """Why this family's hidden size cannot be cut (one line), or ``None`` when it can."""
+        if self.hidden_pruning:
+            return None
+        return (f"--structures hidden is not supported for {getattr(config, 'model_type', '?')} yet (its "
+                "adapter does not declare hidden_pruning); prune attn, mlp or layers instead")
+
+    def hidden_norms(self, model: nn.Module) -> list[nn.Module]:
+        """Every norm acting on the residual stream (weight of ``hidden_size``), attention-internal
+        norms (Qwen3's per-head_dim ``q_norm``/``k_norm``) excluded."""
+        hidden = int(model.config.hidden_size)
+        inside_attention = {
+            id(m) for layer in self.decoder_layers(model) for m in self.attention(layer).module.modules()
+        }
+        return [
+            module for module in model.modules()
+            if type(module).__name__.endswith("Norm") and id(module) not in inside_attention
+            and getattr(module, "weight", None) is not None and tuple(module.weight.shape) == (hidden,)
+        ]
+
+    def removed_layers_config_update(self, config: Any, kept: list[int]) -> dict[str, Any]:
+        """Config fields after keeping only decoder layers ``kept`` (original indices, ascending)."""
+        update: dict[str, Any] = {"num_hidden_layers": len(kept)}
+        for key in self.per_layer_config_keys:
+            value = getattr(config, key, None)
+            if isinstance(value, (list, tuple)) and len(value) == config.num_hidden_layers:
+                update[key] = [value[i] for i in kept]
+        return update

@@ -16,6 +16,7 @@ from minillm.arch.base import ArchAdapter, AttentionLinears, MlpLinears
 
 class LlamaAdapter(ArchAdapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3")
+    hidden_pruning = True  # pre-norm, RMSNorm, nothing else sized by hidden_size
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers

@@ -18,14 +18,16 @@ def bench(
     ),
     batch_sizes: str = typer.Option("1,4", help="Comma-separated batch sizes."),
     prompt_lens: str = typer.Option(
-        "128,512", help="Comma-separated prompt lengths (prefill tokens per sequence)."
+        "64,256", help="Comma-separated prompt lengths (prefill tokens per sequence)."
     ),
     new_tokens: int = typer.Option(32, help="Greedy decode steps per case."),
     repeats: int = typer.Option(5, help="Timed repeats per case (medians are reported)."),
     warmup: int = typer.Option(1, help="Untimed warm-up rounds."),
     device: str = typer.Option("auto", help="auto (CUDA if available), cpu, cuda, cuda:1, …"),
     dtype: str = options.dtype(),
-    threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    threads: int = typer.Option(
+        None, help="CPU threads; the process is pinned to that many CPUs (default: all it may use)."
+    ),
     seed: int = typer.Option(0, help="Seed of the random prompt ids."),
     json_out: str = typer.Option(None, "--json", help="Also write rows and ratios as JSON here."),
     overwrite: bool = options.overwrite_file(),
@@ -40,7 +42,7 @@ def bench(
     from minillm.option_checks import check_device, check_seed
     from minillm.output_guard import check_output_file
     from minillm.progress import configure_logging
-    from minillm.speed import benchmark, cases, geometric_mean, markdown, parse_ints, ratios
+    from minillm.speed import benchmark, cases, geometric_mean, markdown, parse_ints, pin_threads, ratios
 
     check_device(device, "--device")
     check_seed(seed)
@@ -48,8 +50,7 @@ def bench(
     for source in (model, compare_to):
         if source:
             check_remote_code(source, trust_remote_code)
-    if threads:
-        torch.set_num_threads(threads)
+    threads, cpus = pin_threads(threads)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     speed_cases = cases(
@@ -66,8 +67,8 @@ def bench(
         rows = benchmark(models, speed_cases, repeats, warmup, seed, progress)
     reference = labels[1] if compare_to else None
     typer.echo(
-        f"minillm bench ({device}, {torch.get_num_threads()} threads, "
-        f"median of {repeats} interleaved repeats)"
+        f"minillm bench ({device}, {threads} torch threads pinned to CPUs {_cpu_list(cpus)}, "
+        f"median of {repeats} interleaved repeats; ratio spread = IQR of per-repeat ratios)"
     )
     typer.echo(markdown(rows, reference))
     summary = {}
@@ -87,12 +88,22 @@ def bench(
             "model": model,
             "reference": compare_to,
             "device": device,
-            "threads": torch.get_num_threads(),
+            "threads": threads,
+            "cpus": cpus,
             "rows": [r.to_dict() for r in rows],
             "ratios": ratios(rows, reference) if reference else [],
             **summary,
         }
         Path(json_out).write_text(json.dumps(payload, indent=1))
+
+
+def _cpu_list(cpus: list[int]) -> str:
+    """``0-3`` or ``0,2,5`` (``?`` when the OS does not report affinity)."""
+    if not cpus:
+        return "?"
+    if cpus == list(range(cpus[0], cpus[-1] + 1)):
+        return f"{cpus[0]}-{cpus[-1]}" if len(cpus) > 1 else str(cpus[0])
+    return ",".join(map(str, cpus))
 
 
 def _labels(model: str, reference: str | None) -> tuple[str, str]:

@@ -37,7 +37,17 @@ def head_mode() -> Any:
 
 
 def structures() -> Any:
-    return typer.Option("both", help="What to prune: both, mlp or attn.")
+    return typer.Option("both", help="What to prune: a comma list of attn, mlp, hidden, layers "
+                        "(both = attn,mlp), e.g. attn,mlp,hidden or layers.")
+
+
+def round_to() -> Any:
+    return typer.Option(1, help="MLP width and hidden size in multiples of N (64/128 suit GPU kernels).")
+
+
+def layer_score() -> Any:
+    return typer.Option("influence", help="Layer score for --structures layers: influence (ShortGPT "
+                        "1 - cos(h_in, h_out)) or loss (calibration loss change when skipped).")
 
 
 def skip_first() -> Any:
