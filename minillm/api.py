@@ -77,8 +77,10 @@ def plan_from_scores(model: nn.Module, result: ScoreResult, ratio: float, alloca
     shapes = layer_shapes(model, adapter)
     layers = adapter.decoder_layers(model)
     costs = {i: layer_costs(adapter, layers[i], shapes[i]) for i in shapes}
+    config = model.config
     return build_plan(shapes, costs, result.scores, count_parameters(model), ratio, allocation, head_mode,
-                      structures)
+                      structures,
+                      expressible=lambda shape: adapter.uniform_config_update(config, shape) is not None)
 
 
 def prune(
@@ -185,7 +187,11 @@ def prune(
         score = score_fn(model, criterion, calibration, layers, seed, spsa, criterion_options, progress)
     timeline.mark("scored", model)
     plan = plan_from_scores(model, score, ratio, allocation, head_mode, structures)
-    plan.extra = {"criterion": criterion, "layers_scored": layers}
+    plan.extra = {"criterion": criterion, "layers_scored": layers, **plan.extra}
+    if plan.extra.get("uniform_note"):
+        import logging
+
+        logging.getLogger("minillm").warning(plan.extra["uniform_note"])
     options = {
         "ratio": ratio, "criterion": criterion, "allocation": allocation, "head_mode": head_mode,
         "structures": structures, "skip_first": skip_first, "skip_last": skip_last,

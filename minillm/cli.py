@@ -76,6 +76,8 @@ def print_prune_summary(result: Any) -> None:
     table.add_row("ratio", f"target {plan.target_ratio:.2%}, achieved {plan.achieved_ratio:.2%}")
     table.add_row("criterion", f"{result.plan.extra.get('criterion')} "
                   f"({result.score.forward_passes} forward, {result.score.backward_passes} backward passes)")
+    if plan.extra.get("uniform_note"):
+        table.add_row("widths", plan.extra["uniform_note"])
     table.add_row("scoring time", f"{result.scoring.seconds:.1f} s")
     table.add_row("total time", f"{result.total_seconds:.1f} s")
     table.add_row("peak memory", f"RSS {human_bytes(result.scoring.peak_rss_bytes)}, "
