@@ -16,4 +16,3 @@ uses the same ``H``.
 from __future__ import annotations
 
 COMPENSATIONS = ("none", "bias", "refit")
-DEFAULT_DAMPING = 0.01

@@ -6,7 +6,7 @@ thousands of tokens lose the small eigen-directions the solve depends on. Size: 
 Llama's down_proj (11,008). Only one block's two are alive at a time.
 
 Damping: solves use ``H + λ · mean(diag H) · I`` (:func:`damped`), the SparseGPT / SlimGPT convention;
-λ (``DEFAULT_DAMPING`` = 0.01) keeps directions that calibration never excited close to the original weights.
+λ (``DEFAULT_DAMPING`` = 0.01) keeps directions calibration never excited close to the original weights.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ import torch
 from torch import nn
 
 from minillm.calibration.hooks import input_hooks
+
+#: λ of the damped solves (:func:`damped`): 1 % of the mean diagonal, as SparseGPT and SlimGPT use.
+DEFAULT_DAMPING = 0.01
 
 
 @dataclass
