@@ -40,6 +40,7 @@ STREAMING.register("magnitude", "minillm.scoring.streaming_stats:stream_magnitud
 STREAMING.register("magnitude-l2", "minillm.scoring.streaming_stats:stream_magnitude_l2")
 STREAMING.register("taylor-gate", "minillm.scoring.streaming_taylor_gate:stream_taylor_gate")
 STREAMING.register("taylor-lowmem", "minillm.scoring.taylor_lowmem:score_taylor_lowmem")
+STREAMING.register("obs", "minillm.scoring.obs:score_obs")
 
 #: Streaming criteria that evaluate the model's loss (they need the LM head and a batch of logits).
 NEEDS_LOSS = frozenset({"fms", "taylor-gate", "taylor-lowmem"})
