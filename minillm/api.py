@@ -20,7 +20,7 @@ from minillm.arch.base import ArchAdapter, LayerShape
 from minillm.calibration.data import CalibrationSet, calibration_set
 from minillm.calibration.spsa import SpsaConfig
 from minillm.card import render_card
-from minillm.defaults import DEFAULT_CRITERION
+from minillm.defaults import DEFAULT_COMPENSATION, DEFAULT_CRITERION, DEFAULT_DAMPING, Compensation
 from minillm.errors import UsageError
 from minillm.export import check_output_dir, save_pruned
 from minillm.groups import layer_costs, prunable_layers
@@ -46,6 +46,7 @@ class PruneResult:
     out: Path | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     timeline: Timeline | None = None  # memory/params per stage (reports, closing timings)
+    compensation: Measurement | None = None  # the sequential compensation pass (None: not run)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -102,6 +103,8 @@ def prune(
     spsa_steps: int = 16,
     spsa_eps: float = 1e-3,
     criterion_options: dict[str, Any] | None = None,
+    compensation: Compensation = DEFAULT_COMPENSATION,
+    damping: float = DEFAULT_DAMPING,
     tokenizer: Any = None,
     device_map: str | dict | None = "auto",
     max_memory: str | dict | None = None,
@@ -199,6 +202,7 @@ def prune(
         "calib_samples": calibration.input_ids.shape[0],
         "seq_len": calibration.input_ids.shape[1], "batch_size": calibration.batch_size, "seed": seed,
         "spsa_steps": spsa_steps, "spsa_eps": spsa_eps, "criterion_options": criterion_options or {},
+        "compensation": compensation, "damping": damping,
     }
     result = PruneResult(
         plan=plan, model=model, score=score, scoring=scoring, total_seconds=0.0, timeline=timeline
@@ -207,21 +211,39 @@ def prune(
         result.total_seconds = time.perf_counter() - start
         _write_report(result, report)
         return result
-    if streaming:  # surgery (and any compensation) happens block by block in the export
+    updates: dict[int, Any] = {}
+    if compensation != "none" or criterion == "obs":  # obs re-chooses its groups on the pruned prefix
+        from minillm.compensation.layer import CompensationOptions
+        from minillm.compensation.sequential import compensate_sequential
+
+        chosen = CompensationOptions(mode=compensation, damping=damping, head_mode=head_mode,
+                                     select="obs" if criterion == "obs" else "plan")
+        with measure() as compensating:
+            outcome = compensate_sequential(model, adapter, plan, calibration, chosen, progress,
+                                            in_place=not streaming)
+        plan = result.plan = outcome.plan
+        updates = outcome.updates
+        result.compensation = compensating
+        score.notes["compensation_forward_passes"] = outcome.forward_passes
+        timeline.mark("compensated", model)
+    if streaming:  # surgery happens block by block in the export (the source model is left as it was)
         from minillm.streaming_export import pruned_skeleton
 
-        pruned = pruned_skeleton(model, adapter, plan, score.compensation)
+        pruned = pruned_skeleton(model, adapter, plan, updates)
     else:
-        if score.compensation:  # e.g. FLAP: fold removed groups' mean output into biases before slicing
-            from minillm.scoring.compensation import compensate
+        from minillm.compensation.bias import express_biases, expressible_biases
 
-            compensate(model, adapter, plan, score.compensation)
+        express_biases(model, adapter, expressible_biases(model, adapter))  # biases the compensation added
         apply_plan(model, adapter, plan)
         pruned = model
     plan.params_after = count_parameters(pruned)
     timeline.mark("pruned", model)
     result.total_seconds = time.perf_counter() - start
     result.metadata = _metadata(source, plan, options, score, scoring, result.total_seconds, command)
+    if result.compensation is not None:
+        result.metadata["compensation"] = {**result.compensation.as_dict(), "mode": compensation,
+                                           "damping": damping,
+                                           "forward_passes": score.notes["compensation_forward_passes"]}
     result.metadata["recipe"] = export_recipe(source, out, options, device_map=device_map,
                                               max_memory=max_memory, dtype=dtype,
                                               max_shard_size=max_shard_size, report=report,
@@ -233,7 +255,7 @@ def prune(
             result.out = save_pruned_streaming(model, tokenizer, adapter, plan, out, result.metadata,
                                                render_card(result.metadata), overwrite=overwrite,
                                                max_shard_size=max_shard_size, skeleton=pruned,
-                                               compensation=score.compensation)
+                                               updates=updates)
         else:
             result.out = save_pruned(model, tokenizer, adapter, out, result.metadata,
                                      render_card(result.metadata), overwrite=overwrite,

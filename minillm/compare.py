@@ -398,8 +398,8 @@ def _prune_copy(
     structures: str,
     plan_from_scores: Callable,
 ) -> None:
+    from minillm.compensation.bias import compensate
     from minillm.scoring import ScoreResult
-    from minillm.scoring.compensation import compensate
     from minillm.surgery import apply_plan
 
     result = ScoreResult(scores=scores.scores, compensation=scores.compensation)

@@ -19,10 +19,10 @@ from minillm.calibration.data import CalibrationSet
 from minillm.calibration.forward import mean_loss
 from minillm.calibration.hooks import count_hooks
 from minillm.calibration.spsa import SpsaConfig, estimate_gradient
+from minillm.compensation.bias import compensate
 from minillm.errors import UsageError
 from minillm.loading import load_model
 from minillm.scoring.base import ScoringContext
-from minillm.scoring.compensation import compensate
 from minillm.streaming import block_budget, prepare_streaming_load, score_streaming, streaming_max_memory
 from minillm.surgery import mask_plan
 

@@ -36,12 +36,12 @@ def _child(args: argparse.Namespace) -> None:
     from minillm.arch import adapter_for
     from minillm.calibration.data import calibration_set, evaluation_windows
     from minillm.calibration.forward import mean_loss
+    from minillm.compensation.bias import compensate
     from minillm.compensation.layer import CompensationOptions
     from minillm.compensation.sequential import compensate_sequential
     from minillm.evaluate.perplexity import perplexity
     from minillm.loading import load_model, load_tokenizer
     from minillm.memory import peak_rss_bytes
-    from minillm.scoring.compensation import compensate
     from minillm.surgery import apply_plan
 
     torch.set_num_threads(args.threads)

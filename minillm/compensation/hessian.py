@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from minillm.calibration.hooks import input_hooks
+from minillm.defaults import DEFAULT_DAMPING
 
-#: λ of the damped solves (:func:`damped`): 1 % of the mean diagonal, as SparseGPT and SlimGPT use.
-DEFAULT_DAMPING = 0.01
+__all__ = ["DEFAULT_DAMPING", "InputMoments", "collect_moments", "damped"]
 
 
 @dataclass

@@ -113,24 +113,25 @@ def compensate_closing(linear: nn.Linear, moments: InputMoments, keep: torch.Ten
 
 
 def compensate_block(layer: nn.Module, adapter: ArchAdapter, plan: LayerPlan, shape: LayerShape,
-                     forward: Callable[[], object], options: CompensationOptions
+                     forward: Callable[[nn.Module], object], options: CompensationOptions
                      ) -> tuple[LayerPlan, dict[str, ClosingUpdate]]:
     """Select (optionally), compensate and zero the removed groups of one resident block, in place.
 
-    ``forward()`` runs every calibration batch through the block as it is now. Returns the (possibly
+    ``forward(module)`` runs every calibration batch through the block as it is now, and may stop each
+    batch once ``module`` has run (the attention pass then skips the MLP). Returns the (possibly
     re-selected) layer plan and the updated closing projections, ``{"attn": …, "mlp": …}``.
     """
     attn, mlp = adapter.attention(layer), adapter.mlp(layer)
     updates: dict[str, ClosingUpdate] = {}
     if len(plan.heads) < shape.num_heads:
-        moments = collect_moments([attn.o], forward)[attn.o]
+        moments = collect_moments([attn.o], lambda: forward(attn.o))[attn.o]
         if options.select == "obs":
             plan = reselect_heads(plan, shape, attn.o, moments, options)
         updates["attn"] = compensate_closing(attn.o, moments, _head_columns(plan.heads, shape.head_dim),
                                              options)
         del moments
     if len(plan.channels) < shape.intermediate:
-        moments = collect_moments([mlp.closing], forward)[mlp.closing]
+        moments = collect_moments([mlp.closing], lambda: forward(mlp.closing))[mlp.closing]
         if options.select == "obs":
             plan = reselect_channels(plan, shape, mlp.closing, moments, options)
         updates["mlp"] = compensate_closing(mlp.closing, moments, torch.tensor(plan.channels), options)

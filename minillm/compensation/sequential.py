@@ -12,14 +12,17 @@ the o_proj and down_proj of every pruned block, about a third of the block weigh
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
+import torch
 from torch import nn
 
 from minillm.arch.base import ArchAdapter
-from minillm.calibration.blockwise import capture_first_block_inputs, is_offloaded, resident, run_block
+from minillm.calibration.blocks import is_offloaded
 from minillm.calibration.data import CalibrationSet
+from minillm.calibration.sequential import Block, Sequential
 from minillm.compensation.layer import ClosingUpdate, CompensationOptions, compensate_block
 from minillm.plan import PrunePlan
 
@@ -36,6 +39,22 @@ class CompensationResult:
     forward_passes: int = 0
 
 
+class _Stop(Exception):
+    """Raised after the module whose inputs are being measured: the rest of the block is not needed."""
+
+
+@contextmanager
+def _stopping_after(module: nn.Module) -> Iterator[None]:
+    def stop(*_: object) -> None:
+        raise _Stop
+
+    handle = module.register_forward_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _changes(plan: PrunePlan, model: nn.Module, adapter: ArchAdapter) -> list[int]:
     shapes = {p.index: adapter.layer_shape(model, p.index) for p in plan.layers}
     return [p.index for p in plan.layers
@@ -49,44 +68,57 @@ def _to_cpu(update: ClosingUpdate) -> ClosingUpdate:
 
 def compensate_sequential(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan,
                           calibration: CalibrationSet, options: CompensationOptions,
-                          progress: Progress | None = None) -> CompensationResult:
-    """Compensate every block ``plan`` cuts, in order, in place (the dense shapes stay; removed groups'
-    closing columns become zero, so :func:`~minillm.surgery.apply_plan` afterwards changes nothing
-    the model computes)."""
+                          progress: Progress | None = None, in_place: bool = True) -> CompensationResult:
+    """Compensate every block ``plan`` cuts, in order.
+
+    ``in_place``: the model keeps the compensated closing projections (dense shapes; removed groups'
+    columns zero, so :func:`~minillm.surgery.apply_plan` afterwards changes nothing the model computes).
+    Otherwise — and always for offloaded blocks — each block is restored after it fed the next one and
+    its compensated closings are returned in :attr:`CompensationResult.updates` (for the block-by-block
+    export), so the source model is left as it was.
+    """
     changed = _changes(plan, model, adapter)
     result = CompensationResult(plan=plan)
     if not changed or (options.mode == "none" and options.select == "plan"):
         return result
     layer_plans = {p.index: p for p in plan.layers}
-    layers = adapter.decoder_layers(model)
-    batches = capture_first_block_inputs(model, adapter, calibration)
+    offloaded = {i: is_offloaded(adapter.decoder_layers(model)[i]) for i in changed}  # before resident()
     passes = 0
 
-    def forward() -> None:
+    def per_block(block: Block) -> None:
         nonlocal passes
-        run_block(layer, batches)
-        passes += 1
 
-    for i in range(max(changed) + 1):
-        layer = layers[i]
-        offloaded = is_offloaded(layer)  # before resident(): a loaded copy no longer counts as offloaded
-        with resident(layer):
-            added = []
-            if i in changed:
-                shape = adapter.layer_shape(model, i)
-                closings = {"attn": adapter.attention(layer).o, "mlp": adapter.mlp(layer).closing}
-                added = [name for name, linear in closings.items() if linear.bias is None]
-                layer_plans[i], updates = compensate_block(layer, adapter, layer_plans[i], shape, forward,
-                                                           options)
-                if offloaded:
-                    result.updates[i] = {name: _to_cpu(u) for name, u in updates.items()}
-            batches = run_block(layer, batches)
+        def forward(stop_after: nn.Module) -> None:
+            nonlocal passes
+            with torch.no_grad(), _stopping_after(stop_after):
+                for batch in block.inputs:
+                    try:
+                        block.call(batch)
+                    except _Stop:
+                        pass
             passes += 1
-            if offloaded:  # the loaded copy goes back to meta: a bias added to it must not outlive it
-                for name in added:
+
+        i, layer = block.index, block.layer
+        closings = {"attn": adapter.attention(layer).o, "mlp": adapter.mlp(layer).closing}
+        record = offloaded[i] or not in_place
+        saved = {name: (linear.weight.detach().clone(),
+                        None if linear.bias is None else linear.bias.detach().clone())
+                 for name, linear in closings.items() if record}
+        shape = adapter.layer_shape(model, i)
+        layer_plans[i], updates = compensate_block(layer, adapter, layer_plans[i], shape, forward, options)
+        block.forward(advance=True)  # the compensated block feeds the next one
+        passes += 1
+        if record:  # keep the result, put the block back as it was (an offloaded copy goes back to meta)
+            result.updates[i] = {name: _to_cpu(u) for name, u in updates.items()}
+            for name, (weight, bias) in saved.items():
+                closings[name].weight.data.copy_(weight)
+                if bias is None:
                     closings[name].bias = None
-        if progress is not None:
-            progress("compensation", i + 1, max(changed) + 1)
+                else:
+                    closings[name].bias.data.copy_(bias)
+
+    Sequential(model, adapter, calibration, progress=progress).run(per_block, layers=changed,
+                                                                   task="compensation")
     result.plan = replace(plan, layers=[layer_plans[p.index] for p in plan.layers])
-    result.forward_passes = passes
+    result.forward_passes = passes + max(changed) + 1 - len(changed)
     return result

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from minillm.arch.base import LayerShape
-from minillm.calibration.blockwise import capture_first_block_inputs, resident, run_block
+from minillm.calibration.sequential import Block, Sequential
 from minillm.compensation.hessian import DEFAULT_DAMPING, InputMoments, collect_moments
 from minillm.compensation.layer import OBS_CHANNEL_ROUNDS
 from minillm.compensation.obs import obs_order
@@ -66,27 +66,15 @@ def obs_layer_scores(o: nn.Linear, closing: nn.Linear, shape: LayerShape, attn: 
     return LayerScores(heads=heads.float(), kv_heads=kv.float(), channels=channels.float())
 
 
-def _run_with_moments(layer: nn.Module, hidden: list, linears: list[nn.Linear]
-                      ) -> tuple[list, dict[nn.Linear, InputMoments]]:
-    outputs: list = []
-    moments = collect_moments(linears, lambda: outputs.extend(run_block(layer, hidden)))
-    return outputs, moments
-
-
 def score_obs(ctx: ScoringContext) -> ScoreResult:
     """One calibration pass, one resident block at a time (so it also serves offloaded models)."""
     damping = float(ctx.options.get("damping", DEFAULT_DAMPING))
-    layers = ctx.adapter.decoder_layers(ctx.model)
-    hidden = capture_first_block_inputs(ctx.model, ctx.adapter, ctx.calibration)
-    scores: dict[int, LayerScores] = {}
-    for i, layer in enumerate(layers[: max(ctx.layers) + 1]):
-        with resident(layer):
-            if i in ctx.layers:
-                o, closing = ctx.adapter.attention(layer).o, ctx.adapter.mlp(layer).closing
-                hidden, moments = _run_with_moments(layer, hidden, [o, closing])
-                scores[i] = obs_layer_scores(o, closing, ctx.shapes[i], moments[o], moments[closing], damping)
-                del moments
-            else:
-                hidden = run_block(layer, hidden)
-        ctx.report("obs scores", len(scores), len(ctx.layers))
+
+    def per_block(block: Block) -> LayerScores:
+        o, closing = ctx.adapter.attention(block.layer).o, ctx.adapter.mlp(block.layer).closing
+        moments = collect_moments([o, closing], lambda: block.forward(advance=True))
+        return obs_layer_scores(o, closing, ctx.shapes[block.index], moments[o], moments[closing], damping)
+
+    walk = Sequential(ctx.model, ctx.adapter, ctx.calibration, progress=ctx.progress)
+    scores = walk.run(per_block, layers=ctx.layers, task="obs scores").results
     return ScoreResult(scores=scores, forward_passes=1, notes={"damping": damping})
