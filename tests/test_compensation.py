@@ -81,3 +81,45 @@ def test_offloaded_compensation_equals_in_memory(tmp_path: Path) -> None:
             torch.testing.assert_close(update.weight, linear.weight, rtol=0, atol=1e-6)
             torch.testing.assert_close(update.bias, linear.bias, rtol=0, atol=1e-6)
     assert disk.model.layers[0].self_attn.o_proj.bias is None  # the offloaded model is unchanged
+
+
+def _digest(folder: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.glob("*.safetensors")))).hexdigest()
+
+
+def test_same_seed_gives_a_byte_identical_compensated_export(tmp_path: Path) -> None:
+    from minillm.api import prune
+
+    for name in ("a", "b"):
+        result = prune(tiny_model("qwen3"), ratio=0.3, criterion="obs", head_mode="query", calib=_calibration(),
+                       out=tmp_path / name, compensation="refit")
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert result.metadata["compensation"]["mode"] == "refit"
+    assert result.metadata["recipe"]["compensation"] == "refit"
+
+
+def test_cli_compensation_flag_reaches_the_export(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from minillm.cli import app
+
+    source = tmp_path / "src"
+    tiny_model("llama").save_pretrained(source)
+    from conftest import tiny_tokenizer, write_text
+
+    tiny_tokenizer().save_pretrained(source)
+    calib = write_text(tmp_path / "calib.txt")
+    args = ["prune", "--model", str(source), "--calib", str(calib), "--calib-samples", "4", "--seq-len", "16",
+            "--criterion", "magnitude", "--compensation", "bias", "--damping", "0.05", "--out",
+            str(tmp_path / "out"), "-q"]
+    outcome = CliRunner().invoke(app, args)
+    assert outcome.exit_code == 0, outcome.output
+    metadata = json.loads((tmp_path / "out" / "minillm.json").read_text())
+    assert metadata["compensation"]["mode"] == "bias" and metadata["compensation"]["damping"] == 0.05
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["mlp_bias"] is True
+    bad = CliRunner().invoke(app, [*args[:-3], "--compensation", "refti", "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and not (tmp_path / "x").exists()
