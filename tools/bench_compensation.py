@@ -30,6 +30,13 @@ LOCK = "/tmp/minillm-bench.lock"
 
 
 def _child(args: argparse.Namespace) -> None:
+    """Every row of ``--row a;b;…`` in one process (one model load, one lock hold). Peak RSS is the
+    process's so far, so only the first row's ``peak`` is its own; later rows report ``peak: null``."""
+    for number, row in enumerate(args.row.split(";")):
+        _one_row(argparse.Namespace(**{**vars(args), "row": row}), first=number == 0)
+
+
+def _one_row(args: argparse.Namespace, first: bool) -> None:
     import torch
 
     from minillm.api import count_parameters, plan_from_scores, score_model
@@ -57,6 +64,7 @@ def _child(args: argparse.Namespace) -> None:
         print(json.dumps(row), flush=True)
         return
     criterion, mode, head_mode = args.row.split(":")
+    model = model if first else load_model(args.model, device_map="cpu", dtype="float32")
     adapter = adapter_for(model.config)
     layers = list(range(len(adapter.decoder_layers(model))))
     score = score_model(model, "magnitude" if criterion == "obs" else criterion, calibration, layers)
@@ -71,7 +79,7 @@ def _child(args: argparse.Namespace) -> None:
         result = compensate_sequential(model, adapter, plan, calibration, options)
         plan, passes = result.plan, result.forward_passes
     apply_plan(model, adapter, plan)
-    row.update(peak=peak_rss_bytes(), scoring_seconds=round(scored - start, 1),
+    row.update(peak=peak_rss_bytes() if first else None, scoring_seconds=round(scored - start, 1),
                compensation_seconds=round(time.perf_counter() - scored, 1), passes=passes,
                achieved_ratio=round(1 - count_parameters(model) / plan.params_before, 4),
                heads=len(plan.layers[0].heads), kv_heads=len(plan.layers[0].kv_heads),
@@ -100,7 +108,7 @@ def _dense(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    for name in args.rows:
+    for name in args.rows:  # a name "a;b" runs rows a and b in one process (one hold of the lock)
         command = [sys.executable, __file__, "dense" if name == "dense" else "row", "--row", name,
                    "--model", args.model, "--calib", args.calib, "--test", args.test,
                    "--ratio", str(args.ratio), "--calib-samples", str(args.calib_samples),
@@ -109,10 +117,10 @@ def _run(args: argparse.Namespace) -> None:
             command.append("--all-windows")
         output = subprocess.run(["flock", LOCK, "nice", "-n", "2", *command], check=True,
                                 capture_output=True, text=True).stdout
-        line = output.strip().splitlines()[-1]
-        print(line, flush=True)
-        with open(args.jsonl, "a") as f:
-            f.write(line + "\n")
+        for line in [x for x in output.strip().splitlines() if x.startswith("{")]:
+            print(line, flush=True)
+            with open(args.jsonl, "a") as f:
+                f.write(line + "\n")
 
 
 def _table(args: argparse.Namespace) -> None:
@@ -130,7 +138,7 @@ def _table(args: argparse.Namespace) -> None:
         ppl_all = r.get("ppl_all")
         x_all = f"{ppl_all / dense['ppl_all']:.2f}" if ppl_all and dense and dense.get("ppl_all") else "-"
         probe = forward.get(r["calib_samples"])
-        peak = f"{r['peak'] / probe['peak']:.2f}" if probe else "-"
+        peak = f"{r['peak'] / probe['peak']:.2f}" if probe and r.get("peak") else "-"
         print(f"| {criterion} | {mode} | {head_mode} | {r['ratio']} | {r['calib_samples']} "
               f"| {r['ppl64']:.2f} | {x64} | {ppl_all if ppl_all else '-'} | {x_all} | {peak} "
               f"| {r['scoring_seconds']} | {r['compensation_seconds']} "
@@ -148,7 +156,8 @@ def main() -> None:
     parser.add_argument("--calib")
     parser.add_argument("--test")
     parser.add_argument("--row", default="")
-    parser.add_argument("--rows", type=lambda s: s.split(","), default=[])
+    parser.add_argument("--rows", type=lambda s: s.split(","), default=[],
+                        help="Comma-separated rows; rows joined by ';' share one process.")
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--damping", type=float, default=0.01)
