@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from minillm.commands import options
-from minillm.defaults import DEFAULT_COMPENSATION, DEFAULT_CRITERION, DEFAULT_DAMPING
+from minillm.defaults import DEFAULT_CRITERION
 from minillm.errors import UsageError
 
 app = typer.Typer(
@@ -128,10 +128,8 @@ def prune(
     seed: int = typer.Option(0, help="Seed for calibration sampling and SPSA perturbations."),
     spsa_steps: int = typer.Option(16, help="SPSA perturbations (2 forward passes each)."),
     spsa_eps: float = options.spsa_eps(),
-    compensation: str = typer.Option(
-        DEFAULT_COMPENSATION, help="After the cut, block by block: refit (least squares on "
-        "o_proj/down_proj), bias (FLAP's mean folding) or none."),
-    damping: float = typer.Option(DEFAULT_DAMPING, help="λ of the compensation's H + λ·mean(diag H)·I."),
+    compensation: str = options.compensation(),
+    damping: float = options.damping(),
     device_map: str = typer.Option("auto", help="accelerate device map: auto, balanced, cpu, cuda:0, …"),
     max_memory: str = typer.Option(None, help="Per-device memory cap, e.g. 0=20GiB,cpu=30GiB."),
     dtype: str = options.dtype(),

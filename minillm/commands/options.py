@@ -50,3 +50,16 @@ def skip_last() -> Any:
 
 def spsa_eps() -> Any:
     return typer.Option(1e-3, help="SPSA perturbation size.")
+
+
+def compensation() -> Any:
+    from minillm.defaults import DEFAULT_COMPENSATION
+
+    return typer.Option(DEFAULT_COMPENSATION, help="After the cut, block by block on the pruned prefix: "
+                        "refit (least squares on o_proj/down_proj), bias (FLAP's mean folding) or none.")
+
+
+def damping() -> Any:
+    from minillm.defaults import DEFAULT_DAMPING
+
+    return typer.Option(DEFAULT_DAMPING, help="λ of the compensation's H + λ·mean(diag H)·I.")
