@@ -123,15 +123,16 @@ def compensate_block(layer: nn.Module, adapter: ArchAdapter, plan: LayerPlan, sh
     """
     attn, mlp = adapter.attention(layer), adapter.mlp(layer)
     updates: dict[str, ClosingUpdate] = {}
+    gram = options.mode == "refit" or options.select == "obs"  # bias folding needs only the means
     if len(plan.heads) < shape.num_heads:
-        moments = collect_moments([attn.o], lambda: forward(attn.o))[attn.o]
+        moments = collect_moments([attn.o], lambda: forward(attn.o), gram)[attn.o]
         if options.select == "obs":
             plan = reselect_heads(plan, shape, attn.o, moments, options)
         updates["attn"] = compensate_closing(attn.o, moments, _head_columns(plan.heads, shape.head_dim),
                                              options)
         del moments
     if len(plan.channels) < shape.intermediate:
-        moments = collect_moments([mlp.closing], lambda: forward(mlp.closing))[mlp.closing]
+        moments = collect_moments([mlp.closing], lambda: forward(mlp.closing), gram)[mlp.closing]
         if options.select == "obs":
             plan = reselect_channels(plan, shape, mlp.closing, moments, options)
         updates["mlp"] = compensate_closing(mlp.closing, moments, torch.tensor(plan.channels), options)
