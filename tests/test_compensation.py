@@ -93,8 +93,8 @@ def test_same_seed_gives_a_byte_identical_compensated_export(tmp_path: Path) -> 
     from minillm.api import prune
 
     for name in ("a", "b"):
-        result = prune(tiny_model("qwen3"), ratio=0.3, criterion="obs", head_mode="query", calib=_calibration(),
-                       out=tmp_path / name, compensation="refit")
+        result = prune(tiny_model("qwen3"), ratio=0.3, criterion="obs", head_mode="query",
+                       calib=_calibration(), out=tmp_path / name, compensation="refit")
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert result.metadata["compensation"]["mode"] == "refit"
     assert result.metadata["recipe"]["compensation"] == "refit"
