@@ -9,6 +9,12 @@ from typing import Literal
 #: by name.
 DEFAULT_CRITERION = "flap"
 
+#: GQA head granularity of ``minillm prune`` / ``compare``: ``query`` keeps every key/value head and removes
+#: the same number of query heads from each kv group — measured better than removing whole kv groups
+#: once the cut is compensated (docs/benchmarks.md, "Error compensation"); on multi-head attention the
+#: two modes are the same.
+DEFAULT_HEAD_MODE: Literal["kv", "query"] = "query"
+
 #: How a cut is compensated (:mod:`minillm.compensation`): ``none``, ``bias`` (FLAP's mean folding) or
 #: ``refit`` (least squares on the closing projections, block by block on the pruned prefix) — the best
 #: measured (docs/benchmarks.md, "Error compensation").

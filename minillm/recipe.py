@@ -19,7 +19,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from minillm.defaults import DEFAULT_COMPENSATION, DEFAULT_CRITERION, DEFAULT_DAMPING, Compensation
+from minillm.defaults import (
+    DEFAULT_COMPENSATION,
+    DEFAULT_CRITERION,
+    DEFAULT_DAMPING,
+    DEFAULT_HEAD_MODE,
+    Compensation,
+)
 from minillm.errors import UsageError
 
 RECIPE_KEY = "recipe"  # where an export's minillm.json keeps the resolved recipe
@@ -41,7 +47,7 @@ class Recipe(BaseModel):
         "uniform", description="uniform widths or global ranking."
     )
     head_mode: Literal["kv", "query"] = Field(
-        "kv", description="kv: whole key/value groups; query: query heads."
+        DEFAULT_HEAD_MODE, description="kv: whole key/value groups; query: query heads evenly per kv group."
     )
     structures: Literal["both", "mlp", "attn"] = Field("both", description="What to prune.")
     skip_first: int = Field(0, ge=0, description="Keep the first N decoder layers whole.")

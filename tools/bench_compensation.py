@@ -127,9 +127,9 @@ def _table(args: argparse.Namespace) -> None:
     rows = [json.loads(line) for line in Path(args.jsonl).read_text().splitlines() if line.strip()]
     dense = next((r for r in rows if r["row"] == "dense"), None)
     forward = {r["calib_samples"]: r for r in rows if r["row"] == "forward"}
-    print("| criterion | compensation | heads | ratio | calib | ppl (64 win) | × dense | ppl (all) | × dense "
-          "| peak × forward | scoring s | compensation s | widths (q/kv/mlp) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| criterion | compensation | head mode | ratio | calib | ppl (64 win) | × dense | ppl (all) "
+          "| × dense | peak RSS GB | peak × forward | scoring s | compensation s | widths (q/kv/mlp) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["row"] in ("dense", "forward"):
             continue
@@ -138,14 +138,17 @@ def _table(args: argparse.Namespace) -> None:
         ppl_all = r.get("ppl_all")
         x_all = f"{ppl_all / dense['ppl_all']:.2f}" if ppl_all and dense and dense.get("ppl_all") else "-"
         probe = forward.get(r["calib_samples"])
-        peak = f"{r['peak'] / probe['peak']:.2f}" if probe and r.get("peak") else "-"
-        print(f"| {criterion} | {mode} | {head_mode} | {r['ratio']} | {r['calib_samples']} "
-              f"| {r['ppl64']:.2f} | {x64} | {ppl_all if ppl_all else '-'} | {x_all} | {peak} "
-              f"| {r['scoring_seconds']} | {r['compensation_seconds']} "
-              f"| {r['heads']}/{r['kv_heads']}/{r['channels']} |")
+        peak = f"{r['peak'] / 1e9:.2f}" if r.get("peak") else "-"
+        ratio = f"{r['peak'] / probe['peak']:.2f}" if probe and r.get("peak") else "-"
+        cells = [criterion, mode, head_mode, r["ratio"], r["calib_samples"], f"{r['ppl64']:.2f}", x64,
+                 ppl_all or "-", x_all, peak, ratio, r["scoring_seconds"], r["compensation_seconds"],
+                 f"{r['heads']}/{r['kv_heads']}/{r['channels']}"]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
     if dense:
         every = f", {dense['ppl_all']} (all {dense['windows']})" if dense.get("ppl_all") else ""
         print(f"\ndense: ppl {dense['ppl64']} (64 windows){every}")
+    for samples, probe in sorted(forward.items()):
+        print(f"plain forward over {samples} calibration windows: peak RSS {probe['peak'] / 1e9:.2f} GB")
 
 
 def main() -> None:

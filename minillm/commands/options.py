@@ -33,7 +33,10 @@ def calib_samples() -> Any:
 
 
 def head_mode() -> Any:
-    return typer.Option("kv", help="kv: remove whole key/value groups; query: query heads evenly.")
+    from minillm.defaults import DEFAULT_HEAD_MODE
+
+    return typer.Option(DEFAULT_HEAD_MODE, help="kv: remove whole key/value groups; query: query heads "
+                        "evenly in every kv group (all kv heads kept).")
 
 
 def structures() -> Any:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minillm.defaults import DEFAULT_COMPENSATION, DEFAULT_DAMPING
+from minillm.defaults import DEFAULT_COMPENSATION, DEFAULT_DAMPING, DEFAULT_HEAD_MODE
 from minillm.errors import UsageError
 
 FORWARD = "forward"  # the reference "method": one plain forward pass over the calibration set
@@ -206,7 +206,7 @@ def compare(
     tasks_dir: str | None = None,
     data_dir: str | None = None,
     limit: int | float | None = None,
-    head_mode: str = "kv",
+    head_mode: str = DEFAULT_HEAD_MODE,
     structures: str = "both",
     skip_first: int = 0,
     skip_last: int = 0,
