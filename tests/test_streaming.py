@@ -206,3 +206,15 @@ def test_block_local_criterion_prunes_with_and_without_the_flag(tmp_path: Path) 
     assert resident.plan.to_dict()["layers"] == result.plan.to_dict()["layers"]
     with pytest.raises(KeyError, match="Did you mean 'fms-local'"):
         prune(model, ratio=0.2, criterion="fms-locl", calib=calibration(), streaming=True, dry_run=True)
+
+
+def test_input_device_of_an_offloaded_model_is_where_it_computes(tmp_path: Path) -> None:
+    """The embeddings of a disk-offloaded model sit on ``meta``; input ids must go to the execution device
+    (the bug: ``calibration.forward.input_device`` returned ``meta``), so a plain loss runs on it."""
+    from minillm.calibration.forward import input_device
+
+    model = tiny_model("llama")
+    disk = offloaded(copy.deepcopy(model), tmp_path / "ckpt")
+    assert disk.get_input_embeddings().weight.device.type == "meta"
+    assert input_device(disk).type == "cpu"
+    assert mean_loss(disk, calibration()) == pytest.approx(mean_loss(model, calibration()), rel=1e-5)
