@@ -208,7 +208,7 @@ def prune(
         from minillm.compensation.layer import CompensationOptions
         from minillm.compensation.sequential import compensate_sequential
 
-        chosen = CompensationOptions(mode=compensation, damping=damping, head_mode=run["head_mode"],
+        chosen = CompensationOptions(mode=compensation, damping=damping,
                                      select="obs" if criterion == "obs" else "plan")
         with measure() as compensating:
             outcome = compensate_sequential(model, adapter, plan, calibration, chosen, progress,

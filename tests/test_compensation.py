@@ -37,7 +37,7 @@ def test_cut_model_equals_compensated_model_with_groups_zeroed(family: str, mode
     model = tiny_model(family)
     adapter = adapter_for(model.config)
     plan = _plan(model, head_mode)
-    options = CompensationOptions(mode=mode, select=select, head_mode=head_mode)
+    options = CompensationOptions(mode=mode, select=select)
     result = compensate_sequential(model, adapter, plan, _calibration(), options)
     assert count_hooks(model) == 0
     cut = copy.deepcopy(model)

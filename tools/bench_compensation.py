@@ -75,7 +75,7 @@ def _one_row(args: argparse.Namespace, first: bool) -> None:
         passes = 0
     else:
         options = CompensationOptions(mode=mode, damping=args.damping,
-                                      select="obs" if criterion == "obs" else "plan", head_mode=head_mode)
+                                      select="obs" if criterion == "obs" else "plan")
         result = compensate_sequential(model, adapter, plan, calibration, options)
         plan, passes = result.plan, result.forward_passes
     apply_plan(model, adapter, plan)

@@ -388,7 +388,7 @@ def _prune_copy(
     plan = plan_from_scores(model, result, ratio, allocation, head_mode, structures)
     if compensation != "none" or method == "obs":
         options = CompensationOptions(mode=compensation, damping=damping,  # type: ignore[arg-type]
-                                      head_mode=head_mode, select="obs" if method == "obs" else "plan")
+                                      select="obs" if method == "obs" else "plan")
         plan = compensate_sequential(model, adapter, plan, calibration, options).plan
     express_biases(model, adapter, expressible_biases(model, adapter))
     apply_plan(model, adapter, plan)

@@ -27,7 +27,7 @@ from minillm.arch.base import ArchAdapter, LayerShape
 from minillm.compensation.hessian import DEFAULT_DAMPING, InputMoments, collect_moments
 from minillm.compensation.obs import obs_order
 from minillm.compensation.refit import fold_mean, refit_weight
-from minillm.plan import HeadMode, LayerPlan
+from minillm.plan import LayerPlan
 
 Mode = Literal["none", "bias", "refit"]
 Select = Literal["plan", "obs"]
@@ -42,7 +42,6 @@ class CompensationOptions:
     mode: Mode = "refit"
     damping: float = DEFAULT_DAMPING
     select: Select = "plan"
-    head_mode: HeadMode = "kv"
 
 
 @dataclass
