@@ -59,6 +59,7 @@ class PruneResult:
     out: Path | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     timeline: Timeline | None = None  # memory/params per stage (reports, closing timings)
+    compensation: Measurement | None = None  # the sequential compensation pass (None: not run)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -109,8 +110,10 @@ def plan_from_scores(model: nn.Module, result: ScoreResult, ratio: float, alloca
                                head_mode, round_to, hidden_scores, layer_scores)
     layers = adapter.decoder_layers(model)
     costs = {i: layer_costs(adapter, layers[i], shapes[i]) for i in shapes}
+    config = model.config
     return build_plan(shapes, costs, result.scores, count_parameters(model), ratio, allocation, head_mode,
-                      structures_label(names))  # type: ignore[arg-type]
+                      structures_label(names),  # type: ignore[arg-type]
+                      expressible=lambda shape: adapter.uniform_config_update(config, shape) is not None)
 
 
 def check_axes_options(names: frozenset[str], allocation: str, round_to: int,
@@ -244,10 +247,15 @@ def prune(
     timeline.mark("scored", count_parameters(model))
     plan = plan_from_scores(model, score, ratio, run["allocation"], run["head_mode"], run["structures"],
                             run["round_to"], hidden_scores, layer_scores)
-    plan.extra = {"criterion": criterion, "layers_scored": layers, "structures": structures_label(names)}
+    plan.extra = {"criterion": criterion, "layers_scored": layers, "structures": structures_label(names),
+                  **plan.extra}
     if layer_scores is not None:
         plan.extra["layer_scores"] = {str(i): v for i, v in layer_scores.items()}
         plan.extra["layer_score"] = run["layer_score"]
+    if plan.extra.get("uniform_note"):
+        import logging
+
+        logging.getLogger("minillm").warning(plan.extra["uniform_note"])
     options = {  # the run's settings as they were used (an in-memory calibration set shows its shape)
         **{k: v for k, v in run.items() if k not in ("device_map", "max_memory", "dtype", "dry_run",
                                                    "max_shard_size", "streaming")},
@@ -267,16 +275,31 @@ def prune(
         result.total_seconds = time.perf_counter() - start
         _write_report(result, report)
         return result
-    if offloaded:  # the cut (and any compensation) happens block by block in the shard writer
+    updates: dict[int, Any] = {}
+    compensation, damping = run["compensation"], run["damping"]
+    if compensation != "none" or criterion == "obs":  # obs re-chooses its groups on the pruned prefix
+        from minillm.compensation.layer import CompensationOptions
+        from minillm.compensation.sequential import compensate_sequential
+
+        chosen = CompensationOptions(mode=compensation, damping=damping,
+                                     select="obs" if criterion == "obs" else "plan")
+        with measure() as compensating:
+            outcome = compensate_sequential(model, adapter, plan, calibration, chosen, progress,
+                                            in_place=not offloaded)
+        plan = result.plan = outcome.plan
+        updates = outcome.updates
+        result.compensation = compensating
+        score.notes["compensation_forward_passes"] = outcome.forward_passes
+        timeline.mark("compensated", count_parameters(model))
+    if offloaded:  # the cut happens block by block in the shard writer (the source model stays as it was)
         from minillm.streaming_export import pruned_skeleton
 
-        pruned = pruned_skeleton(model, adapter, plan, score.compensation)
+        pruned = pruned_skeleton(model, adapter, plan, updates)
     else:
         check_shrinks(plan)  # before surgery changes the caller's model
-        if score.compensation:  # e.g. FLAP: fold removed groups' mean output into biases before slicing
-            from minillm.scoring.compensation import compensate
+        from minillm.compensation.bias import express_biases, expressible_biases
 
-            compensate(model, adapter, plan, score.compensation)
+        express_biases(model, adapter, expressible_biases(model, adapter))  # biases the compensation added
         apply_plan(model, adapter, plan)
         pruned = model
     _count_export(plan, count_parameters(pruned))
@@ -284,6 +307,10 @@ def prune(
     timeline.mark("pruned", plan.params_after)
     result.total_seconds = time.perf_counter() - start
     result.metadata = _metadata(source, plan, options, score, scoring, result.total_seconds, command)
+    if result.compensation is not None:
+        result.metadata["compensation"] = {**result.compensation.as_dict(), "mode": compensation,
+                                           "damping": damping,
+                                           "forward_passes": score.notes["compensation_forward_passes"]}
     result.metadata["recipe"] = export_recipe(source, out, options, device_map=device_map,
                                               max_memory=max_memory, dtype=dtype,
                                               max_shard_size=run["max_shard_size"], report=report,
@@ -297,7 +324,7 @@ def prune(
         written = save_pruned_streaming(model, tokenizer, adapter, plan, folder, result.metadata,
                                         render_card(result.metadata), overwrite=overwrite or out is None,
                                         max_shard_size=run["max_shard_size"], skeleton=pruned,
-                                        compensation=score.compensation, force=force, inputs=inputs)
+                                        updates=updates, force=force, inputs=inputs)
         result.out = written if out is not None else None
         timeline.mark("exported", plan.params_after)
         # the pruned model, offloaded like the dense one was (its weights are read from the export)

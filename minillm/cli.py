@@ -75,6 +75,8 @@ def print_prune_summary(result: Any) -> None:
         table.add_row("layers", f"{len(plan.kept_layers)} kept; removed {', '.join(map(str, removed))}")
     table.add_row("criterion", f"{result.plan.extra.get('criterion')} "
                   f"({result.score.forward_passes} forward, {result.score.backward_passes} backward passes)")
+    if plan.extra.get("uniform_note"):
+        table.add_row("widths", plan.extra["uniform_note"])
     table.add_row("scoring time", f"{result.scoring.seconds:.1f} s")
     table.add_row("total time", f"{result.total_seconds:.1f} s")
     table.add_row("peak memory", f"RSS {human_bytes(result.scoring.peak_rss_bytes)}, "
@@ -142,6 +144,8 @@ def prune(
     seed: int = typer.Option(0, help="Seed for calibration sampling and SPSA perturbations."),
     spsa_steps: int = typer.Option(16, help="SPSA perturbations (2 forward passes each)."),
     spsa_eps: float = options.spsa_eps(),
+    compensation: str = options.compensation(),
+    damping: float = options.damping(),
     device_map: str = typer.Option("auto", help="accelerate device map: auto, balanced, cpu, cuda:0, …"),
     max_memory: str = typer.Option(None, help="Per-device memory cap, e.g. 0=20GiB,cpu=30GiB."),
     dtype: str = options.dtype(),

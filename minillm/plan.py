@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -208,11 +209,15 @@ def build_plan(
     allocation: Allocation = "uniform",
     head_mode: HeadMode = "kv",
     structures: Structures = "both",
+    expressible: Callable[[LayerShape], bool] | None = None,
 ) -> PrunePlan:
     """Turn group scores into a plan removing ``ratio`` of ``total_params`` from the scored layers.
 
     ``shapes`` and ``costs`` cover every decoder layer; layers without ``scores`` are kept whole (the
-    plan still lists them, so it describes the complete architecture).
+    plan still lists them, so it describes the complete architecture). ``expressible``: whether the
+    stock config class can describe every layer having a shape (e.g. transformers refuses
+    ``hidden_size % num_attention_heads != 0``); ``uniform`` then only keeps head counts it can, and
+    the plan's ``extra["uniform_note"]`` says where the rest of the budget went.
     """
     check_ratio(ratio)
     if allocation not in ("uniform", "global"):
@@ -229,8 +234,10 @@ def build_plan(
         head_units = {i: [] for i in scored}
     if structures == "attn":
         channel_units = {i: [] for i in scored}
+    note = ""
     if allocation == "uniform":
-        removed = _uniform(head_units, channel_units, target, len(scored), total_params)
+        removed, note = _uniform(head_units, channel_units, target, len(scored), total_params,
+                                 shapes[scored[0]], expressible)
     else:
         removed = _global(head_units, channel_units, target)
     layers = [_layer_plan(i, shapes[i], removed.get(i, set())) for i in sorted(shapes)]
@@ -242,6 +249,7 @@ def build_plan(
         params_before=total_params,
         params_after=total_params - removed_params,
         target_ratio=ratio,
+        extra={"uniform_note": note} if note else {},
     )
 
 
@@ -252,8 +260,18 @@ def _capacity(head_units: list[_Unit], channel_units: list[_Unit]) -> int:
     return heads + channels
 
 
+def _kept_shape(shape: LayerShape, heads: list[_Unit], n_heads: int) -> LayerShape:
+    """The layer's shape after removing ``n_heads`` head units (channels do not matter here)."""
+    if not heads or not n_heads:
+        return shape
+    kv_gone = n_heads if heads[0].kv_member is not None else 0
+    return LayerShape(shape.num_heads - n_heads * len(heads[0].members), shape.num_kv_heads - kv_gone,
+                      shape.head_dim, shape.intermediate)
+
+
 def _uniform(head_units: dict[int, list[_Unit]], channel_units: dict[int, list[_Unit]], target: float,
-             n_layers: int, total_params: int) -> dict[int, set[_Unit]]:
+             n_layers: int, total_params: int, shape: LayerShape,
+             expressible: Callable[[LayerShape], bool] | None = None) -> tuple[dict[int, set[_Unit]], str]:
     first = min(head_units)
     heads, channels = head_units[first], channel_units[first]
     per_layer = target / n_layers
@@ -267,18 +285,38 @@ def _uniform(head_units: dict[int, list[_Unit]], channel_units: dict[int, list[_
         )
     layer_total = sum(u.cost for u in heads) + sum(u.cost for u in channels)
     fraction = per_layer / layer_total
-    n_heads = min(round(fraction * len(heads)), max(len(heads) - 1, 0)) if heads else 0
+    ideal = min(round(fraction * len(heads)), max(len(heads) - 1, 0)) if heads else 0
     head_cost = heads[0].cost if heads else 0
+    channel_cost = channels[0].cost if channels else 0
+    max_channels = max(len(channels) - 1, 0)
+    if not channels:
+        ideal = min(math.ceil(per_layer / head_cost - 1e-9), len(heads) - 1)
+
+    def fits(n: int) -> bool:  # the channels can carry what the heads leave
+        rest = per_layer - n * head_cost
+        return rest <= 0 or (channels and math.ceil(rest / channel_cost - 1e-9) <= max_channels)
+
+    candidates = [n for n in range(len(heads)) if fits(n)] if heads else [0]
+    if expressible is not None:
+        stock = [n for n in candidates if expressible(_kept_shape(shape, heads, n))]
+        candidates = stock or candidates
+    # the expressible head count closest to the ideal one, fewer removed on a tie (budget to the MLP)
+    n_heads = min(candidates, key=lambda n: (abs(n - ideal), n))
     rest = per_layer - n_heads * head_cost
-    if channels:
-        n_channels = min(max(math.ceil(rest / channels[0].cost - 1e-9), 0), len(channels) - 1)
-    else:
-        n_channels = 0
-        n_heads = min(math.ceil(per_layer / head_cost - 1e-9), len(heads) - 1)
-    return {
+    n_channels = min(max(math.ceil(rest / channel_cost - 1e-9), 0), max_channels) if channels else 0
+    note = ""
+    if n_heads != ideal:
+        kept = _kept_shape(shape, heads, n_heads)
+        moved = (ideal - n_heads) * head_cost
+        where = "to MLP channels" if moved > 0 else "from MLP channels"
+        note = (f"uniform keeps {kept.num_heads} of {shape.num_heads} heads per layer (not "
+                f"{_kept_shape(shape, heads, ideal).num_heads}, which the stock config cannot express); "
+                f"{abs(moved):,} parameters per layer moved {where} ({n_channels} channels removed)")
+    removed = {
         i: _remove_lowest(head_units[i], n_heads) | _remove_lowest(channel_units[i], n_channels)
         for i in head_units
     }
+    return removed, note
 
 
 def _global(head_units: dict[int, list[_Unit]], channel_units: dict[int, list[_Unit]], target: float

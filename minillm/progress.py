@@ -121,7 +121,8 @@ def progress_reporter(console: Any, verbosity: int = 1) -> Iterator[ProgressRepo
         yield reporter
 
 
-_STAGE_NAMES = {"loaded": "load", "scored": "scoring", "pruned": "plan+surgery", "exported": "export"}
+_STAGE_NAMES = {"loaded": "load", "scored": "scoring", "compensated": "compensation",
+                "pruned": "plan+surgery", "exported": "export"}
 
 
 def timings_line(stages: dict[str, float], steps: dict[str, tuple[int, float]], total: float) -> str:

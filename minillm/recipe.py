@@ -26,7 +26,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from minillm.defaults import DEFAULT_CRITERION
+from minillm.defaults import (
+    DEFAULT_COMPENSATION,
+    DEFAULT_CRITERION,
+    DEFAULT_DAMPING,
+    DEFAULT_HEAD_MODE,
+    Compensation,
+)
 from minillm.errors import UsageError
 
 RECIPE_KEY = "recipe"  # where an export's minillm.json keeps the resolved recipe
@@ -48,7 +54,7 @@ class Recipe(BaseModel):
         "uniform", description="uniform widths or global ranking."
     )
     head_mode: Literal["kv", "query"] = Field(
-        "kv", description="kv: whole key/value groups; query: query heads."
+        DEFAULT_HEAD_MODE, description="kv: whole key/value groups; query: query heads evenly per kv group."
     )
     structures: str = Field(
         "both", description="What to prune: comma list of attn, mlp, hidden, layers (both = attn,mlp)."
@@ -68,6 +74,14 @@ class Recipe(BaseModel):
     spsa_eps: float = Field(1e-3, gt=0.0, description="SPSA perturbation size.")
     criterion_options: dict[str, Any] = Field(
         default_factory=dict, description="Criterion-specific settings."
+    )
+    compensation: Compensation = Field(
+        DEFAULT_COMPENSATION,
+        description="After the cut, block by block on the pruned prefix: refit (least squares on o_proj / "
+        "down_proj), bias (fold removed inputs' means into a bias) or none.",
+    )
+    damping: float = Field(
+        DEFAULT_DAMPING, ge=0.0, description="λ of the compensation's H + λ·mean(diag H)·I."
     )
     device_map: str | dict[str, Any] | None = Field("auto", description="accelerate device map.")
     max_memory: str | dict[str, Any] | None = Field(

@@ -24,7 +24,7 @@ import torch
 from minillm.errors import UsageError
 
 #: Criteria that never evaluate the model's loss (no LM head resident with a batch of logits).
-WITHOUT_LOSS = frozenset({"magnitude", "magnitude-l2", "random", "wanda-sp", "flap", "fms-local"})
+WITHOUT_LOSS = frozenset({"magnitude", "magnitude-l2", "random", "wanda-sp", "flap", "fms-local", "obs"})
 
 #: Criteria that keep every block's calibration inputs for a block-local backward pass.
 KEEPS_BLOCK_INPUTS = frozenset({"taylor", "taylor-fisher", "taylor-vector", "taylor-lowmem", "taylor-gate",

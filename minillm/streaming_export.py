@@ -30,13 +30,13 @@ from torch import nn
 
 from minillm.arch.base import ArchAdapter
 from minillm.calibration.blocks import resident
+from minillm.compensation.bias import express_biases, expressible_biases, set_closings
 from minillm.export import (
     METADATA_FILE,
     add_remote_code,
     atomic_output_dir,
 )
 from minillm.plan import PrunePlan
-from minillm.scoring.compensation import compensate, express_biases, fold_removed_means
 from minillm.surgery import apply_plan
 
 WEIGHTS_NAME = "model.safetensors"
@@ -80,10 +80,10 @@ class _Producer:
     """Pruned tensors on CPU, one unit (decoder block or other module) resident at a time."""
 
     def __init__(self, model: nn.Module, adapter: ArchAdapter, plan: PrunePlan,
-                 compensation: dict[str, torch.Tensor] | None = None,
+                 updates: dict[int, dict[str, Any]] | None = None,
                  bias_families: dict[str, str] | None = None) -> None:
         self.model, self.adapter, self.plan = model, adapter, plan
-        self.compensation = compensation or {}
+        self.updates = updates or {}
         self.bias_families = bias_families or {}
         self.workbench = meta_skeleton(model)
         names = {id(m): n for n, m in model.named_modules()}
@@ -122,8 +122,8 @@ class _Producer:
         bench.load_state_dict(state, assign=True)  # no copy: slicing below makes new tensors
         del state
         sub = _sub_plan(self.plan, index)
-        if sub is not None and self.compensation:  # on the dense block, before slicing, as in memory
-            fold_removed_means(self.workbench, self.adapter, sub, self.compensation)
+        if index in self.updates:  # the compensated closings, on the dense block, before slicing
+            set_closings(self.workbench, self.adapter, self.updates, layers=[index])
         express_biases(self.workbench, self.adapter, self.bias_families, layers=[bench])  # every block
         if sub is not None:
             apply_plan(self.workbench, self.adapter, sub)
@@ -155,15 +155,17 @@ def _write_shards(state: dict[str, torch.Tensor], produce: Any, folder: Path, ma
 
 
 def pruned_skeleton(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan,
-                    compensation: dict[str, torch.Tensor] | None = None) -> nn.Module:
+                    updates: dict[int, dict[str, Any]] | None = None) -> nn.Module:
     """The meta skeleton with the whole plan applied: final shapes and config, no weights.
 
-    With ``compensation`` (FLAP) the closing projections gain their biases here too, so the skeleton's
-    shapes, parameter count and export path are those of the compensated model.
+    With ``updates`` (the sequential compensation's closings) the closing projections gain their
+    biases here too, so the skeleton's shapes, parameter count and export path are those of the
+    compensated model.
     """
     skeleton = meta_skeleton(model)
-    if compensation:
-        compensate(skeleton, adapter, plan, compensation)
+    if updates:
+        set_closings(skeleton, adapter, updates)
+        express_biases(skeleton, adapter, expressible_biases(skeleton, adapter))
     apply_plan(skeleton, adapter, plan)
     return skeleton
 
@@ -179,7 +181,7 @@ def save_pruned_streaming(
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
     skeleton: nn.Module | None = None,
-    compensation: dict[str, torch.Tensor] | None = None,
+    updates: dict[int, dict[str, Any]] | None = None,
     force: bool = False,
     inputs: tuple[str | Path, ...] = (),
 ) -> Path:
@@ -187,7 +189,7 @@ def save_pruned_streaming(
     from accelerate.utils import convert_file_size_to_int
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    skeleton = skeleton if skeleton is not None else pruned_skeleton(model, adapter, plan, compensation)
+    skeleton = skeleton if skeleton is not None else pruned_skeleton(model, adapter, plan, updates)
     max_bytes = (
         convert_file_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     )
@@ -202,7 +204,7 @@ def save_pruned_streaming(
         families = {
             f: flag for f, flag in flags if getattr(config, flag, False) != getattr(model.config, flag, False)
         }
-        producer = _Producer(model, adapter, plan, compensation, families)
+        producer = _Producer(model, adapter, plan, updates, families)
         _write_shards(state, producer.get, tmp, max_bytes)
         config.dtype = model.dtype
         config.save_pretrained(tmp)

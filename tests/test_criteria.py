@@ -14,7 +14,7 @@ from minillm.arch import adapter_for
 from minillm.calibration.data import CalibrationSet
 from minillm.calibration.hooks import count_hooks
 from minillm.calibration.spsa import SpsaConfig
-from minillm.scoring.compensation import fold_removed_means
+from minillm.compensation.bias import fold_removed_means
 from minillm.surgery import apply_plan, mask_plan, validate_layer_plan
 
 MY_CRITERIA = [

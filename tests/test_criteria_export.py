@@ -1,5 +1,6 @@
-"""FLAP's bias compensation survives export: the added closing-projection biases reload (fresh process,
-transformers only) with identical logits, while criteria without compensation keep the vanilla export."""
+"""Bias compensation (``--compensation bias``, FLAP's) survives export: the added closing-projection biases
+reload (fresh process, transformers only) with identical logits, while runs that add no bias keep the
+vanilla export."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def test_flap_export_keeps_the_compensation_bias(tmp_path: Path, family: str, al
         allocation=allocation,
         tokenizer=tiny_tokenizer(),
         out=out,
+        compensation="bias",
     )
     config = json.loads((out / "config.json").read_text())
     assert (out / "modeling_minillm.py").is_file() == remote
@@ -55,7 +57,7 @@ def test_flap_export_keeps_the_compensation_bias(tmp_path: Path, family: str, al
     torch.testing.assert_close(reloaded["logits"], expected, atol=1e-5, rtol=0)
 
 
-def test_criteria_without_compensation_keep_the_vanilla_export(tmp_path: Path) -> None:
+def test_refit_compensation_keeps_the_vanilla_export(tmp_path: Path) -> None:
     out = tmp_path / "pruned"
     calibration = CalibrationSet(random_ids(4, 16, seed=1), batch_size=2)
     prune(

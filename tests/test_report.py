@@ -42,7 +42,7 @@ def test_prune_report_has_the_per_layer_chart(tmp_path, calib_file):
     for layer in result.plan.layers:  # the per-layer table lists every layer's kept/original widths
         assert f"{len(layer.channels)} / 96" in page
     stages = [s.stage for s in result.timeline.samples if s.params is not None]
-    assert stages == ["loaded", "scored", "pruned", "exported"]
+    assert stages == ["loaded", "scored", "compensated", "pruned", "exported"]
     params = [s.params for s in result.timeline.samples if s.params is not None]
     assert params[0] == result.plan.params_before and params[-1] == result.plan.params_after
 

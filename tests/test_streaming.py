@@ -18,10 +18,11 @@ from minillm.arch import adapter_for
 from minillm.calibration.data import CalibrationSet
 from minillm.calibration.forward import mean_loss
 from minillm.calibration.spsa import SpsaConfig, estimate_gradient
+from minillm.compensation.layer import CompensationOptions
+from minillm.compensation.sequential import compensate_sequential
 from minillm.errors import UsageError
 from minillm.loading import load_model
 from minillm.scoring.base import ScoringContext
-from minillm.scoring.compensation import compensate
 from minillm.streaming import block_budget, prepare_streaming_load, streaming_max_memory
 from minillm.surgery import mask_plan
 
@@ -68,15 +69,15 @@ def _digest(folder: Path) -> str:
 
 
 @pytest.mark.parametrize(
-    ("criterion", "allocation", "cap", "placement"),
+    ("criterion", "allocation", "cap", "placement", "compensation"),
     [
-        ("wanda-sp", "uniform", "30KB", {"disk"}),  # everything offloaded to disk
-        ("fms", "global", "300KB", {"cpu", "disk"}),  # a mixed map: the multi-device code path
-        ("flap", "uniform", "30KB", {"disk"}),  # bias compensation folded block by block
+        ("wanda-sp", "uniform", "30KB", {"disk"}, "refit"),  # everything offloaded to disk
+        ("fms", "global", "300KB", {"cpu", "disk"}, "refit"),  # a mixed map: the multi-device code path
+        ("flap", "uniform", "30KB", {"disk"}, "bias"),  # bias compensation folded block by block
     ],
 )
 def test_offloaded_prune_exports_shards_and_mask_equals_surgery(
-    tmp_path: Path, criterion: str, allocation: str, cap: str, placement: set[str]
+    tmp_path: Path, criterion: str, allocation: str, cap: str, placement: set[str], compensation: str
 ) -> None:
     dense = tiny_model("llama")
     source = _write_checkpoint(dense, tmp_path / "src")
@@ -100,6 +101,7 @@ def test_offloaded_prune_exports_shards_and_mask_equals_surgery(
         spsa_steps=2,
         streaming=True,
         max_shard_size="40KB",
+        compensation=compensation,
     )
     out = tmp_path / "out"
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -108,8 +110,9 @@ def test_offloaded_prune_exports_shards_and_mask_equals_surgery(
     assert (out / "modeling_minillm.py").is_file() == remote
     pruned = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=remote).eval()
     assert sum(p.numel() for p in pruned.parameters()) == result.plan.params_after < result.plan.params_before
-    masked = tiny_model("llama")
-    compensate(masked, adapter_for(masked.config), result.plan, result.score.compensation)
+    masked = tiny_model("llama")  # the dense model, compensated in memory, removed groups zeroed
+    compensate_sequential(masked, adapter_for(masked.config), result.plan, calibration(),
+                          CompensationOptions(mode=compensation))
     mask_plan(masked, adapter_for(masked.config), result.plan)
     ids = random_ids(2, 12, seed=5)
     with torch.no_grad():
@@ -127,7 +130,7 @@ def test_streaming_export_matches_in_memory_export(tmp_path: Path) -> None:
     files = {p.name for p in (tmp_path / "b").glob("*.safetensors")}
     weight_map = json.loads((tmp_path / "b" / "model.safetensors.index.json").read_text())["weight_map"]
     assert "lm_head.weight" not in weight_map and files == set(weight_map.values())
-    # 3 of 4 heads: hidden 64 is not a multiple of 3, so both go through the per-layer (remote-code) export
+    # both exports load the same way (trust_remote_code is harmless when the stock config expresses them)
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "a", trust_remote_code=True).state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "b", trust_remote_code=True).state_dict()
     assert a.keys() == b.keys()
@@ -190,7 +193,7 @@ def test_block_local_criterion_prunes_with_and_without_the_flag(tmp_path: Path) 
     ``streaming=True`` (export loads, mask ≡ surgery); a typo gets a did-you-mean."""
     model = tiny_model("llama")
     result = prune(copy.deepcopy(model), ratio=0.25, criterion="fms-local", calib=calibration(),
-                   streaming=True, spsa_steps=2, out=tmp_path / "out")
+                   streaming=True, spsa_steps=2, out=tmp_path / "out", compensation="none")
     assert result.plan.achieved_ratio > 0.1
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
     masked = copy.deepcopy(model)

@@ -15,8 +15,9 @@ from helpers import offloaded
 from minillm.api import prune
 from minillm.arch import adapter_for
 from minillm.calibration.data import CalibrationSet
+from minillm.compensation.layer import CompensationOptions
+from minillm.compensation.sequential import compensate_sequential
 from minillm.scoring import CRITERIA
-from minillm.scoring.compensation import compensate
 from minillm.surgery import mask_plan
 
 
@@ -31,8 +32,8 @@ def test_streaming_prune_returns_the_pruned_model(tmp_path: Path, criterion: str
     pruned = result.model
     assert pruned is not disk
     assert sum(p.numel() for p in pruned.parameters()) == result.plan.params_after < result.plan.params_before
-    masked = copy.deepcopy(dense)
-    compensate(masked, adapter_for(masked.config), result.plan, result.score.compensation)
+    masked = copy.deepcopy(dense)  # compensated in memory as the default refit does, groups zeroed
+    compensate_sequential(masked, adapter_for(masked.config), result.plan, calib, CompensationOptions())
     mask_plan(masked, adapter_for(masked.config), result.plan)
     ids = random_ids(2, 12, seed=5)
     with torch.no_grad():

@@ -33,7 +33,10 @@ def calib_samples() -> Any:
 
 
 def head_mode() -> Any:
-    return typer.Option("kv", help="kv: remove whole key/value groups; query: query heads evenly.")
+    from minillm.defaults import DEFAULT_HEAD_MODE
+
+    return typer.Option(DEFAULT_HEAD_MODE, help="kv: remove whole key/value groups; query: query heads "
+                        "evenly in every kv group (all kv heads kept).")
 
 
 def structures() -> Any:
@@ -76,3 +79,16 @@ def force() -> Any:
 
 def overwrite_file() -> Any:
     return typer.Option(False, "--overwrite", help="Replace an existing --json / --report file.")
+
+
+def compensation() -> Any:
+    from minillm.defaults import DEFAULT_COMPENSATION
+
+    return typer.Option(DEFAULT_COMPENSATION, help="After the cut, block by block on the pruned prefix: "
+                        "refit (least squares on o_proj/down_proj), bias (FLAP's mean folding) or none.")
+
+
+def damping() -> Any:
+    from minillm.defaults import DEFAULT_DAMPING
+
+    return typer.Option(DEFAULT_DAMPING, help="λ of the compensation's H + λ·mean(diag H)·I.")

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from minillm.defaults import DEFAULT_COMPENSATION, DEFAULT_DAMPING, DEFAULT_HEAD_MODE
 from minillm.errors import UsageError
 
 FORWARD = "forward"  # the reference "method": one plain forward pass over the calibration set
@@ -206,7 +207,7 @@ def compare(
     tasks_dir: str | None = None,
     data_dir: str | None = None,
     limit: int | float | None = None,
-    head_mode: str = "kv",
+    head_mode: str = DEFAULT_HEAD_MODE,
     structures: str = "both",
     skip_first: int = 0,
     skip_last: int = 0,
@@ -214,6 +215,8 @@ def compare(
     spsa_steps: int = 16,
     spsa_eps: float = 1e-3,
     criterion_options: dict[str, Any] | None = None,
+    compensation: str = DEFAULT_COMPENSATION,
+    damping: float = DEFAULT_DAMPING,
     tokenizer: Any = None,
     device_map: str | None = "auto",
     dtype: str = "auto",
@@ -241,6 +244,8 @@ def compare(
     for allocation in allocations:
         if allocation not in ("uniform", "global"):
             raise UsageError(f"--allocations must be uniform and/or global (got {allocation!r})")
+    if compensation not in ("none", "bias", "refit"):
+        raise UsageError(f"--compensation must be none, bias or refit (got {compensation!r})")
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise UsageError(f"--out {str(out_dir)!r} is a file; give a folder path")
     if out_dir is not None:
@@ -311,7 +316,8 @@ def compare(
     for done, (method, ratio, allocation) in enumerate(jobs):
         scores = all_scores[method]
         pruned = copy.deepcopy(model)
-        _prune_copy(pruned, adapter, scores, ratio, allocation, head_mode, structures, plan_from_scores)
+        _prune_copy(pruned, adapter, scores, ratio, allocation, head_mode, structures, plan_from_scores,
+                    calibration, method, compensation, damping)
         ppl, accuracy = _evaluate(
             pruned,
             tokenizer,
@@ -354,6 +360,8 @@ def compare(
         "seed": seed,
         "head_mode": head_mode,
         "structures": structures,
+        "compensation": compensation,
+        "damping": damping,
         "layers": f"{layers[0]}-{layers[-1]}",
         "isolated": isolate,
         "memory": "CUDA max allocated" if torch.cuda.is_available() else "peak RSS (VmHWM) during scoring",
@@ -375,15 +383,25 @@ def _prune_copy(
     head_mode: str,
     structures: str,
     plan_from_scores: Callable,
+    calibration: Any,
+    method: str,
+    compensation: str,
+    damping: float,
 ) -> None:
+    """Plan, compensate and cut ``model`` (a copy) exactly as ``prune`` does with the same settings."""
+    from minillm.compensation.bias import express_biases, expressible_biases
+    from minillm.compensation.layer import CompensationOptions
+    from minillm.compensation.sequential import compensate_sequential
     from minillm.scoring import ScoreResult
-    from minillm.scoring.compensation import compensate
     from minillm.surgery import apply_plan
 
     result = ScoreResult(scores=scores.scores, compensation=scores.compensation)
     plan = plan_from_scores(model, result, ratio, allocation, head_mode, structures)
-    if scores.compensation:
-        compensate(model, adapter, plan, scores.compensation)
+    if compensation != "none" or method == "obs":
+        options = CompensationOptions(mode=compensation, damping=damping,  # type: ignore[arg-type]
+                                      select="obs" if method == "obs" else "plan")
+        plan = compensate_sequential(model, adapter, plan, calibration, options).plan
+    express_biases(model, adapter, expressible_biases(model, adapter))
     apply_plan(model, adapter, plan)
 
 

@@ -70,4 +70,4 @@ class Timeline:
 
 
 #: Stage marks :func:`minillm.api.prune` sets, in order (anything else in a timeline is a progress task).
-_MARKS = ("start", "loaded", "scored", "pruned", "exported")
+_MARKS = ("start", "loaded", "scored", "compensated", "pruned", "exported")

@@ -35,6 +35,8 @@ _ENTRIES = [
      "exact ∂L/∂gate per head / channel, weights frozen, checkpointed blocks"),
     ("taylor-gate-fisher", "taylor_gate:score_taylor_gate_fisher", "taylor-gate, second order (gate Fisher)"),
     ("taylor-gate-fms", "taylor_gate:score_taylor_gate_fms", "taylor-gate × FMS's weight·activation factor"),
+    ("obs", "obs:score_obs",
+     "Optimal Brain Surgeon greedy removal on the closing projections (with --compensation refit: SlimGPT)"),
     ("fwd-grad", "fwd_grad:score_fwd_grad", "forward-mode jvp on the gates, one tangent per sequence"),
 ]
 for _name, _target, _summary in _ENTRIES:

@@ -81,7 +81,7 @@ class ScoreResult:
     notes: dict[str, Any] = field(default_factory=dict)
     #: Per-layer mean input of the closing projections, ``{"<layer>.attn" | "<layer>.mlp": tensor}``, for
     #: criteria that fold removed groups' mean output into a bias (FLAP); applied by
-    #: :func:`minillm.scoring.compensation.fold_removed_means` before surgery or masking.
+    #: :func:`minillm.compensation.bias.fold_removed_means` before surgery or masking.
     compensation: dict[str, Any] = field(default_factory=dict)
 
 

@@ -11,7 +11,7 @@
    plan's ``global`` allocation — which ranks units by score per parameter — ranks them by ``z`` exactly
    as FLAP does, with the parameter budget filled the same way. Under ``uniform`` it is FLAP's UL-UM.
 4. Bias compensation: the calibration mean of every removed channel is folded into a bias of the
-   closing projection (:mod:`minillm.scoring.compensation`).
+   closing projection (:mod:`minillm.compensation.bias`).
 
 Paper: https://arxiv.org/abs/2312.11983
 """

@@ -6,9 +6,17 @@ constant ``Σ_{j removed} W[:, j] · x̄_j`` is a bias. Applied to the *dense* m
 before masking, for the mask ≡ surgery check), so both see exactly the same compensation. Projections
 without a bias gain one; the export then records it (see :mod:`minillm.export`), so the checkpoint
 loads with the bias instead of silently dropping it.
+
+``--compensation bias`` folds the same quantity block by block on the pruned prefix
+(:func:`minillm.compensation.refit.fold_mean`); :func:`fold_removed_means` here folds the dense model's
+means (what ``compare`` uses for FLAP). :func:`set_closings` writes compensated closing projections
+(the sequential pass's results for offloaded blocks) into a model or a meta skeleton; the bias helpers
+below then make any bias a closing projection gained loadable.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,6 +54,27 @@ def fold_removed_means(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan,
         if mlp_mean is not None:
             removed = sorted(set(range(shape.intermediate)) - set(layer_plan.channels))
             _fold(adapter.mlp(layer).closing, removed, mlp_mean)
+
+
+@torch.no_grad()
+def set_closings(model: nn.Module, adapter: ArchAdapter, updates: dict[int, dict[str, Any]],
+                 layers: list[int] | None = None) -> None:
+    """Give closing projections their compensated weight and bias (``{layer: {"attn"|"mlp": update}}``,
+    updates with ``.weight`` / ``.bias``). On a meta skeleton only the bias's existence matters."""
+    blocks = adapter.decoder_layers(model)
+    for index, families in updates.items():
+        if layers is not None and index not in layers:
+            continue
+        for family, update in families.items():
+            layer = blocks[index]
+            linear = adapter.attention(layer).o if family == "attn" else adapter.mlp(layer).closing
+            device, dtype = linear.weight.device, linear.weight.dtype
+            if device.type != "meta":  # new tensors: the old ones may be shared with the source model
+                linear.weight = nn.Parameter(update.weight.to(device, dtype, copy=True), requires_grad=False)
+            if update.bias is not None:
+                bias = (torch.zeros(linear.out_features, dtype=dtype, device=device) if device.type == "meta"
+                        else update.bias.to(device, dtype, copy=True))
+                linear.bias = nn.Parameter(bias, requires_grad=False)
 
 
 def expressible_biases(model: nn.Module, adapter: ArchAdapter) -> dict[str, str]:

@@ -1,0 +1,124 @@
+"""The sequential compensation pass: cut and compensate block after block on the pruned prefix.
+
+Why sequential: block ``i``'s compensation is fitted to the inputs it will really see — the outputs of
+blocks ``0…i−1`` *after* they were cut and compensated — so later blocks correct what earlier cuts
+left (SlimGPT, OSSCAR, ZipLM). For each block in order: :func:`~minillm.compensation.layer.compensate_block`
+(attention, then MLP), then the changed block runs once more to make the next block's inputs.
+
+Offloaded blocks (``--streaming``): their loaded weights are dropped when the walk leaves them, so the
+compensated closing projections are kept (on CPU, in the model's dtype) and handed to the export —
+the o_proj and down_proj of every pruned block, about a third of the block weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from minillm.arch.base import ArchAdapter
+from minillm.calibration.blocks import is_offloaded
+from minillm.calibration.data import CalibrationSet
+from minillm.calibration.sequential import Block, Sequential
+from minillm.compensation.layer import ClosingUpdate, CompensationOptions, compensate_block
+from minillm.plan import PrunePlan
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class CompensationResult:
+    """The plan as cut (re-selected groups under ``select="obs"``) and, for offloaded blocks, their
+    compensated closing projections ``{layer: {"attn" | "mlp": update}}``."""
+
+    plan: PrunePlan
+    updates: dict[int, dict[str, ClosingUpdate]] = field(default_factory=dict)
+    forward_passes: int = 0
+
+
+class _Stop(Exception):
+    """Raised after the module whose inputs are being measured: the rest of the block is not needed."""
+
+
+@contextmanager
+def _stopping_after(module: nn.Module) -> Iterator[None]:
+    def stop(*_: object) -> None:
+        raise _Stop
+
+    handle = module.register_forward_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _changes(plan: PrunePlan, model: nn.Module, adapter: ArchAdapter) -> list[int]:
+    shapes = {p.index: adapter.layer_shape(model, p.index) for p in plan.layers}
+    return [p.index for p in plan.layers
+            if len(p.heads) < shapes[p.index].num_heads or len(p.channels) < shapes[p.index].intermediate]
+
+
+def _to_cpu(update: ClosingUpdate) -> ClosingUpdate:
+    return ClosingUpdate(update.weight.to("cpu", copy=True),
+                         None if update.bias is None else update.bias.to("cpu", copy=True))
+
+
+def compensate_sequential(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan,
+                          calibration: CalibrationSet, options: CompensationOptions,
+                          progress: Progress | None = None, in_place: bool = True) -> CompensationResult:
+    """Compensate every block ``plan`` cuts, in order.
+
+    ``in_place``: the model keeps the compensated closing projections (dense shapes; removed groups'
+    columns zero, so :func:`~minillm.surgery.apply_plan` afterwards changes nothing the model computes).
+    Otherwise — and always for offloaded blocks — each block is restored after it fed the next one and
+    its compensated closings are returned in :attr:`CompensationResult.updates` (for the block-by-block
+    export), so the source model is left as it was.
+    """
+    changed = _changes(plan, model, adapter)
+    result = CompensationResult(plan=plan)
+    if not changed or (options.mode == "none" and options.select == "plan"):
+        return result
+    layer_plans = {p.index: p for p in plan.layers}
+    offloaded = {i: is_offloaded(adapter.decoder_layers(model)[i]) for i in changed}  # before resident()
+    passes = 0
+
+    def per_block(block: Block) -> None:
+        nonlocal passes
+
+        def forward(stop_after: nn.Module) -> None:
+            nonlocal passes
+            with torch.no_grad(), _stopping_after(stop_after):
+                for batch in block.inputs:
+                    try:
+                        block.call(batch)
+                    except _Stop:
+                        pass
+            passes += 1
+
+        i, layer = block.index, block.layer
+        closings = {"attn": adapter.attention(layer).o, "mlp": adapter.mlp(layer).closing}
+        record = offloaded[i] or not in_place
+        saved = {name: (linear.weight.detach().clone(),
+                        None if linear.bias is None else linear.bias.detach().clone())
+                 for name, linear in closings.items() if record}
+        shape = adapter.layer_shape(model, i)
+        layer_plans[i], updates = compensate_block(layer, adapter, layer_plans[i], shape, forward, options)
+        block.forward(advance=True)  # the compensated block feeds the next one
+        passes += 1
+        if record:  # keep the result, put the block back as it was (an offloaded copy goes back to meta)
+            result.updates[i] = {name: _to_cpu(u) for name, u in updates.items()}
+            for name, (weight, bias) in saved.items():
+                closings[name].weight.data.copy_(weight)
+                if bias is None:
+                    closings[name].bias = None
+                else:
+                    closings[name].bias.data.copy_(bias)
+
+    Sequential(model, adapter, calibration, progress=progress).run(per_block, layers=changed,
+                                                                   task="compensation")
+    result.plan = replace(plan, layers=[layer_plans[p.index] for p in plan.layers])
+    result.forward_passes = passes + max(changed) + 1 - len(changed)
+    return result

@@ -1,0 +1,148 @@
+"""The compensation math on small float64 problems: refit = least squares, OBS = greedy exact removal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minillm.compensation.hessian import InputMoments, collect_moments, damped
+from minillm.compensation.obs import obs_order
+from minillm.compensation.refit import fold_mean, refit_weight, solve_kept
+
+
+def _data(n: int = 400, d: int = 12, out: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(d, d, generator=g, dtype=torch.float64)  # correlated inputs: refit has work to do
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) @ mixing + 0.3
+    w = torch.randn(out, d, generator=g, dtype=torch.float64)
+    return x, w
+
+
+def _moments(x: torch.Tensor) -> InputMoments:
+    moments = InputMoments.zeros(x.shape[1])
+    for chunk in x.split(64):  # running sums over batches
+        moments.add(chunk)
+    return moments
+
+
+def test_moments_accumulate_exactly() -> None:
+    x, _ = _data()
+    moments = _moments(x)
+    torch.testing.assert_close(moments.gram, x.T @ x)
+    torch.testing.assert_close(moments.mean, x.mean(0))
+    assert moments.count == x.shape[0]
+    h = damped(moments.gram, 0.1)
+    torch.testing.assert_close(h - moments.gram, 0.1 * moments.gram.diagonal().mean() * torch.eye(12,
+                               dtype=torch.float64))
+
+
+def test_refit_equals_closed_form_least_squares() -> None:
+    x, w = _data()
+    keep = torch.tensor([0, 2, 3, 5, 7, 8, 11])
+    new, bias = refit_weight(w, _moments(x), keep, damping=0.0)
+    expected = torch.linalg.lstsq(x[:, keep], x @ w.T).solution  # min ‖X Wᵀ − X_K B_K‖
+    torch.testing.assert_close(new[:, keep], expected.T, rtol=1e-9, atol=1e-9)
+    removed = [c for c in range(12) if c not in keep.tolist()]
+    assert torch.count_nonzero(new[:, removed]) == 0 and bias is None
+
+
+def test_refit_with_bias_equals_affine_least_squares() -> None:
+    x, w = _data()
+    b = torch.randn(5, dtype=torch.float64)
+    keep = torch.tensor([1, 4, 6, 9])
+    new, bias = refit_weight(w, _moments(x), keep, damping=0.0, bias=b, with_bias=True)
+    design = torch.cat([x[:, keep], torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+    expected = torch.linalg.lstsq(design, x @ w.T + b).solution
+    torch.testing.assert_close(new[:, keep], expected[:-1].T, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(bias, expected[-1], rtol=1e-9, atol=1e-9)
+
+
+def _error(x: torch.Tensor, w: torch.Tensor, new: torch.Tensor, b: torch.Tensor | None = None,
+           new_b: torch.Tensor | None = None) -> float:
+    target = x @ w.T + (b if b is not None else 0)
+    return float(((x @ new.T + (new_b if new_b is not None else 0)) - target).pow(2).sum())
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.01, 0.1])
+def test_compensation_never_raises_the_calibration_error(damping: float) -> None:
+    x, w = _data()
+    moments = _moments(x)
+    keep = torch.tensor([0, 1, 4, 5, 6, 10])
+    sliced = w.clone()
+    sliced[:, [c for c in range(12) if c not in keep.tolist()]] = 0
+    plain = _error(x, w, sliced)
+    folded, folded_bias = fold_mean(w, moments, keep, None)
+    refit, _ = refit_weight(w, moments, keep, damping)
+    affine, affine_bias = refit_weight(w, moments, keep, damping, with_bias=True)
+    torch.testing.assert_close(folded, sliced)
+    assert _error(x, w, folded, None, folded_bias) <= plain
+    assert _error(x, w, refit) <= plain
+    assert _error(x, w, affine, None, affine_bias) <= _error(x, w, folded, None, folded_bias)
+
+
+def test_solve_kept_is_the_obs_update() -> None:
+    """B'_K = B_K + H_KK⁻¹ H_KR B_R: the same as solving H_KK B'_K = (H B)_K."""
+    x, w = _data()
+    h = damped(x.T @ x, 0.05)
+    keep = torch.tensor([3, 4, 5, 6, 7])
+    rows = solve_kept(w.T, x.T @ x, keep, 0.05)
+    expected = torch.linalg.solve(h[keep][:, keep], (h @ w.T)[keep])
+    torch.testing.assert_close(rows, expected)
+
+
+def test_obs_removes_a_zero_group_first() -> None:
+    x, w = _data(d=12)
+    groups = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    w[:, 6:9] = 0  # group 2 contributes nothing: exactly removable
+    result = obs_order(w, x.T @ x, groups, count=2, damping=0.01)
+    assert result.order[0] == 2 and result.costs[0] == 0.0
+    assert len(result.order) == 2 and result.costs[1] > 0
+
+
+def test_obs_removes_an_exactly_redundant_channel_first() -> None:
+    x, w = _data(d=8)
+    x[:, 5] = 2.0 * x[:, 1] - x[:, 3]  # any one of channels 1, 3, 5 is the others' combination
+    result = obs_order(w, x.T @ x, [[c] for c in range(8)], count=1, damping=1e-10)
+    assert result.order[0] in (1, 3, 5)
+    assert result.costs[0] < 1e-6 * float((x @ w.T).pow(2).sum())
+
+
+def test_obs_final_weights_equal_the_refit_of_the_survivors() -> None:
+    """Greedy removal with updates ends where the exact refit of what it kept is."""
+    from minillm.compensation import obs as obs_module
+
+    x, w = _data(d=10)
+    gram = x.T @ x
+    b = w.T.clone()
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(damped(gram, 0.01)))
+    for rows in ([2], [7, 8], [4]):
+        obs_module._remove(b, hinv, torch.tensor(rows))
+    keep = torch.tensor([0, 1, 3, 5, 6, 9])
+    torch.testing.assert_close(b[keep], solve_kept(w.T, gram, keep, 0.01), rtol=1e-8, atol=1e-8)
+
+
+def test_obs_families_shrink_together() -> None:
+    """Query-head mode: every kv group (family) loses one query head per round."""
+    x, w = _data(d=12)
+    groups = [[c, c + 1] for c in range(0, 12, 2)]  # six heads of two columns
+    families = [[0, 1, 2], [3, 4, 5]]  # two kv groups of three query heads
+    result = obs_order(w, x.T @ x, groups, count=2, damping=0.01, families=families)
+    assert len(result.order) == 4
+    assert sum(g < 3 for g in result.order) == 2 and sum(g >= 3 for g in result.order) == 2
+    with pytest.raises(ValueError):
+        obs_order(w, x.T @ x, groups, count=3, damping=0.01, families=families)
+
+
+def test_obs_steps_remove_the_requested_count() -> None:
+    x, w = _data(d=12)
+    result = obs_order(w, x.T @ x, [[c] for c in range(12)], count=7, damping=0.01, step=3)
+    assert len(result.order) == 7 == len(set(result.order))
+
+
+def test_collect_moments_hooks_a_linear() -> None:
+    linear = torch.nn.Linear(6, 3).double()
+    x = torch.randn(4, 5, 6, dtype=torch.float64)
+    moments = collect_moments([linear], lambda: linear(x))
+    flat = x.reshape(-1, 6)
+    torch.testing.assert_close(moments[linear].gram, flat.T @ flat)
+    assert not linear._forward_pre_hooks
