@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 import minillm
@@ -267,10 +268,10 @@ def prune(
         plan=plan, model=model, score=score, scoring=scoring, total_seconds=0.0, timeline=timeline
     )
     if dry_run:
-        if score.compensation:  # count the biases compensation adds, as the export will have them
+        if run["compensation"] == "bias":  # count the biases bias folding adds, as the export will have them
             from minillm.streaming_export import pruned_skeleton
 
-            _count_export(plan, count_parameters(pruned_skeleton(model, adapter, plan, score.compensation)))
+            _count_export(plan, count_parameters(pruned_skeleton(model, adapter, plan, _bias_markers(plan))))
         check_shrinks(plan)
         result.total_seconds = time.perf_counter() - start
         _write_report(result, report)
@@ -344,8 +345,9 @@ def prune(
 def check_plan_from_shapes(model: nn.Module, layers: list[int], ratio: float, allocation: Allocation,
                            head_mode: HeadMode, structures: Structures) -> None:
     """Plan once with equal scores, before calibration and scoring: uniform widths depend only on the
-    shapes, so a ratio that would empty a layer is refused in a second instead of after scoring."""
-    if allocation != "uniform":
+    shapes, so a ratio that would empty a layer is refused in a second instead of after scoring.
+    Plans that cut hidden size or layers need their own scores; their planner checks its bounds itself."""
+    if allocation != "uniform" or parse_structures(structures) & {"hidden", "layers"}:
         return
     import torch
 
@@ -355,6 +357,15 @@ def check_plan_from_shapes(model: nn.Module, layers: list[int], ratio: float, al
     flat = {i: LayerScores(torch.zeros(s.num_heads), torch.zeros(s.num_kv_heads), torch.zeros(s.intermediate))
             for i, s in layer_shapes(model, adapter).items() if i in layers}
     plan_from_scores(model, ScoreResult(scores=flat), ratio, allocation, head_mode, structures)
+
+
+def _bias_markers(plan: PrunePlan) -> dict[int, dict[str, Any]]:
+    """Stand-ins for the closings ``--compensation bias`` will produce: every planned layer's closing
+    projections get a bias; on the meta skeleton only the bias's existence matters."""
+    from minillm.compensation.layer import ClosingUpdate
+
+    marker = ClosingUpdate(weight=torch.empty(0), bias=torch.empty(0))
+    return {layer.index: {"attn": marker, "mlp": marker} for layer in plan.layers}
 
 
 def _count_export(plan: PrunePlan, exported: int) -> None:
