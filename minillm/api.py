@@ -72,7 +72,7 @@ def score_model(model: nn.Module, criterion: str, calibration: CalibrationSet, l
 
 
 def plan_from_scores(model: nn.Module, result: ScoreResult, ratio: float, allocation: Allocation = "uniform",
-                     head_mode: HeadMode = "kv", structures: Structures = "both") -> PrunePlan:
+                     head_mode: HeadMode = "auto", structures: Structures = "both") -> PrunePlan:
     adapter = adapter_for(model.config)
     shapes = layer_shapes(model, adapter)
     layers = adapter.decoder_layers(model)
@@ -88,7 +88,7 @@ def prune(
     out: str | Path | None = None,
     criterion: str = DEFAULT_CRITERION,
     allocation: Allocation = "uniform",
-    head_mode: HeadMode = "kv",
+    head_mode: HeadMode = "auto",
     structures: Structures = "both",
     skip_first: int = 0,
     skip_last: int = 0,

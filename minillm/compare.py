@@ -238,7 +238,7 @@ def compare(
     tasks_dir: str | None = None,
     data_dir: str | None = None,
     limit: int | float | None = None,
-    head_mode: str = "kv",
+    head_mode: str = "auto",
     structures: str = "both",
     skip_first: int = 0,
     skip_last: int = 0,

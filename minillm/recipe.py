@@ -40,8 +40,8 @@ class Recipe(BaseModel):
     allocation: Literal["uniform", "global"] = Field(
         "uniform", description="uniform widths or global ranking."
     )
-    head_mode: Literal["kv", "query"] = Field(
-        "kv", description="kv: whole key/value groups; query: query heads."
+    head_mode: Literal["auto", "kv", "query"] = Field(
+        "auto", description="kv: whole key/value groups; query: query heads; auto: query with one kv head."
     )
     structures: Literal["both", "mlp", "attn"] = Field("both", description="What to prune.")
     skip_first: int = Field(0, ge=0, description="Keep the first N decoder layers whole.")

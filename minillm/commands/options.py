@@ -33,7 +33,8 @@ def calib_samples() -> Any:
 
 
 def head_mode() -> Any:
-    return typer.Option("kv", help="kv: remove whole key/value groups; query: query heads evenly.")
+    return typer.Option("auto", help="kv: remove whole key/value groups; query: query heads evenly; "
+                        "auto: query when every layer has a single key/value head, else kv.")
 
 
 def structures() -> Any:

@@ -1,0 +1,86 @@
+"""Every model family in one table (conftest.MATRIX): cut ≡ mask, KV-cache generation, exports reload.
+
+Per row, from a tiny random model of the family: a uniform plan (magnitude scores, default head mode)
+and a global plan (the default criterion). Each is checked: the physically pruned model's logits equal
+the dense model with the same groups masked (float32, atol 1e-5) and it has exactly the planned
+parameter count; (global plan) greedy generation with the KV cache equals the masked model's and the
+uncached run; the export reloads with identical logits — with vanilla ``from_pretrained`` where the
+config can express the uniform widths (the row says so), through its generated remote code otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MATRIX, random_ids, tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from minillm.api import prune
+from minillm.arch import adapter_for
+from minillm.calibration.data import CalibrationSet
+from minillm.errors import UsageError
+from minillm.export import save_pruned
+from minillm.surgery import apply_plan, mask_plan
+
+
+def _plan(model, allocation: str, criterion: str, head_mode: str = "auto"):
+    calibration = CalibrationSet(random_ids(4, 16, seed=1), batch_size=2)
+    return prune(model, ratio=0.3, calib=calibration, allocation=allocation, criterion=criterion,
+                 head_mode=head_mode, spsa_steps=2, dry_run=True).plan
+
+
+def _cut_and_check(family: str, allocation: str, criterion: str, generate: bool):
+    """Prune a fresh model of ``family``; assert cut ≡ mask (and cached generation); return it."""
+    model = tiny_model(family)
+    plan = _plan(model, allocation, criterion)
+    assert any(len(p.channels) < 96 for p in plan.layers)
+    adapter = adapter_for(model.config)
+    masked = copy.deepcopy(model)
+    mask_plan(masked, adapter, plan)
+    apply_plan(model, adapter, plan)
+    assert sum(p.numel() for p in model.parameters()) == plan.params_after
+    ids = random_ids(2, 12, seed=7)  # longer than the rows' sliding window (4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, masked(ids).logits, atol=1e-5, rtol=0)
+        if generate:
+            greedy = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            prompt = ids[:1, :6]
+            cached = model.generate(prompt, **greedy, use_cache=True)
+            reference = masked.generate(prompt, **greedy, use_cache=True)
+            uncached = model.generate(prompt, **greedy, use_cache=False)
+            assert cached.shape == (1, 10)
+            assert torch.equal(cached, reference) and torch.equal(cached, uncached)
+    return model, plan
+
+
+def _export_reloads(model, plan, folder: Path, expect_remote: bool) -> None:
+    save_pruned(model, tiny_tokenizer(), adapter_for(model.config), folder, {"plan": plan.to_dict()}, "---\n")
+    remote = (folder / "modeling_minillm.py").is_file()
+    assert remote == expect_remote
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32)
+    assert sum(p.numel() for p in reloaded.parameters()) == plan.params_after
+    ids = random_ids(2, 12, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", list(MATRIX))
+def test_family(family: str, tmp_path: Path) -> None:
+    model, plan = _cut_and_check(family, "uniform", "magnitude", generate=False)
+    _export_reloads(model, plan, tmp_path / f"{family}-uniform", expect_remote=not MATRIX[family].vanilla)
+    model, plan = _cut_and_check(family, "global", "flap", generate=True)
+    vanilla = plan.is_uniform() and MATRIX[family].vanilla  # a global plan may still come out uniform
+    _export_reloads(model, plan, tmp_path / f"{family}-global", expect_remote=not vanilla)
+
+
+def test_single_kv_head_prunes_query_heads_and_refuses_kv_mode() -> None:
+    model = tiny_model("gemma3-1kv")
+    plan = _plan(model, "uniform", "magnitude")
+    assert plan.head_mode == "query"
+    assert all(p.kv_heads == [0] for p in plan.layers) and any(len(p.heads) < 4 for p in plan.layers)
+    with pytest.raises(UsageError, match=r"single key/value head.*--head-mode query"):
+        _plan(model, "uniform", "magnitude", head_mode="kv")
+    assert _plan(tiny_model("llama"), "uniform", "magnitude").head_mode == "kv"
