@@ -84,3 +84,44 @@ def test_single_kv_head_prunes_query_heads_and_refuses_kv_mode() -> None:
     with pytest.raises(UsageError, match=r"single key/value head.*--head-mode query"):
         _plan(model, "uniform", "magnitude", head_mode="kv")
     assert _plan(tiny_model("llama"), "uniform", "magnitude").head_mode == "kv"
+
+
+def _outside(model_type: str):
+    from conftest import GQA, VOCAB
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=256, **GQA)
+    torch.manual_seed(0)  # test-only
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("model_type", ["arcee", "nemotron"])  # ReLU² up/down MLPs, outside the matrix
+def test_family_outside_the_matrix_prunes_exactly(model_type: str) -> None:
+    model = _outside(model_type)
+    plan = _plan(model, "global", "magnitude")
+    adapter = adapter_for(model.config)
+    masked = copy.deepcopy(model)
+    mask_plan(masked, adapter, plan)
+    apply_plan(model, adapter, plan)
+    assert sum(p.numel() for p in model.parameters()) == plan.params_after < plan.params_before
+    ids = random_ids(2, 12, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, masked(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "reason"),
+    [
+        ("mixtral", "the MLP of MixtralDecoderLayer is not understood"),  # mixture of experts
+        ("bitnet", "self-check on a tiny copy failed"),  # a norm over the heads' joint output
+        ("persimmon", "no q/k/v projections"),  # fused query_key_value of its own layout
+    ],
+)
+def test_family_outside_the_matrix_is_refused_in_one_line(model_type: str, reason: str) -> None:
+    model = _outside(model_type)
+    with pytest.raises(UsageError) as info:
+        _plan(model, "uniform", "magnitude")
+    message = str(info.value)
+    assert message.startswith(f"unsupported architecture {model_type!r}") and reason in message
+    assert "\n" not in message

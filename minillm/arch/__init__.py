@@ -15,6 +15,7 @@ from minillm.arch.base import ArchAdapter, AttentionLinears, LayerShape, MlpLine
 from minillm.arch.gpt_neox import GptNeoxAdapter
 from minillm.arch.opt import OptAdapter
 from minillm.arch.phi3 import Phi3Adapter
+from minillm.arch.probe import self_check
 from minillm.arch.structural import StructuralAdapter
 
 _ADAPTERS: tuple[type[ArchAdapter], ...] = (OptAdapter, GptNeoxAdapter, Phi3Adapter, StructuralAdapter)
@@ -31,7 +32,9 @@ def adapter_for(config: Any) -> ArchAdapter:
     for adapter in _ADAPTERS:
         if model_type in adapter.model_types:
             return adapter(model_type) if issubclass(adapter, StructuralAdapter) else adapter()
-    return StructuralAdapter(model_type)
+    structural = StructuralAdapter(model_type)
+    self_check(config, structural)  # untested family: pruned only if a tiny copy cuts exactly
+    return structural
 
 
 __all__ = [
