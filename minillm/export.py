@@ -76,9 +76,10 @@ def _layer_shape_overrides(model: nn.Module, adapter: ArchAdapter) -> tuple[dict
         for linear in adapter.prunable_linears(layer):
             shapes[names[linear]] = [linear.out_features, linear.in_features, linear.bias is not None]
         attn = adapter.attention(layer)
-        for norm in attn.norms:
-            for pname, param in norm.module.named_parameters(recurse=False):
-                params[f"{names[norm.module]}.{pname}"] = list(param.shape)
+        linears = {id(p) for lin in adapter.prunable_linears(layer) for p in lin.parameters()}
+        for pname, param in attn.module.named_parameters():  # q/k norms, whatever their reading
+            if id(param) not in linears:
+                params[f"{names[attn.module]}.{pname}"] = list(param.shape)
         shape = adapter.layer_shape(model, index)
         attributes[names[attn.module]] = adapter.attention_attributes(attn.module, shape.num_heads,
                                                                       shape.num_kv_heads)

@@ -117,8 +117,11 @@ class StructuralAdapter(ArchAdapter):
         raise self._refuse(f"the attention block {type(attn).__name__} (no head_dim)")
 
     def _head_norms(self, attn: nn.Module, q: Projection, k: Projection) -> tuple[HeadNorm, ...]:
+        """q/k norms that cover heads. A 1-D weight of ``heads × head_dim`` spans all heads (OLMo 2), of
+        ``head_dim`` is shared by every head (Qwen3, Gemma 3); with one head left the two read alike,
+        so the other norm (or, failing that, "shared") decides."""
         head_dim = self._head_dim_of(attn)
-        norms = []
+        found: list[tuple[nn.Module, str, str | None]] = []  # style: spans, shared, head or None
         for names, kind, projection in ((Q_NORMS, "q", q), (K_NORMS, "k", k)):
             for name in names:
                 norm = getattr(attn, name, None)
@@ -128,16 +131,19 @@ class StructuralAdapter(ArchAdapter):
                 if not isinstance(weight, nn.Parameter):
                     raise self._refuse(f"{type(attn).__name__}.{name} ({type(norm).__name__})")
                 if weight.dim() == 2 and weight.shape[1] == head_dim:
-                    norms.append(HeadNorm(norm, kind, spans_heads=False))  # one row per head (Cohere)
+                    found.append((norm, kind, "head"))  # one row per head (Cohere)
+                elif weight.dim() == 1 and weight.numel() == head_dim == projection.out_features:
+                    found.append((norm, kind, None))  # one head left: either reading fits
                 elif weight.dim() == 1 and weight.numel() == projection.out_features:
-                    # over heads × head_dim (OLMo 2); with one head left it reads like a head_dim norm,
-                    # and listing it then is harmless (the last head is never cut)
-                    norms.append(HeadNorm(norm, kind, spans_heads=True))
+                    found.append((norm, kind, "spans"))
                 elif weight.dim() == 1 and weight.numel() == head_dim:
-                    continue  # per head_dim, shared by every head (Qwen3, Gemma 3): stays as it is
+                    found.append((norm, kind, "shared"))
                 else:
                     raise self._refuse(f"{type(attn).__name__}.{name} with weight {tuple(weight.shape)}")
-        return tuple(norms)
+        decided = {style for _, _, style in found if style in ("spans", "shared")}
+        fallback = "spans" if decided == {"spans"} else "shared"
+        return tuple(HeadNorm(norm, kind, spans_heads=(style or fallback) == "spans")
+                     for norm, kind, style in found if (style or fallback) != "shared")
 
     def attention(self, layer: nn.Module) -> AttentionLinears:
         attn = self._attention_module(layer)
