@@ -37,6 +37,10 @@ def _cut_and_check(family: str, allocation: str, criterion: str, generate: bool)
     model = tiny_model(family)
     plan = _plan(model, allocation, criterion)
     assert any(len(p.channels) < 96 for p in plan.layers)
+    # --ratio is a fraction of every distinct parameter (tied heads once, embeddings included) in every
+    # family, and the per-group costs (fused rows, biases, per-head norms) add up exactly
+    assert plan.params_before == sum(p.numel() for p in model.parameters())
+    assert abs(plan.achieved_ratio - 0.3) < 0.01
     adapter = adapter_for(model.config)
     masked = copy.deepcopy(model)
     mask_plan(masked, adapter, plan)
