@@ -13,7 +13,8 @@ consecutive windows of ``seq_len - 1`` tokens, and every window gets the tokeniz
 (Gemma's perplexity is 2-3x worse without it); exp(mean NLL) over the ``seq_len - 1`` real tokens of
 each window, no context carried. The first ``--windows`` windows are used (the same for every model,
 since both models share one tokenizer per family). The model is loaded with vanilla
-``from_pretrained`` (``trust_remote_code=False``): an export that needs its remote code fails here.
+``from_pretrained`` (``trust_remote_code=False``) unless the export carries ``modeling_minillm.py`` (its
+config cannot express the widths), which the row then records.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def main() -> None:
 
     folder = Path(args.model).expanduser()
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, dtype=torch.float32).eval()
+    vanilla = not (folder / REMOTE_CODE_FILE).exists()
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=not vanilla, dtype=torch.float32)
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     windows = bos_windows(tokenizer, Path(args.test).read_text(), args.seq_len, args.windows)
     result = perplexity(model, windows, args.batch_size)
@@ -70,7 +73,7 @@ def main() -> None:
                                 for w in metadata.get("layer_widths") or []}),
         "ppl_bos": round(result.perplexity, 3),
         "protocol": f"BOS + {args.seq_len - 1} tokens per window; " + result.protocol,
-        "vanilla_from_pretrained": not (folder / REMOTE_CODE_FILE).exists(),
+        "vanilla_from_pretrained": vanilla,
         "command": metadata.get("command"),
         "seconds": round(time.perf_counter() - start, 1),
     }
