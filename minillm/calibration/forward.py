@@ -5,12 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minillm.calibration.blocks import input_device
 from minillm.calibration.data import CalibrationSet
 
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where input ids must go: the device of the input embeddings (accelerate maps may spread the rest)."""
-    return model.get_input_embeddings().weight.device
+__all__ = ["input_device", "mean_loss", "run_forward"]
 
 
 def mean_loss(model: nn.Module, calibration: CalibrationSet) -> float:

@@ -85,29 +85,6 @@ class CompareResult:
         )
 
 
-# ----------------------------------------------------------------------------------------- memory
-def reset_peak() -> bool:
-    """Reset this process's peak RSS to its current RSS (Linux); False where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss() -> int:
-    """Peak RSS since the last :func:`reset_peak` (``VmHWM``), else since process start."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    from minillm.memory import peak_rss_bytes
-
-    return peak_rss_bytes()
-
-
 def score_method(
     model: nn.Module,
     method: str,
@@ -118,29 +95,19 @@ def score_method(
     options: dict[str, Any],
 ) -> MethodScores:
     """Score with one criterion (or run the plain-forward reference), measuring peak memory and time."""
-    import gc
-    import time
-
     from minillm.api import score_model
     from minillm.calibration.forward import mean_loss
+    from minillm.memory import measure
     from minillm.scoring import ScoreResult
 
-    gc.collect()
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    reset_peak()
-    start = time.perf_counter()
-    if method == FORWARD:
-        mean_loss(model, calibration)
-        result = ScoreResult(scores={}, forward_passes=1)
-    else:
-        result = score_model(model, method, calibration, layers, seed, spsa, options)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    peak = int(torch.cuda.max_memory_allocated()) if cuda else peak_rss()
+    with measure(reset=True) as used:
+        if method == FORWARD:
+            mean_loss(model, calibration)
+            result = ScoreResult(scores={}, forward_passes=1)
+        else:
+            result = score_model(model, method, calibration, layers, seed, spsa, options)
+    seconds = used.seconds
+    peak = used.cuda_peak_bytes if used.cuda_peak_bytes is not None else used.peak_rss_bytes
     return MethodScores(
         method,
         result.scores,
@@ -192,8 +159,8 @@ def _worker(spec_path: str) -> None:
     from safetensors.torch import load_file
 
     from minillm.calibration.data import CalibrationSet
+    from minillm.calibration.spsa import SpsaConfig
     from minillm.loading import load_model
-    from minillm.scoring.spsa import SpsaConfig
 
     spec = json.loads(Path(spec_path).read_text())
     model = load_model(spec["model"], device_map=spec["device_map"], dtype=spec["dtype"])
@@ -257,9 +224,9 @@ def compare(
     from minillm.api import count_parameters, plan_from_scores
     from minillm.arch import adapter_for
     from minillm.calibration.data import calibration_set, evaluation_windows
+    from minillm.calibration.spsa import SpsaConfig
     from minillm.groups import prunable_layers
     from minillm.scoring import CRITERIA
-    from minillm.scoring.spsa import SpsaConfig
 
     methods = [m.strip() for m in methods if m.strip()]
     if not methods:
@@ -382,7 +349,7 @@ def compare(
     }
     result = CompareResult(rows, dense_params, dense_ppl, reference.peak_bytes, reference.seconds, protocol)
     if out_dir is not None:
-        from minillm.compare_report import write_outputs
+        from minillm.compare.report import write_outputs
 
         result.files = write_outputs(result, Path(out_dir))
     return result
