@@ -129,3 +129,28 @@ def test_family_outside_the_matrix_is_refused_in_one_line(model_type: str, reaso
     message = str(info.value)
     assert message.startswith(f"unsupported architecture {model_type!r}") and reason in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt_neox"])  # [q; k; v] + [gate; up], interleaved qkv
+def test_every_criterion_scores_fused_projections(family: str) -> None:
+    """Every registered criterion reads a fused projection's rows per head / channel: its plan cuts the
+    fused Linears into a model equal to the masked one."""
+    from minillm.api import plan_from_scores, score_model
+    from minillm.calibration.spsa import SpsaConfig
+    from minillm.scoring import CRITERIA
+
+    dense = tiny_model(family)
+    ids = random_ids(2, 12, seed=7)
+    calibration = CalibrationSet(random_ids(4, 16, seed=1), batch_size=2)
+    for criterion in CRITERIA.names():
+        model = copy.deepcopy(dense)
+        result = score_model(model, criterion, calibration, [0, 1], 0, SpsaConfig(steps=2, eps=1e-3, seed=0))
+        plan = plan_from_scores(model, result, 0.3, "global")
+        adapter = adapter_for(model.config)
+        masked = copy.deepcopy(model)
+        mask_plan(masked, adapter, plan)
+        apply_plan(model, adapter, plan)
+        assert sum(p.numel() for p in model.parameters()) == plan.params_after, criterion
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, masked(ids).logits, atol=1e-5, rtol=0,
+                                       msg=lambda text, name=criterion: f"{name}: {text}")
