@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from minillm.arch.base import ArchAdapter
+from minillm.arch.rebuild import stock_class, stock_rebuilds
 from minillm.errors import UsageError
 from minillm.output_guard import atomic_output_dir, check_output_dir
 
@@ -26,18 +27,24 @@ REMOTE_CODE_FILE = "modeling_minillm.py"
 METADATA_FILE = "minillm.json"
 
 
-def _layer_shape_overrides(model: nn.Module, adapter: ArchAdapter) -> tuple[dict, dict]:
-    """Linear shapes and attention attributes that differ from what the stock config would build."""
+def _layer_shape_overrides(model: nn.Module, adapter: ArchAdapter) -> tuple[dict, dict, dict]:
+    """Linear shapes, per-head norm parameter shapes and attention attributes of every layer."""
     names = {module: name for name, module in model.named_modules()}
     shapes: dict[str, list[int]] = {}
+    params: dict[str, list[int]] = {}
     attributes: dict[str, dict[str, int]] = {}
     for index, layer in enumerate(adapter.decoder_layers(model)):
         for linear in adapter.prunable_linears(layer):
             shapes[names[linear]] = [linear.out_features, linear.in_features, linear.bias is not None]
         attn = adapter.attention(layer)
+        linears = {id(p) for lin in adapter.prunable_linears(layer) for p in lin.parameters()}
+        for pname, param in attn.module.named_parameters():  # q/k norms, whatever their reading
+            if id(param) not in linears:
+                params[f"{names[attn.module]}.{pname}"] = list(param.shape)
         shape = adapter.layer_shape(model, index)
-        attributes[names[attn.module]] = adapter.attention_attributes(shape.num_heads, shape.num_kv_heads)
-    return shapes, attributes
+        attributes[names[attn.module]] = adapter.attention_attributes(attn.module, shape.num_heads,
+                                                                      shape.num_kv_heads)
+    return shapes, params, attributes
 
 
 def _remote_code(base_class: str) -> str:
@@ -51,12 +58,11 @@ def add_remote_code(model: nn.Module, adapter: ArchAdapter, folder: Path, metada
     marked ``trust_remote_code``; otherwise return ``metadata`` unchanged. Shared by both exporters."""
     if not needs_remote_code(model, adapter):
         return metadata
-    shapes, attributes = _layer_shape_overrides(model, adapter)
-    base_class = type(model).__name__
-    if base_class == "MinillmPrunedForCausalLM":  # re-exporting one of our own per-layer models
-        base_class = type(model).__mro__[1].__name__
+    shapes, params, attributes = _layer_shape_overrides(model, adapter)
+    base_class = stock_class(model).__name__  # re-exporting one of our own per-layer models: its base
     config = model.config
     config.minillm_layer_shapes = shapes
+    config.minillm_param_shapes = params
     config.minillm_module_attributes = attributes
     config.auto_map = {"AutoModelForCausalLM": "modeling_minillm.MinillmPrunedForCausalLM"}
     (folder / REMOTE_CODE_FILE).write_text(_remote_code(base_class))
@@ -64,36 +70,9 @@ def add_remote_code(model: nn.Module, adapter: ArchAdapter, folder: Path, metada
 
 
 def needs_remote_code(model: nn.Module, adapter: ArchAdapter) -> bool:
-    """True when the stock config cannot rebuild these layer widths."""
-    layers = adapter.decoder_layers(model)
-    shapes = {adapter.layer_shape(model, i) for i in range(len(layers))}
-    if len(shapes) != 1:
-        return True
-    update = adapter.uniform_config_update(model.config, next(iter(shapes)))
-    if update is None or any(getattr(model.config, k, None) != v for k, v in update.items()):
-        return True
-    return _gained_biases(model, adapter)
-
-
-def _gained_biases(model: nn.Module, adapter: ArchAdapter) -> bool:
-    """True when a projection has a bias the stock class would not build (e.g. FLAP's compensation).
-
-    A vanilla load would silently drop such a bias, so these exports take the per-layer path, whose
-    ``minillm_layer_shapes`` records every projection's bias.
-    """
-    import torch
-
-    base = type(model).__mro__[1] if type(model).__name__ == "MinillmPrunedForCausalLM" else type(model)
-    with torch.device("meta"):
-        stock = base(model.config)
-    for ours, theirs in zip(adapter.decoder_layers(model), adapter.decoder_layers(stock), strict=True):
-        a, b = adapter.attention(ours), adapter.attention(theirs)
-        m, n = adapter.mlp(ours), adapter.mlp(theirs)
-        for mine, plain in zip((a.q, a.k, a.v, a.o, *m.expand, m.closing),
-                               (b.q, b.k, b.v, b.o, *n.expand, n.closing), strict=True):
-            if (mine.bias is not None) != (plain.bias is not None):
-                return True
-    return False
+    """True when the stock class built from the config would not have these widths, head counts or
+    biases (a vanilla load would fail, or silently drop e.g. a bias gained by FLAP's compensation)."""
+    return not stock_rebuilds(model, adapter)
 
 
 def save_pruned(model: nn.Module, tokenizer: Any, adapter: ArchAdapter, out: str | Path, metadata: dict,

@@ -13,22 +13,31 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from minillm.arch.base import ArchAdapter, LayerShape
+from minillm.arch.base import ArchAdapter, LayerShape, Projection, holder, projection_rows
 from minillm.errors import UsageError
 from minillm.plan import LayerCosts, LayerScores
 
 
-def _row_cost(linear: nn.Linear) -> int:
-    return linear.in_features + (1 if linear.bias is not None else 0)
+def _row_cost(projection: Projection) -> int:
+    return projection.in_features + (1 if projection.bias is not None else 0)
 
 
 def layer_costs(adapter: ArchAdapter, layer: nn.Module, shape: LayerShape) -> LayerCosts:
-    """Parameters that leave with one query head, one key/value head and one MLP channel."""
+    """Parameters that leave with one query head, one key/value head and one MLP channel.
+
+    Rows of a fused projection cost what separate rows cost; a norm that covers heads (Cohere, OLMo 2)
+    loses its share per head. Embeddings and the LM head are never cut, so they count only in the total
+    (tied ones once), which is what ``--ratio`` divides by for every family.
+    """
     attn, mlp = adapter.attention(layer), adapter.mlp(layer)
     hd = shape.head_dim
+    norm_share = {"q": 0, "k": 0}
+    for norm in attn.norms:
+        heads = shape.num_heads if norm.kind == "q" else shape.num_kv_heads
+        norm_share[norm.kind] += sum(p.numel() for p in norm.module.parameters(recurse=False)) // heads
     return LayerCosts(
-        query_head=hd * _row_cost(attn.q) + hd * attn.o.out_features,
-        kv_head=hd * (_row_cost(attn.k) + _row_cost(attn.v)),
+        query_head=hd * _row_cost(attn.q) + hd * attn.o.out_features + norm_share["q"],
+        kv_head=hd * (_row_cost(attn.k) + _row_cost(attn.v)) + norm_share["k"],
         channel=sum(_row_cost(lin) for lin in mlp.expand) + mlp.closing.out_features,
     )
 
@@ -51,13 +60,24 @@ WeightImportance = Callable[[nn.Linear], torch.Tensor]
 
 def sum_by_group(adapter: ArchAdapter, layer: nn.Module, shape: LayerShape,
                  importance: WeightImportance) -> LayerScores:
-    """Sum a per-weight importance (same shape as each weight) over every group of the layer."""
+    """Sum a per-weight importance (same shape as each weight) over every group of the layer.
+
+    ``importance`` is called once per Linear; a fused projection's parts read their rows of it.
+    """
     attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-    heads = importance(attn.q).reshape(shape.num_heads, -1).sum(1)
-    heads = heads + importance(attn.o).reshape(-1, shape.num_heads, shape.head_dim).sum((0, 2))
-    kv = importance(attn.k).reshape(shape.num_kv_heads, -1).sum(1)
-    kv = kv + importance(attn.v).reshape(shape.num_kv_heads, -1).sum(1)
-    channels = importance(mlp.closing).sum(0)
-    for linear in mlp.expand:
-        channels = channels + importance(linear).sum(1)
+    cache: dict[nn.Linear, torch.Tensor] = {}
+
+    def rows(projection: Projection) -> torch.Tensor:
+        linear = holder(projection)
+        if linear not in cache:
+            cache[linear] = importance(linear)
+        return projection_rows(projection, cache[linear])
+
+    heads = rows(attn.q).reshape(shape.num_heads, -1).sum(1)
+    heads = heads + rows(attn.o).reshape(-1, shape.num_heads, shape.head_dim).sum((0, 2))
+    kv = rows(attn.k).reshape(shape.num_kv_heads, -1).sum(1)
+    kv = kv + rows(attn.v).reshape(shape.num_kv_heads, -1).sum(1)
+    channels = rows(mlp.closing).sum(0)
+    for projection in mlp.expand:
+        channels = channels + rows(projection).sum(1)
     return LayerScores(heads=heads.float().cpu(), kv_heads=kv.float().cpu(), channels=channels.float().cpu())

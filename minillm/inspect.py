@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from minillm.arch import adapter_for
+from minillm.arch.base import ArchAdapter, RowBlock, holder
 from minillm.errors import UsageError
 from minillm.groups import layer_costs, prunable_layers
 
@@ -54,6 +55,7 @@ class ModelInfo:
     skip_first: int = 0
     skip_last: int = 0
     export: dict[str, Any] = field(default_factory=dict)
+    structure: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,7 +91,7 @@ def params_by_part(model: nn.Module) -> dict[str, int]:
         attn, mlp = adapter.attention(layer), adapter.mlp(layer)
         for p in attn.module.parameters():
             part[id(p)] = "attention"
-        for linear in (*mlp.expand, mlp.closing):
+        for linear in dict.fromkeys(holder(p) for p in (*mlp.expand, mlp.closing)):
             for p in linear.parameters():
                 part[id(p)] = "mlp"
     for module in model.modules():
@@ -107,6 +109,40 @@ def params_by_part(model: nn.Module) -> dict[str, int]:
     for p in model.parameters():  # deduplicated: a tied weight appears once
         totals[part.get(id(p), "other")] += p.numel()
     return totals
+
+
+def structure(model: nn.Module, adapter: ArchAdapter) -> dict[str, str]:
+    """What the adapter recognised in the first decoder layer and what a cut touches, in words."""
+    names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    layer = adapter.decoder_layers(model)[0]
+    attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+    shape = adapter.layer_shape(model, 0)
+    if isinstance(attn.q, RowBlock):
+        qkv = f"fused {names[holder(attn.q)]} (q/k/v row blocks cut and re-fused)"
+    else:
+        qkv = "/".join(names[p] for p in (attn.q, attn.k, attn.v))
+    norms = ", ".join(
+        f"{names[n.module]} ({'over all heads' if n.spans_heads else 'per head'}, sliced)" for n in attn.norms
+    )
+    listed = {n.module for n in attn.norms}
+    shared = [name for name in ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
+              if isinstance(getattr(attn.module, name, None), nn.Module)
+              and getattr(attn.module, name) not in listed]
+    if shared:
+        norms = ", ".join(filter(None, [norms, f"{'/'.join(shared)} (per head_dim, kept)"]))
+    expand = [names[holder(p)] for p in mlp.expand]
+    kind = "gated" if len(mlp.expand) == 2 else "plain"
+    if len(set(expand)) < len(expand):
+        expand = [f"fused {expand[0]} ([gate; up] halves)"]
+    mode = "query heads only (one key/value head)" if shape.num_kv_heads == 1 < shape.num_heads else (
+        "whole key/value groups (kv) or query heads evenly (query)")
+    return {
+        "adapter": type(adapter).__name__,
+        "attention": f"{qkv} → {names[attn.o]}",
+        "head norms": norms or "none",
+        "mlp": f"{kind}: {' + '.join(dict.fromkeys(expand))} → {names[mlp.closing]}",
+        "attention cuts": mode,
+    }
 
 
 def _layer_groups(model: nn.Module) -> list[LayerGroups]:
@@ -135,7 +171,7 @@ def _capacity(row: LayerGroups, attention: str, mlp: bool) -> int:
     """Most parameters the layer can lose while keeping one head unit and one channel."""
     group = row.heads // row.kv_heads
     heads = 0
-    if attention == "kv":
+    if attention == "kv" or (attention == "query" and group == 1):  # MHA: a query head is its kv group
         heads = (row.kv_heads - 1) * (group * row.query_head_cost + row.kv_head_cost)
     elif attention == "query":
         heads = (group - 1) * row.kv_heads * row.query_head_cost
@@ -209,4 +245,5 @@ def inspect_model(source: str | nn.Module, skip_first: int = 0, skip_last: int =
         skip_first=skip_first,
         skip_last=skip_last,
         export=export,
+        structure=structure(model, adapter_for(config)),
     )

@@ -10,6 +10,9 @@ Head granularity with grouped-query attention (GQA):
 * ``head_mode="query"``: the unit is a *slot*: the j-th least important query head of **every** kv
   group, so each kv group keeps the same number of query heads and ``num_key_value_groups`` stays an
   integer; key/value heads are all kept.
+* ``head_mode="auto"``: ``query`` when every pruned layer has a single key/value head
+  (Gemma-3-270M: a kv unit would be the whole attention), ``kv`` otherwise. An explicit ``kv`` on such a
+  model is refused, since it could not cut any attention.
 
 ``--ratio`` is the fraction of the model's total parameters removed (the LLM-Pruner convention).
 ``uniform`` allocation removes the same number of units from every pruned layer (a standard config can
@@ -29,7 +32,7 @@ import torch
 from minillm.arch.base import LayerShape
 from minillm.errors import UsageError
 
-HeadMode = Literal["kv", "query"]
+HeadMode = Literal["auto", "kv", "query"]
 Allocation = Literal["uniform", "global"]
 Structures = Literal["both", "mlp", "attn"]
 PLAN_FORMAT = "minillm-prune-plan/1"
@@ -200,6 +203,21 @@ def _layer_plan(layer: int, shape: LayerShape, removed: set[_Unit]) -> LayerPlan
     )
 
 
+def resolve_head_mode(head_mode: HeadMode, shapes: list[LayerShape], structures: Structures = "both"
+                      ) -> HeadMode:
+    """``auto`` → ``query`` when every pruned layer has one key/value head (and several query heads),
+    else ``kv``; an explicit ``kv`` there is refused with the reason."""
+    single_kv = bool(shapes) and all(s.num_kv_heads == 1 < s.num_heads for s in shapes)
+    if head_mode == "auto":
+        return "query" if single_kv else "kv"
+    if head_mode == "kv" and single_kv and structures != "mlp":
+        raise UsageError(
+            "--head-mode kv cannot cut attention here: every pruned layer has a single key/value head, so "
+            "a kv unit is the whole attention; only query heads can go (use --head-mode query or auto)"
+        )
+    return head_mode
+
+
 def build_plan(
     shapes: dict[int, LayerShape],
     costs: dict[int, LayerCosts],
@@ -207,7 +225,7 @@ def build_plan(
     total_params: int,
     ratio: float,
     allocation: Allocation = "uniform",
-    head_mode: HeadMode = "kv",
+    head_mode: HeadMode = "auto",
     structures: Structures = "both",
     expressible: Callable[[LayerShape], bool] | None = None,
 ) -> PrunePlan:
@@ -222,12 +240,13 @@ def build_plan(
     check_ratio(ratio)
     if allocation not in ("uniform", "global"):
         raise UsageError(f"--allocation must be 'uniform' or 'global' (got {allocation!r})")
-    if head_mode not in ("kv", "query"):
-        raise UsageError(f"--head-mode must be 'kv' or 'query' (got {head_mode!r})")
+    if head_mode not in ("auto", "kv", "query"):
+        raise UsageError(f"--head-mode must be 'auto', 'kv' or 'query' (got {head_mode!r})")
     if structures not in ("both", "mlp", "attn"):
         raise UsageError(f"--structures must be 'both', 'mlp' or 'attn' (got {structures!r})")
     target = ratio * total_params
     scored = sorted(scores)
+    head_mode = resolve_head_mode(head_mode, [shapes[i] for i in scored], structures)
     head_units = {i: _head_units(i, shapes[i], scores[i], costs[i], head_mode) for i in scored}
     channel_units = {i: _channel_units(i, scores[i], costs[i]) for i in scored}
     if structures == "mlp":

@@ -53,8 +53,9 @@ class Recipe(BaseModel):
     allocation: Literal["uniform", "global"] = Field(
         "uniform", description="uniform widths or global ranking."
     )
-    head_mode: Literal["kv", "query"] = Field(
-        DEFAULT_HEAD_MODE, description="kv: whole key/value groups; query: query heads evenly per kv group."
+    head_mode: Literal["auto", "kv", "query"] = Field(
+        DEFAULT_HEAD_MODE, description="kv: whole key/value groups; query: query heads evenly per kv group; "
+        "auto: query on single-kv-head models, else kv."
     )
     structures: str = Field(
         "both", description="What to prune: comma list of attn, mlp, hidden, layers (both = attn,mlp)."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -28,10 +29,59 @@ def tiny_config(family: str):
                             ffn_dim=96, max_position_embeddings=256, word_embed_proj_dim=64)
     if family == "llama-mha-tied":
         return tf.LlamaConfig(**common, num_key_value_heads=4, intermediate_size=96, tie_word_embeddings=True)
+    if family in MATRIX:
+        row = MATRIX[family]
+        return tf.AutoConfig.for_model(row.model_type, **{**common, **GQA, **row.overrides})
     raise KeyError(family)
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "opt"]
+
+GQA = dict(num_key_value_heads=2, intermediate_size=96, head_dim=16, pad_token_id=0, bos_token_id=1,
+           eos_token_id=2)
+SLIDING = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+
+
+class Family(NamedTuple):
+    """A row of the family matrix: ``model_type``, config overrides on top of ``common`` + ``GQA`` (4 query
+    heads over 2 kv heads, head_dim 16, 96 MLP channels), and whether a uniform cut of it reloads with
+    vanilla ``from_pretrained`` (else the config cannot express it and the export carries remote code)."""
+
+    model_type: str
+    overrides: dict
+    vanilla: bool = True
+
+
+#: The family matrix; tests/test_family_matrix.py runs every row. Adding a family is one row. The five
+#: families served first keep their own configs above (their rows only name them).
+MATRIX: dict[str, Family] = {
+    "llama": Family("llama", {}),
+    "mistral": Family("mistral", {}),
+    "qwen2": Family("qwen2", {}),
+    "qwen3": Family("qwen3", {}),
+    "opt": Family("opt", {}, vanilla=False),  # no head_dim: fewer heads need the per-layer path
+    "gemma": Family("gemma", {}),
+    "gemma2": Family("gemma2", SLIDING),
+    "gemma3": Family("gemma3_text", SLIDING),
+    # like Gemma-3-270M: one kv head, so query heads go (3 of 4: hidden_size % 3 != 0 → per-layer path)
+    "gemma3-1kv": Family("gemma3_text", dict(SLIDING, num_key_value_heads=1), vanilla=False),
+    "phi3": Family("phi3", {}),
+    "phi": Family("phi", dict(qk_layernorm=True), vanilla=False),  # qk norms sized hidden // heads
+    "granite": Family("granite", dict(embedding_multiplier=2.0, attention_multiplier=0.5,
+                                      residual_multiplier=0.5, logits_scaling=2.0)),
+    "olmo2": Family("olmo2", {}),
+    "olmo3": Family("olmo3", SLIDING),
+    "smollm3": Family("smollm3", dict(no_rope_layers=[1, 0])),
+    "cohere": Family("cohere", dict(use_qk_norm=True)),
+    "cohere2": Family("cohere2", SLIDING),
+    "stablelm": Family("stablelm", dict(use_qkv_bias=True), vanilla=False),  # head_dim = hidden // heads
+    "starcoder2": Family("starcoder2", dict(use_bias=True, sliding_window=None)),
+    "gpt_neox": Family("gpt_neox", dict(num_key_value_heads=None, head_dim=None), vanilla=False),
+    "ministral": Family("ministral", SLIDING),
+    "exaone4": Family("exaone4", dict(SLIDING, sliding_window_pattern=2)),
+    "glm4": Family("glm4", {}),
+    "internlm3": Family("internlm3", {}),
+}
 
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:

@@ -125,3 +125,28 @@ def test_inspect_missing_folder_is_one_line(tmp_path):
     register_commands()
     out = CliRunner().invoke(app, ["inspect", str(tmp_path / "nope")])
     assert out.exit_code == 2 and "does not exist" in out.output
+
+
+@pytest.mark.parametrize("family", ["gemma3-1kv", "phi3", "gpt_neox", "olmo2", "cohere", "granite"])
+def test_inspect_every_family_counts_and_describes_its_groups(family, tmp_path):
+    """Fused projections, per-head norms, tied heads and scaled embeddings: every distinct parameter is
+    counted once and in one part, and the recognised structure says what a cut touches."""
+    from conftest import MATRIX
+
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path / "m")
+    info = inspect_model(str(tmp_path / "m"))
+    assert info.total_params == count_parameters(model) == sum(info.params_by_part.values())
+    assert info.params_by_part["other"] == 0
+    text = info.structure
+    assert MATRIX[family].model_type == info.model_type
+    expected = {
+        "gemma3-1kv": ("attention cuts", "query heads only"),
+        "phi3": ("mlp", "fused gate_up_proj"),
+        "gpt_neox": ("attention", "fused query_key_value"),
+        "olmo2": ("head norms", "q_norm (over all heads, sliced)"),
+        "cohere": ("head norms", "q_norm (per head, sliced)"),
+        "granite": ("mlp", "gate_proj + up_proj → down_proj"),
+    }[family]
+    assert expected[1] in text[expected[0]], text
+    assert info.reachable["attention+mlp (head_mode query), uniform"] > info.reachable["mlp only, uniform"]

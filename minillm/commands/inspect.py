@@ -75,6 +75,8 @@ def inspect(
     arch.add_row("hidden size / vocabulary", f"{info.hidden_size} / {info.vocab_size:,}")
     arch.add_row("tied embeddings", "yes" if info.tied_embeddings else "no")
     arch.add_row("parameters", f"{info.total_params:,}")
+    for name, text in info.structure.items():
+        arch.add_row(name, text)
     stdout.print(arch)
     parts = Table(title="parameters by part")
     for column in ("part", "parameters", "share"):

@@ -36,7 +36,8 @@ def head_mode() -> Any:
     from minillm.defaults import DEFAULT_HEAD_MODE
 
     return typer.Option(DEFAULT_HEAD_MODE, help="kv: remove whole key/value groups; query: query heads "
-                        "evenly in every kv group (all kv heads kept).")
+                        "evenly in every kv group (all kv heads kept); auto: query when every layer has a "
+                        "single key/value head, else kv.")
 
 
 def structures() -> Any:

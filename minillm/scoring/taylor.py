@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minillm.arch.base import ArchAdapter, LayerShape
+from minillm.arch.base import ArchAdapter, LayerShape, Projection, holder, projection_rows
 from minillm.calibration.sequential import Block
 from minillm.groups import sum_by_group
 from minillm.plan import LayerScores
@@ -43,13 +43,17 @@ def vectorwise_scores(adapter: ArchAdapter, layer: nn.Module, shape: LayerShape,
                       signed: dict[nn.Linear, torch.Tensor]) -> LayerScores:
     """Sum the signed ``W ⊙ G`` over each group's slice of each Linear, take |·|, add over Linears."""
     attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-    heads = signed[attn.q].reshape(shape.num_heads, -1).sum(1).abs()
-    heads = heads + signed[attn.o].reshape(-1, shape.num_heads, shape.head_dim).sum((0, 2)).abs()
-    kv = signed[attn.k].reshape(shape.num_kv_heads, -1).sum(1).abs()
-    kv = kv + signed[attn.v].reshape(shape.num_kv_heads, -1).sum(1).abs()
-    channels = signed[mlp.closing].sum(0).abs()
-    for linear in mlp.expand:
-        channels = channels + signed[linear].sum(1).abs()
+
+    def rows(projection: Projection) -> torch.Tensor:  # a fused qkv / gate_up part reads its rows
+        return projection_rows(projection, signed[holder(projection)])
+
+    heads = rows(attn.q).reshape(shape.num_heads, -1).sum(1).abs()
+    heads = heads + rows(attn.o).reshape(-1, shape.num_heads, shape.head_dim).sum((0, 2)).abs()
+    kv = rows(attn.k).reshape(shape.num_kv_heads, -1).sum(1).abs()
+    kv = kv + rows(attn.v).reshape(shape.num_kv_heads, -1).sum(1).abs()
+    channels = rows(mlp.closing).sum(0).abs()
+    for projection in mlp.expand:
+        channels = channels + rows(projection).sum(1).abs()
     return LayerScores(heads=heads.float().cpu(), kv_heads=kv.float().cpu(), channels=channels.float().cpu())
 
 
