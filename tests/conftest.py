@@ -63,8 +63,9 @@ MATRIX: dict[str, Family] = {
     "gemma": Family("gemma", {}),
     "gemma2": Family("gemma2", SLIDING),
     "gemma3": Family("gemma3_text", SLIDING),
-    # like Gemma-3-270M: one kv head, so query heads go (3 of 4: hidden_size % 3 != 0 → per-layer path)
-    "gemma3-1kv": Family("gemma3_text", dict(SLIDING, num_key_value_heads=1), vanilla=False),
+    # like Gemma-3-270M: one kv head, so only query heads can go; 3 of 4 would break hidden_size % heads,
+    # so a uniform plan keeps an expressible head count (the budget moves to MLP channels): stock config
+    "gemma3-1kv": Family("gemma3_text", dict(SLIDING, num_key_value_heads=1)),
     "phi3": Family("phi3", {}),
     "phi": Family("phi", dict(qk_layernorm=True), vanilla=False),  # qk norms sized hidden // heads
     "granite": Family("granite", dict(embedding_multiplier=2.0, attention_multiplier=0.5,
@@ -76,7 +77,8 @@ MATRIX: dict[str, Family] = {
     "cohere2": Family("cohere2", SLIDING),
     "stablelm": Family("stablelm", dict(use_qkv_bias=True), vanilla=False),  # head_dim = hidden // heads
     "starcoder2": Family("starcoder2", dict(use_bias=True, sliding_window=None)),
-    "gpt_neox": Family("gpt_neox", dict(num_key_value_heads=None, head_dim=None), vanilla=False),
+    # head_dim derives from hidden // heads: a uniform plan keeps every head (stock config), global ones don't
+    "gpt_neox": Family("gpt_neox", dict(num_key_value_heads=None, head_dim=None)),
     "ministral": Family("ministral", SLIDING),
     "exaone4": Family("exaone4", dict(SLIDING, sliding_window_pattern=2)),
     "glm4": Family("glm4", {}),
