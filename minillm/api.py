@@ -18,6 +18,7 @@ import minillm
 from minillm.arch import adapter_for
 from minillm.arch.base import ArchAdapter, LayerShape
 from minillm.calibration.data import CalibrationSet, calibration_set
+from minillm.calibration.spsa import SpsaConfig
 from minillm.card import render_card
 from minillm.defaults import DEFAULT_CRITERION
 from minillm.errors import UsageError
@@ -28,7 +29,6 @@ from minillm.plan import Allocation, HeadMode, PrunePlan, Structures, build_plan
 from minillm.recipe import export_recipe
 from minillm.report.timeline import Timeline
 from minillm.scoring import CRITERIA, ScoreResult, ScoringContext
-from minillm.scoring.spsa import SpsaConfig
 from minillm.surgery import apply_plan, pruned_widths
 
 Progress = Callable[[str, int, int], None]
@@ -158,7 +158,7 @@ def prune(
                            offload_dir=load_offload)
     adapter = adapter_for(model.config)
     if not streaming:
-        from minillm.calibration.blockwise import is_offloaded
+        from minillm.calibration.blocks import is_offloaded
 
         if is_offloaded(model):  # offloaded weights sit on `meta`: only the block-by-block path can read them
             from minillm.memory import return_large_frees_to_the_os

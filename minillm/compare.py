@@ -192,8 +192,8 @@ def _worker(spec_path: str) -> None:
     from safetensors.torch import load_file
 
     from minillm.calibration.data import CalibrationSet
+    from minillm.calibration.spsa import SpsaConfig
     from minillm.loading import load_model
-    from minillm.scoring.spsa import SpsaConfig
 
     spec = json.loads(Path(spec_path).read_text())
     model = load_model(spec["model"], device_map=spec["device_map"], dtype=spec["dtype"])
@@ -257,9 +257,9 @@ def compare(
     from minillm.api import count_parameters, plan_from_scores
     from minillm.arch import adapter_for
     from minillm.calibration.data import calibration_set, evaluation_windows
+    from minillm.calibration.spsa import SpsaConfig
     from minillm.groups import prunable_layers
     from minillm.scoring import CRITERIA
-    from minillm.scoring.spsa import SpsaConfig
 
     methods = [m.strip() for m in methods if m.strip()]
     if not methods:

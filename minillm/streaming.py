@@ -2,7 +2,7 @@
 
 ``minillm prune --streaming --max-memory cpu=4GiB`` loads the model with accelerate (``device_map``,
 ``max_memory``, disk offload; safetensors checkpoints are read in place, nothing is copied), scores it
-one resident block at a time (:mod:`minillm.calibration.blockwise`) and exports it block by block
+one resident block at a time (:mod:`minillm.calibration.blocks`) and exports it block by block
 (:mod:`minillm.streaming_export`).
 
 In streaming mode ``--max-memory`` is the budget of the whole process on the compute device: before
@@ -116,7 +116,7 @@ def block_budget(
     from transformers import AutoModelForCausalLM
 
     from minillm.arch import adapter_for
-    from minillm.calibration.blockwise import non_block_modules
+    from minillm.calibration.blocks import non_block_modules
 
     adapter = adapter_for(config)
     with init_empty_weights():
@@ -196,8 +196,8 @@ def score_streaming(
     """:func:`minillm.api.score_model`, block by block (same arguments, same result type)."""
     from minillm.api import layer_shapes
     from minillm.arch import adapter_for
+    from minillm.calibration.spsa import SpsaConfig
     from minillm.scoring.base import ScoringContext
-    from minillm.scoring.spsa import SpsaConfig
 
     score_fn = streaming_criterion(criterion)
     adapter = adapter_for(model.config)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from minillm.arch.base import ArchAdapter
-from minillm.calibration.blockwise import resident
+from minillm.calibration.blocks import resident
 from minillm.export import (
     METADATA_FILE,
     add_remote_code,

@@ -13,8 +13,8 @@ from minillm.api import plan_from_scores, score_model
 from minillm.arch import adapter_for
 from minillm.calibration.data import CalibrationSet
 from minillm.calibration.hooks import count_hooks
+from minillm.calibration.spsa import SpsaConfig
 from minillm.scoring.compensation import fold_removed_means
-from minillm.scoring.spsa import SpsaConfig
 from minillm.surgery import apply_plan, mask_plan, validate_layer_plan
 
 MY_CRITERIA = [

@@ -15,7 +15,7 @@ from minillm.scoring.gates import GateHolder, GateLayout, gate_gradients, gated
 
 
 def _context(model, steps: int = 3, batch_size: int = 2) -> ScoringContext:
-    from minillm.scoring.spsa import SpsaConfig
+    from minillm.calibration.spsa import SpsaConfig
 
     adapter = adapter_for(model.config)
     n = len(adapter.decoder_layers(model))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_ids, tiny_model
-from test_streaming import offloaded
+from helpers import offloaded
 
 from minillm.api import score_model
 from minillm.calibration.data import CalibrationSet

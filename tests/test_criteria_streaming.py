@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from conftest import random_ids, tiny_model
-from test_streaming import offloaded
+from helpers import offloaded
 
 from minillm.api import layer_shapes
 from minillm.arch import adapter_for

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import minillm.lstm.criteria.fms as fms_module
+from minillm.calibration.spsa import SpsaConfig, SpsaEstimate
 from minillm.lstm.calibrate import AbsMeanStats, activation_means, recording
 from minillm.lstm.criteria import CRITERIA, ScoreContext
 from minillm.lstm.criteria.fms import fms_per_weight
@@ -17,7 +18,6 @@ from minillm.lstm.groups import unit_groups
 from minillm.lstm.model import LstmLm, LstmLmConfig
 from minillm.lstm.train import TrainConfig
 from minillm.registry import UnknownNameError
-from minillm.scoring.spsa import SpsaConfig, SpsaEstimate
 
 
 @pytest.fixture(autouse=True, scope="module")

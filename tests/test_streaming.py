@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_ids, tiny_model, tiny_tokenizer
+from helpers import offloaded
 from transformers import AutoModelForCausalLM
 
 from minillm.api import layer_shapes, plan_from_scores, prune, score_model
@@ -17,11 +18,11 @@ from minillm.arch import adapter_for
 from minillm.calibration.data import CalibrationSet
 from minillm.calibration.forward import mean_loss
 from minillm.calibration.hooks import count_hooks
+from minillm.calibration.spsa import SpsaConfig, estimate_gradient
 from minillm.errors import UsageError
 from minillm.loading import load_model
 from minillm.scoring.base import ScoringContext
 from minillm.scoring.compensation import compensate
-from minillm.scoring.spsa import SpsaConfig, estimate_gradient
 from minillm.streaming import block_budget, prepare_streaming_load, score_streaming, streaming_max_memory
 from minillm.surgery import mask_plan
 
@@ -30,20 +31,6 @@ SPSA = SpsaConfig(steps=3, eps=1e-3, seed=0)
 
 def calibration() -> CalibrationSet:
     return CalibrationSet(random_ids(6, 16, seed=1), batch_size=4)
-
-
-def offloaded(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
-    """The same weights reloaded with a cap that sends every module to accelerate's disk offload."""
-    model.save_pretrained(folder)
-    loaded = load_model(
-        str(folder),
-        device_map="auto",
-        max_memory={"cpu": "30KB"},
-        dtype="float32",
-        offload_dir=str(folder / "offload"),
-    )
-    assert loaded.model.layers[0].self_attn.q_proj.weight.device.type == "meta"  # really offloaded
-    return loaded
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "qwen3"])

@@ -64,6 +64,7 @@ def main() -> None:
     from minillm.arch import adapter_for
     from minillm.calibration.data import calibration_set
     from minillm.calibration.forward import mean_loss, run_forward
+    from minillm.calibration.spsa import SpsaConfig, SpsaEstimate, estimate_gradient
     from minillm.calibration.stats import collect_input_stats
     from minillm.groups import sum_by_group
     from minillm.loading import load_model, load_tokenizer
@@ -73,7 +74,6 @@ def main() -> None:
     from minillm.scoring.fms_gate import gate_spsa
     from minillm.scoring.fwd_grad import forward_gradient
     from minillm.scoring.gates import GateLayout, gate_gradients
-    from minillm.scoring.spsa import SpsaConfig, SpsaEstimate, estimate_gradient
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -92,6 +92,7 @@ class Clock:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    from minillm.calibration.spsa import SpsaConfig
     from minillm.lstm.api import DstSettings, PruneSettings, score_units, train_model
     from minillm.lstm.data import Corpus
     from minillm.lstm.export import load_model, save_model
@@ -100,7 +101,6 @@ def main() -> None:
     from minillm.lstm.speed import inference_speed
     from minillm.lstm.surgery import apply_plan, check_fused
     from minillm.lstm.train import TrainConfig, evaluate_nll, perplexity, train_lm
-    from minillm.scoring.spsa import SpsaConfig
 
     corpus = Corpus.load(args.data)
     config = LstmLmConfig(vocab_size=len(corpus.vocab), embed_size=args.embed,
@@ -242,10 +242,10 @@ def finish(results: dict, args: argparse.Namespace) -> None:
 
 def spsa_cosine(model, corpus, settings) -> float:
     """cos(Ĝ_SPSA, ∇L) over every parameter a hidden-unit group touches, on the calibration windows."""
+    from minillm.calibration.spsa import estimate_gradient
     from minillm.lstm.api import calibration_windows
     from minillm.lstm.calibrate import window_loss
     from minillm.lstm.groups import group_params, unit_groups
-    from minillm.scoring.spsa import estimate_gradient
 
     model = copy.deepcopy(model).eval()
     calib = calibration_windows(corpus, settings)

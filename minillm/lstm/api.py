@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from minillm.calibration.spsa import SpsaConfig
 from minillm.lstm.criteria import CRITERIA, ScoreContext
 from minillm.lstm.criteria.group_lasso import regularizer as group_lasso_regularizer
 from minillm.lstm.data import Corpus, batchify, bptt_windows, head
@@ -26,7 +27,6 @@ from minillm.lstm.plan import PrunePlan, plan_from_scores
 from minillm.lstm.speed import SpeedResult, inference_speed
 from minillm.lstm.surgery import apply_plan, check_fused
 from minillm.lstm.train import TrainConfig, evaluate_nll, perplexity, train_lm
-from minillm.scoring.spsa import SpsaConfig
 
 Progress = Callable[[str, int, int], None]
 FUSED_TOLERANCE = 1e-4

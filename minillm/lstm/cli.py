@@ -149,10 +149,10 @@ def prune(
     with _cli_errors():
         if out is None and not dry_run:
             raise ValueError("pass --out FOLDER (or --dry-run to only print the plan)")
+        from minillm.calibration.spsa import SpsaConfig
         from minillm.lstm import api
         from minillm.lstm.criteria import CRITERIA
         from minillm.lstm.train import TrainConfig
-        from minillm.scoring.spsa import SpsaConfig
 
         CRITERIA.get(criterion)  # fail fast with a did-you-mean message
         finetune = (TrainConfig(epochs=1, max_steps=finetune_steps, lr=lr, batch_size=batch_size, seed=seed)

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from minillm.calibration.forward import input_device
+from minillm.calibration.spsa import frozen
 from minillm.scoring.base import ScoringContext
-from minillm.scoring.spsa import frozen
 
 
 @dataclass

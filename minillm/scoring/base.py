@@ -15,8 +15,8 @@ from torch import nn
 
 from minillm.arch.base import ArchAdapter, LayerShape
 from minillm.calibration.data import CalibrationSet
+from minillm.calibration.spsa import SpsaConfig
 from minillm.plan import LayerScores
-from minillm.scoring.spsa import SpsaConfig
 
 
 @dataclass

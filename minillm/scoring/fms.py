@@ -2,7 +2,7 @@
 
 Per weight: ``|W_ij · Ĝ_ij · x̄_j|`` — weight × estimated gradient of the calibration loss × mean absolute
 input activation of column j — summed over every weight of a group (see :mod:`minillm.groups`).
-``Ĝ`` comes from :func:`minillm.scoring.spsa.estimate_gradient` over all prunable Linear weights of the
+``Ĝ`` comes from :func:`minillm.calibration.spsa.estimate_gradient` over all prunable Linear weights of the
 scored layers; it is regenerated one tensor at a time, so no gradient-sized copy of the model exists.
 
 Reference: "MINI-LLM: Memory-Efficient Structured Pruning for Large Language Models" (Cheng et al., 2024).
@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from minillm.calibration.forward import mean_loss, run_forward
+from minillm.calibration.spsa import estimate_gradient
 from minillm.calibration.stats import collect_input_stats
 from minillm.groups import sum_by_group
 from minillm.scoring.base import ScoreResult, ScoringContext
-from minillm.scoring.spsa import estimate_gradient
 
 
 def fms_importance(

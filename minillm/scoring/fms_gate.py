@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from minillm.calibration.forward import input_device, mean_loss
+from minillm.calibration.spsa import SpsaEstimate, estimate_gradient
 from minillm.scoring.base import ScoreResult, ScoringContext
 from minillm.scoring.gates import GateHolder, GateLayout, gated
-from minillm.scoring.spsa import SpsaEstimate, estimate_gradient
 
 
 def gate_spsa(ctx: ScoringContext, layout: GateLayout) -> tuple[SpsaEstimate, torch.Tensor]:

@@ -26,9 +26,9 @@ from torch import nn
 from torch.func import jvp
 
 from minillm.calibration.forward import input_device
+from minillm.calibration.spsa import frozen
 from minillm.scoring.base import ScoreResult, ScoringContext
 from minillm.scoring.gates import GateHolder, GateLayout, gated, token_losses
-from minillm.scoring.spsa import frozen
 
 _SEED_STRIDE = 1_000_003
 

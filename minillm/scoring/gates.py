@@ -27,9 +27,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minillm.calibration.forward import input_device
+from minillm.calibration.spsa import frozen
 from minillm.plan import LayerScores
 from minillm.scoring.base import ScoringContext
-from minillm.scoring.spsa import frozen
 
 
 @dataclass(frozen=True)

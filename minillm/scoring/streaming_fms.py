@@ -6,7 +6,7 @@ flows through the blocks once with two streams: each block is loaded once (onto 
 execution device), its weights are perturbed in place by +εz, the "+" stream goes through, they move
 to −εz, the "−" stream goes through, and they move back; z is regenerated from ``(seed, step, tensor
 index)`` on the device where the block runs, never stored. Both losses then come from the model's own
-head (:func:`~minillm.calibration.blockwise.loss_from_hidden`). Every weight sees exactly the same
+head (:func:`~minillm.calibration.blocks.loss_from_hidden`). Every weight sees exactly the same
 arithmetic as in the in-memory estimator, so the same seed gives the same coefficients (up to float
 summation order) and the same plan. Offloaded blocks are perturbed in their loaded copies, which are
 dropped afterwards, so the offloaded source is never modified.
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from minillm.calibration.blockwise import (
+from minillm.calibration.blocks import (
     BlockBatch,
     capture_first_block_inputs,
     head_resident,
@@ -37,11 +37,11 @@ from minillm.calibration.blockwise import (
     run_block,
     run_block_with_stats,
 )
+from minillm.calibration.spsa import SpsaEstimate, shift_indexed
 from minillm.groups import sum_by_group
 from minillm.plan import LayerScores
 from minillm.scoring.base import ScoreResult, ScoringContext
 from minillm.scoring.fms import fms_importance
-from minillm.scoring.spsa import SpsaEstimate, shift_indexed
 
 Indexed = Sequence[tuple[int, nn.Linear]]
 

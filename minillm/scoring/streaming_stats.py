@@ -18,7 +18,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from minillm.calibration.blockwise import (
+from minillm.calibration.blocks import (
     capture_first_block_inputs,
     resident,
     run_block,

@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from minillm.calibration.blockwise import BlockBatch
+from minillm.calibration.blocks import BlockBatch
 from minillm.scoring.base import ScoreResult, ScoringContext
 from minillm.scoring.block_backward import backward_block_by_block
 from minillm.scoring.gates import GateHolder, GateLayout, gated

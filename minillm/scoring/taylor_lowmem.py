@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from minillm.calibration.blockwise import BlockBatch
+from minillm.calibration.blocks import BlockBatch
 from minillm.groups import sum_by_group
 from minillm.plan import LayerScores
 from minillm.scoring.base import ScoreResult, ScoringContext

@@ -13,9 +13,9 @@ from typing import Protocol
 
 import torch
 
+from minillm.calibration.spsa import SpsaConfig
 from minillm.lstm.model import LstmLm
 from minillm.lstm.train import TrainConfig
-from minillm.scoring.spsa import SpsaConfig
 
 Window = tuple[torch.Tensor, torch.Tensor]
 

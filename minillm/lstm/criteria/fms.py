@@ -1,7 +1,7 @@
 """FMS criterion with forward-only gradients: the LLM side's feature-map sensitivity, on LSTM units.
 
 Per weight, FMS = |W · Ĝ · x̄| where Ĝ is the SPSA estimate of ∂L/∂W (two forward passes per
-perturbation, no autograd; :func:`minillm.scoring.spsa.estimate_gradient`, reused as is) and x̄ is the
+perturbation, no autograd; :func:`minillm.calibration.spsa.estimate_gradient`, reused as is) and x̄ is the
 mean |activation| entering that weight's input column (1 for biases). A hidden unit's score is the sum
 of FMS over its weight group (:mod:`minillm.lstm.groups`): four gate rows, its W_hh column and its
 consumer's input column. Perturbed: every parameter that some group touches.
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from minillm.calibration.spsa import estimate_gradient
 from minillm.lstm.calibrate import activation_means, window_loss
 from minillm.lstm.criteria.base import ScoreContext
 from minillm.lstm.groups import unit_groups, unit_sum
 from minillm.lstm.model import LstmLm
-from minillm.scoring.spsa import estimate_gradient
 
 
 def fms_per_weight(weight: torch.Tensor, grad: torch.Tensor, input_mean: torch.Tensor | None) -> torch.Tensor:

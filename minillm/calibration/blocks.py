@@ -1,15 +1,15 @@
-"""The block-by-block calibration runner (the loop of Wanda / SparseGPT), written once for every family.
+"""The pieces of the sequential executor (:mod:`minillm.calibration.sequential`), written once.
 
 Why: a model whose weights do not fit in memory can still be calibrated if only one decoder block is
-resident at a time. The runner
+resident at a time. The pieces:
 
-1. captures the inputs of the first decoder block (hidden states *and* the keyword arguments the
-   model passes to its layers: ``position_embeddings``, ``attention_mask``, ``position_ids`` …) with a
-   ``with_kwargs`` forward pre-hook on layer 0 that raises a private exception to stop the pass;
-2. for each block: makes its weights resident (:func:`resident`, accelerate's ``align_module_device``
-   on every offloaded sub-module), runs every calibration batch through it, lets the caller observe or
-   perturb it, keeps its outputs as the next block's inputs, and offloads it again;
-3. evaluates the model's own loss on the final hidden states by *replaying* them through the model
+1. capture the inputs of the first decoder block (hidden states *and* the keyword arguments the
+   model passes to its layers: ``position_embeddings``, ``attention_mask``, ``position_ids`` …) by
+   swapping the decoder layers for recorders that stop the pass once the first layer of every
+   attention kind (sliding-window / full) has been called;
+2. make a block's weights resident (:func:`resident`, accelerate's ``align_module_device`` on every
+   offloaded sub-module) and run every calibration batch through it (:func:`run_block`);
+3. evaluate the model's own loss on the final hidden states by *replaying* them through the model
    with the decoder layers swapped out (:func:`loss_from_hidden`), so the final norm, LM head, logit
    soft-capping and loss function are the model's own code, not a copy.
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -33,24 +33,55 @@ from torch import nn
 from minillm.arch.base import ArchAdapter
 from minillm.calibration.data import CalibrationSet
 from minillm.calibration.stats import ColumnStats, collect_input_stats
-from minillm.errors import UsageError
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook on layer 0: the rest of the forward pass is not needed."""
+    """Raised by the capture stand-ins once every attention type's inputs are recorded."""
+
+
+def _to(value: Any, device: torch.device | None) -> Any:
+    """``value`` with every tensor inside (tuples, lists, dicts) moved to ``device`` (None: unchanged)."""
+    if device is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
 
 
 @dataclass
 class BlockBatch:
-    """One calibration micro-batch as a decoder block sees it: hidden states + the layer call's arguments."""
+    """One calibration micro-batch as a decoder block sees it: hidden states + the layer call's arguments.
+
+    ``per_kind`` holds the call arguments of every attention kind of the model (sliding-window and full
+    layers get different masks, Gemma 3 different position embeddings); ``args`` / ``kwargs`` are those
+    of layer 0. :meth:`call` picks the right ones for a layer.
+    """
 
     input_ids: torch.Tensor
     hidden: torch.Tensor
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    per_kind: dict[Any, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
 
     def with_hidden(self, hidden: torch.Tensor) -> BlockBatch:
         return replace(self, hidden=hidden)
+
+    def arguments(self, kind: Any = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The positional and keyword arguments (after the hidden states) of a layer of ``kind``."""
+        return self.per_kind.get(kind, (self.args, self.kwargs))
+
+    def to(self, device: torch.device | None) -> BlockBatch:
+        """This batch with its hidden states and call arguments on ``device`` (None: unchanged)."""
+        if device is None:
+            return self
+        return BlockBatch(self.input_ids, _to(self.hidden, device), _to(self.args, device),
+                          _to(self.kwargs, device), _to(self.per_kind, device))
 
 
 def execution_device(module: nn.Module) -> torch.device:
@@ -65,49 +96,80 @@ def execution_device(module: nn.Module) -> torch.device:
 
 
 def input_device(model: nn.Module) -> torch.device:
-    """Where input ids must go: the execution device of the input embeddings."""
+    """Where input ids must go: the execution device of the input embeddings (right for offloaded
+    models too, whose embedding weights may sit on ``meta``)."""
     return execution_device(model.get_input_embeddings())
 
 
-def _attention_type(layer: nn.Module) -> Any:
-    return getattr(layer, "attention_type", None)
+def layer_kinds(model: nn.Module, adapter: ArchAdapter) -> list[Any]:
+    """The attention kind of every decoder layer (``config.layer_types`` or the layer's ``attention_type``;
+    ``None`` when the model has one kind only)."""
+    layers = adapter.decoder_layers(model)
+    declared = getattr(model.config, "layer_types", None)
+    if declared is not None and len(declared) >= len(layers):
+        return list(declared[: len(layers)])
+    return [getattr(layer, "attention_type", None) for layer in layers]
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer ``index`` during capture: records its call, passes hidden states on."""
+
+    def __init__(self, index: int, kind: Any, record: dict[int, Any], last: int) -> None:
+        super().__init__()
+        self.index, self.record, self.last = index, record, last
+        if kind is not None:
+            self.attention_type = kind
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.record[self.index] = (hidden_states, args, dict(kwargs))
+        if self.index >= self.last:
+            raise _StopForward
+        return hidden_states
 
 
 def capture_first_block_inputs(
-    model: nn.Module, adapter: ArchAdapter, calibration: CalibrationSet
+    model: nn.Module, adapter: ArchAdapter, calibration: CalibrationSet,
+    store: torch.device | None = None,
 ) -> list[BlockBatch]:
-    """Run only the embeddings for every batch and record what layer 0 receives."""
+    """Run only the embeddings (and the model's own mask / position code) for every batch and record
+    what layer 0 receives, plus the call arguments of the first layer of every other attention kind.
+
+    The decoder layers are swapped for recorders, so no block weight is touched (nor loaded when
+    offloaded). ``store``: where to keep the captured tensors (None: where the model made them).
+    """
     layers = adapter.decoder_layers(model)
-    if len({_attention_type(layer) for layer in layers}) > 1:
-        raise UsageError(
-            "block-by-block calibration needs every decoder layer to use the same attention type "
-            "(this model mixes sliding-window and full attention); run without --streaming"
-        )
-    captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured.append((args, dict(kwargs)))
-        raise _StopForward
-
+    kinds = layer_kinds(model, adapter)
+    firsts = {}
+    for index, kind in enumerate(kinds):
+        firsts.setdefault(kind, index)
+    record: dict[int, Any] = {}
+    stand_ins = [_Recorder(i, kinds[i], record, max(firsts.values())) for i in range(len(layers))]
     device = input_device(model)
     batches: list[BlockBatch] = []
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for input_ids in calibration.batches():
-                try:
-                    model(input_ids=input_ids.to(device), use_cache=False)
-                except _StopForward:
-                    pass
-                args, kwargs = captured.pop()
-                if args:
-                    hidden, rest = args[0], tuple(args[1:])
-                else:
-                    hidden, rest = kwargs.pop("hidden_states"), ()
-                batches.append(BlockBatch(input_ids, hidden, rest, kwargs))
-    finally:
-        handle.remove()
+    with torch.no_grad(), _layers_swapped(layers, stand_ins):
+        for input_ids in calibration.batches():
+            record.clear()
+            try:
+                model(input_ids=input_ids.to(device), use_cache=False)
+            except _StopForward:
+                pass
+            hidden, args, kwargs = record[0]
+            per_kind = {kind: (record[i][1], record[i][2]) for kind, i in firsts.items()}
+            batch = BlockBatch(input_ids, hidden, args, kwargs, per_kind if len(per_kind) > 1 else {})
+            batches.append(batch.to(store))
     return batches
+
+
+@contextmanager
+def _layers_swapped(layers: nn.ModuleList, stand_ins: Sequence[nn.Module]) -> Iterator[None]:
+    saved = list(layers)
+    try:
+        del layers[:]
+        layers.extend(stand_ins)
+        yield
+    finally:
+        del layers[:]
+        layers.extend(saved)
 
 
 def _offloaded(module: nn.Module) -> list[nn.Module]:
@@ -153,22 +215,33 @@ def is_offloaded(model: nn.Module) -> bool:
     return bool(_offloaded(model))
 
 
-def run_block(layer: nn.Module, batches: Sequence[BlockBatch]) -> list[BlockBatch]:
-    """Every batch through one decoder block; the outputs become the next block's inputs."""
+def run_block(
+    layer: nn.Module, batches: Sequence[BlockBatch], kind: Any = None, store: torch.device | None = None
+) -> list[BlockBatch]:
+    """Every batch through one decoder block of attention ``kind``; the outputs become the next block's
+    inputs. With ``store`` the batches are kept there and moved to the block's device only to run."""
     outputs = []
+    device = execution_device(layer) if store is not None else None
     with torch.no_grad():
         for batch in batches:
-            out = layer(batch.hidden, *batch.args, **batch.kwargs)
-            outputs.append(batch.with_hidden(out[0] if isinstance(out, tuple) else out))
+            out = call_block(layer, batch.to(device), kind)
+            outputs.append(batch.with_hidden(out.to(store) if store is not None else out))
     return outputs
 
 
+def call_block(layer: nn.Module, batch: BlockBatch, kind: Any = None) -> torch.Tensor:
+    """One batch through one block (grad mode as the caller set it); the output hidden states."""
+    args, kwargs = batch.arguments(kind)
+    out = layer(batch.hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def run_block_with_stats(
-    layer: nn.Module, batches: Sequence[BlockBatch], linears: Sequence[nn.Linear]
+    layer: nn.Module, batches: Sequence[BlockBatch], linears: Sequence[nn.Linear], kind: Any = None
 ) -> tuple[list[BlockBatch], dict[nn.Linear, ColumnStats]]:
     """:func:`run_block` while recording the input statistics of ``linears`` (hooks removed afterwards)."""
     outputs: list[BlockBatch] = []
-    stats = collect_input_stats(linears, lambda: outputs.extend(run_block(layer, batches)))
+    stats = collect_input_stats(linears, lambda: outputs.extend(run_block(layer, batches, kind)))
     return outputs, stats
 
 
@@ -183,18 +256,6 @@ class _Replay(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.hidden.to(hidden_states.device)
-
-
-@contextmanager
-def _layers_replaced(layers: nn.ModuleList, stand_in: nn.Module) -> Iterator[None]:
-    saved = list(layers)
-    try:
-        del layers[:]
-        layers.append(stand_in)
-        yield
-    finally:
-        del layers[:]
-        layers.extend(saved)
 
 
 def non_block_modules(model: nn.Module, adapter: ArchAdapter) -> list[nn.Module]:
@@ -231,11 +292,11 @@ def loss_from_hidden(model: nn.Module, adapter: ArchAdapter, batches: Sequence[B
     layers = adapter.decoder_layers(model)
     device = input_device(model)
     total, count = 0.0, 0
-    attention_type = _attention_type(layers[0])
+    attention_type = layer_kinds(model, adapter)[0]
     with torch.no_grad():
         for batch in batches:
             ids = batch.input_ids.to(device)
-            with _layers_replaced(layers, _Replay(batch.hidden, attention_type)):
+            with _layers_swapped(layers, [_Replay(batch.hidden, attention_type)]):
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             tokens = ids.numel() - ids.shape[0]
             total += float(loss) * tokens
@@ -253,7 +314,7 @@ def head_gradients(
     """
     layers = adapter.decoder_layers(model)
     device = input_device(model)
-    attention_type = _attention_type(layers[0])
+    attention_type = layer_kinds(model, adapter)[0]
     grads = []
     with head_resident(model, adapter):
         for batch in batches:
@@ -262,7 +323,7 @@ def head_gradients(
                 rows = slice(start, start + sequences)
                 hidden = batch.hidden[rows].detach().requires_grad_(True)
                 ids = batch.input_ids[rows].to(device)
-                with _layers_replaced(layers, _Replay(hidden, attention_type)):
+                with _layers_swapped(layers, [_Replay(hidden, attention_type)]):
                     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                 tokens = ids.numel() - ids.shape[0]
                 (grad,) = torch.autograd.grad(loss * tokens, hidden)
