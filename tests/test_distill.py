@@ -297,3 +297,26 @@ def test_chat_jsonl_goes_through_the_chat_template(tmp_path: Path) -> None:
     vocab = tokenizer.get_vocab()
     assert examples[1].input_ids == [vocab[w] for w in ["<s>", "w1", "w2", "</s>", "<s>", "w3", "</s>"]]
     assert examples[1].labels == examples[1].input_ids
+
+
+def test_block_mode_lowers_every_blocks_reconstruction_error(dense_and_pruned, tmp_path: Path) -> None:
+    """--mode blocks on the one executor: each pruned block moves towards its dense counterpart on the
+    pruned prefix's hidden states; the export reloads and carries the per-block errors."""
+    dense, pruned = dense_and_pruned
+    data = _pattern_text(tmp_path / "train.txt")
+    config = _config(mode="blocks", block_steps=30, block_samples=8, lr=1e-2)
+    result = recover(str(pruned), str(data), tmp_path / "out", config)
+    recovery = json.loads((tmp_path / "out" / "minillm.json").read_text())["recovery"]
+    errors = recovery["train"]["blocks"]
+    assert recovery["method"] == "blocks" and recovery["teacher"] == str(dense)
+    assert sorted(errors) == ["0", "1"]
+    for index, error in errors.items():
+        assert error["after"] < 0.7 * error["before"], (index, error)
+    from minillm.loading import load_model
+
+    reloaded = load_model(str(tmp_path / "out"), device_map=None, dtype="float32")
+    ids = random_ids(1, 8, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits, atol=1e-5, rtol=0)
+    with pytest.raises(UsageError, match=r"--mode blocks .* needs --teacher"):
+        recover(str(pruned), str(data), None, _config(mode="blocks", loss="ce"))

@@ -30,6 +30,11 @@ def recover(
     ),
     loss: str = typer.Option("auto", help="kd, ce, kd+ce; auto = kd when a teacher is available, else ce."),
     temperature: float = typer.Option(1.0, help="Distillation temperature τ (Minitron: 1)."),
+    mode: str = typer.Option(
+        "logits", help="logits: train on the outputs; blocks: block-local reconstruction of the dense blocks."
+    ),
+    block_steps: int = typer.Option(200, help="--mode blocks: Adam steps per block."),
+    block_samples: int = typer.Option(32, help="--mode blocks: calibration windows of --max-length tokens."),
     method: str = typer.Option("auto", help="full, lora; auto = full up to 1B parameters, else LoRA."),
     max_tokens: int = typer.Option(None, help="Training-token budget (sets the steps; overrides --epochs)."),
     cache_teacher: str = typer.Option(
@@ -83,6 +88,9 @@ def recover(
     from minillm.recover import recover as recover_api
 
     config = RecoverConfig(
+        mode=mode,
+        block_steps=block_steps,
+        block_samples=block_samples,
         method=method,
         loss=loss,
         temperature=temperature,

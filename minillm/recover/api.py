@@ -7,6 +7,7 @@ the training data and is released before the student is loaded, so the two never
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,12 @@ def recover(
         train_set, val_set = split(examples, config.val_size, config.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     device = PartialState().device
+    if config.mode == "blocks":
+        if config.loss == "ce" or teacher_source is None:
+            raise UsageError("--mode blocks reconstructs the dense model's blocks: it needs --teacher DENSE")
+        if cache_teacher is not None or resume:
+            raise UsageError("--mode blocks takes neither --cache-teacher nor --resume (one short walk)")
+        config.loss = "block-mse"
     uses_teacher = config.loss != "ce"
     teacher_model: nn.Module | None = None
     if uses_teacher and isinstance(teacher_source, str) and teacher_source != "in-memory model":
@@ -128,8 +135,12 @@ def recover(
 
         pruned = load_model(pruned, device_map=None, dtype=dtype)  # accelerate places it
     assert isinstance(pruned, nn.Module)
-    result_model, record, method = _train(pruned, train_set, val_set, config, pad_id, teacher_model, cache,
-                                          checkpoint_dir, out, resume, on_step, log)
+    if config.mode == "blocks":
+        assert teacher_model is not None
+        result_model, record, method = _blocks(pruned, teacher_model, tokenizer, data, config, log)
+    else:
+        result_model, record, method = _train(pruned, train_set, val_set, config, pad_id, teacher_model,
+                                              cache, checkpoint_dir, out, resume, on_step, log)
     recovery = {
         "method": method,
         "loss": config.loss,
@@ -161,6 +172,25 @@ def _student_vocab(pruned: str | nn.Module) -> int:
     from transformers import AutoConfig
 
     return int(AutoConfig.from_pretrained(pruned).vocab_size)
+
+
+def _blocks(model: nn.Module, teacher: nn.Module, tokenizer: Any, data: str, config: RecoverConfig,
+            log: LogCallback | None) -> tuple[nn.Module, TrainLog, str]:
+    """Block-local reconstruction (:mod:`minillm.recover.blocks`) of every block, in place."""
+    from minillm.arch import adapter_for
+    from minillm.recover.blocks import calibration_from, reconstruct
+
+    calibration = calibration_from(tokenizer, data, config.block_samples, config.max_length, config.seed,
+                                   config.batch_size)
+    start = time.perf_counter()
+    errors = reconstruct(model, teacher, adapter_for(model.config), calibration, steps=config.block_steps,
+                         lr=config.peak_lr(), seed=config.seed, log=log)
+    record = TrainLog(total_steps=config.block_steps * len(errors), steps_per_epoch=config.block_steps,
+                      train_examples=calibration.input_ids.shape[0], tokens=calibration.num_tokens)
+    record.seconds = time.perf_counter() - start
+    record.blocks = {str(i): e for i, e in errors.items()}
+    model.requires_grad_(False)
+    return model.eval(), record, "blocks"
 
 
 def _train(model: nn.Module, train_set: list, val_set: list, config: RecoverConfig, pad_id: int,

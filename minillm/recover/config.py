@@ -14,7 +14,9 @@ from typing import Any
 
 from minillm.errors import UsageError
 
+MODES = ("logits", "blocks")
 METHODS = ("auto", "full", "lora")
+DEFAULT_LR_BLOCKS = 1e-4
 LOSS_CHOICES = ("auto", "kd", "ce", "kd+ce")
 FULL_PARAMS_LIMIT = 1_000_000_000  # auto: full-parameter training up to 1B parameters (AdamW: ~16 B/param)
 DEFAULT_LR_LORA = 1e-4
@@ -25,6 +27,14 @@ DEFAULT_LR_FULL = 2e-5
 class RecoverConfig:
     """LoRA and training-loop settings of ``minillm recover``."""
 
+    mode: str = field(
+        default="logits",
+        metadata={"help": "logits (train on the model's outputs) or blocks (block-local reconstruction)."},
+    )
+    block_steps: int = field(default=200, metadata={"help": "--mode blocks: Adam steps per block."})
+    block_samples: int = field(
+        default=32, metadata={"help": "--mode blocks: calibration windows of --max-length tokens."}
+    )
     method: str = field(
         default="auto",
         metadata={"help": "full, lora, or auto (full for models up to FULL_PARAMS_LIMIT parameters)."},
@@ -83,6 +93,8 @@ class RecoverConfig:
         checks = [
             (self.rank >= 1, f"--rank must be >= 1 (got {self.rank})"),
             (0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1) (got {self.dropout})"),
+            (self.mode in MODES, f"--mode must be one of {', '.join(MODES)} (got {self.mode})"),
+            (min(self.block_steps, self.block_samples) >= 1, "--block-steps, --block-samples must be >= 1"),
             (self.method in METHODS, f"--method must be one of {', '.join(METHODS)} (got {self.method!r})"),
             (self.loss in LOSS_CHOICES, f"--loss must be one of {', '.join(LOSS_CHOICES)} (got {self.loss})"),
             (self.temperature > 0, f"--temperature must be positive (got {self.temperature})"),
@@ -118,10 +130,13 @@ class RecoverConfig:
     def peak_lr(self) -> float:
         if self.lr is not None:
             return self.lr
+        if self.mode == "blocks":
+            return DEFAULT_LR_BLOCKS
         return DEFAULT_LR_FULL if self.method == "full" else DEFAULT_LR_LORA
 
     #: settings that must match for ``--resume`` to continue the same run
     RESUME_KEYS = (
+        "mode",
         "method",
         "loss",
         "temperature",

@@ -54,6 +54,7 @@ class TrainLog:
     train_examples: int = 0
     val_examples: int = 0
     tokens: int = 0
+    blocks: dict[str, dict[str, float]] = field(default_factory=dict)  # --mode blocks: errors per block
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +67,7 @@ class TrainLog:
             "train_examples": self.train_examples,
             "val_examples": self.val_examples,
             "tokens": self.tokens,
+            **({"blocks": self.blocks} if self.blocks else {}),
         }
 
 
