@@ -320,3 +320,19 @@ def test_block_mode_lowers_every_blocks_reconstruction_error(dense_and_pruned, t
         torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits, atol=1e-5, rtol=0)
     with pytest.raises(UsageError, match=r"--mode blocks .* needs --teacher"):
         recover(str(pruned), str(data), None, _config(mode="blocks", loss="ce"))
+
+
+def test_offloaded_teacher_gives_the_same_loss() -> None:
+    """A teacher whose weights accelerate keeps off the compute device (hooks load them per module, the
+    parameters sit on ``meta``) gives the same KD loss: its body and head run through the hooks."""
+    from accelerate import cpu_offload
+
+    student, teacher = _pair("llama")
+    batch = _batch()
+    with torch.no_grad():
+        expected = _kd(student, teacher, batch, chunk=4)
+    offloaded = cpu_offload(tiny_model("llama", seed=1).double(), execution_device=torch.device("cpu"))
+    assert offloaded.lm_head.weight.device.type == "meta"
+    with torch.no_grad():
+        got = _kd(student, offloaded, batch, chunk=4)
+    assert abs(float(got) - float(expected)) < 1e-10
