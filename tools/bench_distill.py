@@ -27,6 +27,7 @@ VARIANTS = {  # name: (method, loss, learning rate); rates fixed in advance, not
     "full-ce": ("full", "ce", "5e-5"),
     "full-kd": ("full", "kd", "5e-5"),
     "lora-kd": ("lora", "kd", "2e-4"),
+    "blocks": ("blocks", "kd", "1e-4"),  # --mode blocks: --block-samples windows, --block-steps per block
 }
 
 
@@ -79,7 +80,8 @@ def main() -> None:
     parser.add_argument("--train", default="/work/shared/data/text/wiki.train.txt")
     parser.add_argument("--test", default="/work/shared/data/text/wiki.test.txt")
     parser.add_argument("--max-tokens", type=int, default=40960)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--block-steps", type=int, default=50)
+    parser.add_argument("--variants", default="lora-ce,full-ce,full-kd,lora-kd")
     parser.add_argument("--lock", default="/tmp/minillm-bench.lock")
     args = parser.parse_args()
     work = args.work
@@ -92,9 +94,12 @@ def main() -> None:
     for name in variants:
         method, loss, lr = VARIANTS[name]
         train = [*MINILLM, "recover", args.pruned, "--data", args.train, "--out", str(work / name),
-                 "--method", method, "--loss", loss, "--lr", lr, "--max-tokens", str(args.max_tokens),
-                 "--max-length", "128", "--batch-size", "8", "--grad-accum", "1", "--val-size", "32",
-                 "--eval-every", "0", "--save-every", "0", "--dropout", "0"]
+                 "--loss", loss, "--lr", lr, "--max-length", "128", "--batch-size", "8"]
+        if method == "blocks":
+            train += ["--mode", "blocks", "--block-steps", str(args.block_steps), "--block-samples", "32"]
+        else:
+            train += ["--method", method, "--max-tokens", str(args.max_tokens), "--grad-accum", "1",
+                      "--val-size", "32", "--eval-every", "0", "--save-every", "0", "--dropout", "0"]
         if loss != "ce":
             train += ["--teacher", args.model]
         plan.append((f"train-{name}", train, work / name))
@@ -106,7 +111,7 @@ def main() -> None:
             print(f"[{name}] {output} exists: skipped", flush=True)
             continue
         run_stage(name, command, work, args.lock)
-    result = table(work, variants)
+    result = table(work, list(VARIANTS))  # every variant measured in this work folder so far
     (work / "table.md").write_text(result + "\n")
     print(result)
     for name, stage in json.loads((work / "stages.json").read_text()).items():
