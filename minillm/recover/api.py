@@ -70,7 +70,6 @@ def recover(
     reachable) makes the default loss distillation. The export carries the prune metadata (plan, widths,
     base model) with a ``recovery`` entry added.
     """
-    from accelerate import PartialState
 
     from minillm.export import check_output_dir, read_metadata
     from minillm.recover import teacher as teachers
@@ -104,7 +103,7 @@ def recover(
     else:
         train_set, val_set = split(examples, config.val_size, config.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    device = PartialState().device
+    device = _process_state().device
     if config.mode == "blocks":
         if config.loss == "ce" or teacher_source is None:
             raise UsageError("--mode blocks reconstructs the dense model's blocks: it needs --teacher DENSE")
@@ -157,6 +156,15 @@ def recover(
     metadata = {**metadata, "base_model": metadata.get("base_model", source), "recovery": recovery}
     return _export(result_model, record, metadata, tokenizer, out, checkpoint_dir, keep_checkpoints,
                    overwrite, max_shard_size)
+
+
+def _process_state() -> Any:
+    """accelerate's process state, created as ``Accelerator`` creates it (``ACCELERATE_USE_CPU`` → gloo on
+    CPU), so that asking for the device before training does not make every rank a lone main process."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def _cache_settings(config: RecoverConfig, teacher_source: str | None) -> dict[str, Any]:
