@@ -10,7 +10,7 @@ docs/benchmarks.md with the exact commands.
 CPU-sized run (what docs/benchmarks.md reports)::
 
     python tools/bench_distill.py --model $(cat /tmp/benchmodel.txt) --pruned /tmp/kd-bench/pruned \\
-        --work /tmp/kd-bench --max-tokens 12288 --test-windows 64
+        --work /tmp/kd-bench --max-tokens 8192 --test-windows 64
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--work", required=True, type=Path)
     parser.add_argument("--train", default="/work/shared/data/text/wiki.train.txt")
     parser.add_argument("--test", default="/work/shared/data/text/wiki.test.txt")
-    parser.add_argument("--max-tokens", type=int, default=12288)
+    parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--test-windows", type=int, default=64, help="128-token windows of --test scored.")
     parser.add_argument("--block-steps", type=int, default=50)
     parser.add_argument("--variants", default="full-kd,lora-ce,full-ce,lora-kd")
