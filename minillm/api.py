@@ -10,19 +10,19 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 import minillm
 from minillm.arch import adapter_for
 from minillm.arch.base import ArchAdapter, LayerShape
+from minillm.calibration.blocks import is_offloaded
 from minillm.calibration.data import CalibrationSet, calibration_set
 from minillm.calibration.spsa import SpsaConfig
 from minillm.card import render_card
-from minillm.defaults import DEFAULT_CRITERION
 from minillm.errors import UsageError
-from minillm.export import check_output_dir, save_pruned
+from minillm.export import check_output_dir, needs_remote_code, save_pruned
 from minillm.groups import layer_costs, prunable_layers
 from minillm.memory import Measurement, measure
 from minillm.plan import Allocation, HeadMode, PrunePlan, Structures, build_plan, check_ratio
@@ -30,6 +30,9 @@ from minillm.recipe import export_recipe
 from minillm.report.timeline import Timeline
 from minillm.scoring import CRITERIA, ScoreResult, ScoringContext
 from minillm.surgery import apply_plan, pruned_widths
+
+if TYPE_CHECKING:
+    from minillm.recipe import Recipe
 
 Progress = Callable[[str, int, int], None]
 
@@ -49,8 +52,15 @@ class PruneResult:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in model.parameters())
+    """Distinct parameters (tied embeddings counted once, also after accelerate's offload hooks have
+    replaced one side of the tie by a copy during a forward pass)."""
+    total = sum(p.numel() for p in model.parameters())
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if getattr(config, "tie_word_embeddings", False) and outputs is not None and inputs is not None \
+            and outputs.weight is not inputs.weight and outputs.weight.shape == inputs.weight.shape:
+        total -= outputs.weight.numel()
+    return total
 
 
 def layer_shapes(model: nn.Module, adapter: ArchAdapter) -> dict[int, LayerShape]:
@@ -68,7 +78,9 @@ def score_model(model: nn.Module, criterion: str, calibration: CalibrationSet, l
         calibration=calibration, seed=seed, spsa=spsa or SpsaConfig(seed=seed), options=dict(options or {}),
         progress=progress,
     )
-    return score_fn(ctx)
+    result = score_fn(ctx)
+    result.notes.setdefault("offloaded", ctx.run.offloaded)
+    return result
 
 
 def plan_from_scores(model: nn.Module, result: ScoreResult, ratio: float, allocation: Allocation = "uniform",
@@ -81,61 +93,49 @@ def plan_from_scores(model: nn.Module, result: ScoreResult, ratio: float, alloca
                       structures)
 
 
+#: Recipe fields that are not settings of the pruning itself (where the result goes, replay text): they
+#: are keyword arguments of :func:`prune` (command-line flags), never read from a recipe by the run.
+_NOT_RUN_SETTINGS = ("description", "model", "out", "overwrite", "report", "offload_dir")
+
+
 def prune(
     model: str | nn.Module,
+    recipe: Recipe | None = None,
     *,
-    ratio: float = 0.2,
-    out: str | Path | None = None,
-    criterion: str = DEFAULT_CRITERION,
-    allocation: Allocation = "uniform",
-    head_mode: HeadMode = "kv",
-    structures: Structures = "both",
-    skip_first: int = 0,
-    skip_last: int = 0,
-    calib: str | CalibrationSet = "wikitext2",
-    calib_samples: int = 32,
-    seq_len: int = 128,
-    batch_size: int = 8,
-    seed: int = 0,
-    spsa_steps: int = 16,
-    spsa_eps: float = 1e-3,
-    criterion_options: dict[str, Any] | None = None,
+    calib: str | CalibrationSet | None = None,
     tokenizer: Any = None,
-    device_map: str | dict | None = "auto",
-    max_memory: str | dict | None = None,
-    dtype: str = "auto",
+    out: str | Path | None = None,
     overwrite: bool = False,
-    dry_run: bool = False,
-    max_shard_size: str | int = "5GB",
-    streaming: bool = False,
-    offload_dir: str | None = None,
     report: str | Path | None = None,
+    offload_dir: str | None = None,
     progress: Progress | None = None,
     command: str | None = None,
+    **overrides: Any,
 ) -> PruneResult:
-    """Prune ``model`` (hub id, folder, ``.gguf`` file, or a loaded model) by ``ratio`` of its parameters.
+    """Prune ``model`` (hub id, folder, ``.gguf`` file, or a loaded model) as ``recipe`` says.
 
-    With ``out`` the pruned model is exported there atomically; with ``dry_run`` only the plan is made.
-    With ``report`` an HTML report (and PNGs beside it) is written at the end (needs matplotlib).
+    Every setting of the run is a field of :class:`~minillm.recipe.Recipe` (with its help text and
+    validation): pass a recipe, or its fields as keyword ``overrides`` (``prune(m, ratio=0.3)``), or
+    both (overrides win). ``calib`` may also be a ready :class:`CalibrationSet`. With ``out`` the pruned
+    model is exported there atomically; with ``dry_run`` only the plan is made; with ``report`` an HTML
+    report (and PNGs beside it) is written at the end (needs matplotlib).
     """
     import time
 
+    from minillm.recipe import Recipe
+
+    if isinstance(calib, str):
+        overrides["calib"] = calib
+    settings = (recipe or Recipe()).merged(overrides, source="prune()")
+    run = settings.model_dump(exclude=set(_NOT_RUN_SETTINGS))
+    ratio, criterion, streaming, dry_run = run["ratio"], run["criterion"], run["streaming"], run["dry_run"]
+    device_map, max_memory, dtype = run["device_map"], run["max_memory"], run["dtype"]
+    calibration_source: str | CalibrationSet = calib if isinstance(calib, CalibrationSet) else run["calib"]
     start = time.perf_counter()
     timeline = Timeline(progress)
     progress = timeline.progress
     check_ratio(ratio)
-    if streaming:
-        from minillm.memory import return_large_frees_to_the_os
-        from minillm.streaming import streaming_criterion
-
-        streaming_criterion(criterion)  # block-by-block needs a criterion that has that mode
-        return_large_frees_to_the_os()  # block-sized tensors come and go: keep them off the heap
-    elif criterion not in CRITERIA:
-        from minillm.streaming import STREAMING
-
-        if criterion in STREAMING:
-            raise UsageError(f"criterion {criterion!r} exists only block by block: add --streaming")
-        CRITERIA.get(criterion)  # raises the did-you-mean error
+    CRITERIA.get(criterion)  # unknown names fail before any loading, with a did-you-mean
     if out is not None and not dry_run:
         check_output_dir(out, overwrite)
     if report is not None:
@@ -151,48 +151,42 @@ def prune(
             from minillm.streaming import prepare_streaming_load
 
             load_memory, load_offload = prepare_streaming_load(
-                criterion, model, max_memory, offload_dir, dtype, batch_size, seq_len, calib_samples)
+                criterion, model, max_memory, offload_dir, dtype, run["batch_size"], run["seq_len"],
+                run["calib_samples"])
         else:
             load_memory, load_offload = max_memory, offload_dir
         model = load_model(model, device_map=device_map, max_memory=load_memory, dtype=dtype,
                            offload_dir=load_offload)
     adapter = adapter_for(model.config)
-    if not streaming:
-        from minillm.calibration.blocks import is_offloaded
+    offloaded = is_offloaded(model)  # decides only how the cut model is written, never how it is scored
+    if offloaded:
+        from minillm.memory import return_large_frees_to_the_os
 
-        if is_offloaded(model):  # offloaded weights sit on `meta`: only the block-by-block path can read them
-            from minillm.memory import return_large_frees_to_the_os
-            from minillm.streaming import streaming_criterion
-
-            streaming_criterion(criterion)
-            streaming = True
-            return_large_frees_to_the_os()
-    timeline.mark("loaded", model)
-    layers = prunable_layers(len(adapter.decoder_layers(model)), skip_first, skip_last)
-    if isinstance(calib, CalibrationSet):
-        calibration = calib
+        return_large_frees_to_the_os()  # block-sized tensors come and go: keep them off the heap
+    timeline.mark("loaded", count_parameters(model))
+    layers = prunable_layers(len(adapter.decoder_layers(model)), run["skip_first"], run["skip_last"])
+    if isinstance(calibration_source, CalibrationSet):
+        calibration = calibration_source
     else:
         if tokenizer is None:
             raise UsageError(
                 "a tokenizer is needed to read calibration text; pass tokenizer=… or a CalibrationSet"
             )
-        calibration = calibration_set(tokenizer, calib, calib_samples, seq_len, seed, batch_size)
-    spsa = SpsaConfig(steps=spsa_steps, eps=spsa_eps, seed=seed)
+        calibration = calibration_set(tokenizer, calibration_source, run["calib_samples"], run["seq_len"],
+                                      run["seed"], run["batch_size"])
+    spsa = SpsaConfig(steps=run["spsa_steps"], eps=run["spsa_eps"], seed=run["seed"])
     with measure() as scoring:
-        from minillm.streaming import score_streaming  # same signature as score_model, block by block
-
-        score_fn = score_streaming if streaming else score_model
-        score = score_fn(model, criterion, calibration, layers, seed, spsa, criterion_options, progress)
-    timeline.mark("scored", model)
-    plan = plan_from_scores(model, score, ratio, allocation, head_mode, structures)
+        score = score_model(model, criterion, calibration, layers, run["seed"], spsa,
+                            run["criterion_options"], progress)
+    timeline.mark("scored", count_parameters(model))
+    plan = plan_from_scores(model, score, ratio, run["allocation"], run["head_mode"], run["structures"])
     plan.extra = {"criterion": criterion, "layers_scored": layers}
-    options = {
-        "ratio": ratio, "criterion": criterion, "allocation": allocation, "head_mode": head_mode,
-        "structures": structures, "skip_first": skip_first, "skip_last": skip_last,
-        "calib": calib if isinstance(calib, str) else "in-memory",
-        "calib_samples": calibration.input_ids.shape[0],
-        "seq_len": calibration.input_ids.shape[1], "batch_size": calibration.batch_size, "seed": seed,
-        "spsa_steps": spsa_steps, "spsa_eps": spsa_eps, "criterion_options": criterion_options or {},
+    options = {  # the run's settings as they were used (an in-memory calibration set shows its shape)
+        **{k: v for k, v in run.items() if k not in ("device_map", "max_memory", "dtype", "dry_run",
+                                                   "max_shard_size", "streaming")},
+        "calib": run["calib"] if not isinstance(calibration_source, CalibrationSet) else "in-memory",
+        "calib_samples": calibration.input_ids.shape[0], "seq_len": calibration.input_ids.shape[1],
+        "batch_size": calibration.batch_size,
     }
     result = PruneResult(
         plan=plan, model=model, score=score, scoring=scoring, total_seconds=0.0, timeline=timeline
@@ -201,7 +195,7 @@ def prune(
         result.total_seconds = time.perf_counter() - start
         _write_report(result, report)
         return result
-    if streaming:  # surgery (and any compensation) happens block by block in the export
+    if offloaded:  # the cut (and any compensation) happens block by block in the shard writer
         from minillm.streaming_export import pruned_skeleton
 
         pruned = pruned_skeleton(model, adapter, plan, score.compensation)
@@ -213,26 +207,34 @@ def prune(
         apply_plan(model, adapter, plan)
         pruned = model
     plan.params_after = count_parameters(pruned)
-    timeline.mark("pruned", model)
+    timeline.mark("pruned", plan.params_after)
     result.total_seconds = time.perf_counter() - start
     result.metadata = _metadata(source, plan, options, score, scoring, result.total_seconds, command)
     result.metadata["recipe"] = export_recipe(source, out, options, device_map=device_map,
                                               max_memory=max_memory, dtype=dtype,
-                                              max_shard_size=max_shard_size, report=report,
+                                              max_shard_size=run["max_shard_size"], report=report,
                                               streaming=streaming, offload_dir=offload_dir)
-    if out is not None:
-        if streaming:
-            from minillm.streaming_export import save_pruned_streaming
+    if offloaded:
+        from minillm.loading import load_model
+        from minillm.streaming import default_offload_dir
+        from minillm.streaming_export import save_pruned_streaming
 
-            result.out = save_pruned_streaming(model, tokenizer, adapter, plan, out, result.metadata,
-                                               render_card(result.metadata), overwrite=overwrite,
-                                               max_shard_size=max_shard_size, skeleton=pruned,
-                                               compensation=score.compensation)
-        else:
-            result.out = save_pruned(model, tokenizer, adapter, out, result.metadata,
-                                     render_card(result.metadata), overwrite=overwrite,
-                                     max_shard_size=max_shard_size)
-        timeline.mark("exported", model)
+        folder = out if out is not None else default_offload_dir()  # the Python API without --out
+        written = save_pruned_streaming(model, tokenizer, adapter, plan, folder, result.metadata,
+                                        render_card(result.metadata), overwrite=overwrite or out is None,
+                                        max_shard_size=run["max_shard_size"], skeleton=pruned,
+                                        compensation=score.compensation)
+        result.out = written if out is not None else None
+        timeline.mark("exported", plan.params_after)
+        # the pruned model, offloaded like the dense one was (its weights are read from the export)
+        result.model = load_model(str(written), device_map=device_map, max_memory=max_memory, dtype=dtype,
+                                  offload_dir=default_offload_dir(),
+                                  trust_remote_code=needs_remote_code(pruned, adapter))  # our own file
+    elif out is not None:
+        result.out = save_pruned(model, tokenizer, adapter, out, result.metadata,
+                                 render_card(result.metadata), overwrite=overwrite,
+                                 max_shard_size=run["max_shard_size"])
+        timeline.mark("exported", plan.params_after)
     _write_report(result, report)
     return result
 

@@ -1,4 +1,7 @@
-"""Model cards for exports, generated from ``minillm.json`` (and evaluation results when present)."""
+"""Model cards for exports, generated from ``minillm.json`` (and evaluation results when present).
+
+The YAML front matter is huggingface_hub's :class:`~huggingface_hub.ModelCardData` (the Hub's own schema).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +13,12 @@ def render_card(metadata: dict[str, Any], evaluation: dict[str, Any] | None = No
     plan = metadata.get("plan", {})
     base = metadata.get("base_model", "unknown")
     remote = metadata.get("trust_remote_code", False)
-    front = ["---", "library_name: transformers", "tags:", "- minillm", "- pruned", "- structured-pruning"]
-    if metadata.get("license"):
-        front.append(f"license: {metadata['license']}")
-    if base and not str(base).startswith(("/", ".")) and not str(base).endswith(".gguf"):
-        front.append(f"base_model: {base}")
-    front.append("---")
+    from huggingface_hub import ModelCardData
+
+    on_hub = base and not str(base).startswith(("/", ".")) and not str(base).endswith(".gguf")
+    data = ModelCardData(library_name="transformers", tags=["minillm", "pruned", "structured-pruning"],
+                         license=metadata.get("license") or None, base_model=base if on_hub else None)
+    front = ["---", data.to_yaml(), "---"]
     before, after = metadata.get("params_before", 0), metadata.get("params_after", 0)
     lines = [
         *front,

@@ -132,8 +132,9 @@ def prune(
     overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
     dry_run: bool = typer.Option(False, help="Score and print the plan as JSON; write nothing."),
     max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard."),
-    streaming: bool = typer.Option(False, "--streaming", help="Score and export one decoder block at a time, "
-                                   "so --max-memory can be below the model size (see docs/benchmarks.md)."),
+    streaming: bool = typer.Option(False, "--streaming", help="Load with accelerate offload so --max-memory "
+                                   "can be below the model size; any criterion then scores and exports one "
+                                   "decoder block at a time (see docs/benchmarks.md)."),
     offload_dir: str = typer.Option(None, help="Folder for accelerate's disk offload (default: temporary)."),
     report: str = typer.Option(
         None, help="Write an HTML report (plots as PNGs beside it), e.g. report.html."
@@ -150,7 +151,8 @@ def prune(
     verbosity = 1 + int(verbose) - int(quiet)
     configure_logging(verbosity, console.is_terminal)
     with progress_bars(verbosity) as progress:
-        result = prune_api(settings.model, **settings.prune_kwargs(), report=settings.report,
+        result = prune_api(settings.model, settings, out=settings.out, overwrite=settings.overwrite,
+                           report=settings.report, offload_dir=settings.offload_dir,
                            progress=progress, command=shlex.join(["minillm", *sys.argv[1:]]))
     if settings.dry_run:
         typer.echo(result.plan.to_json())
@@ -170,18 +172,15 @@ def prune(
 
 @app.command("criteria")
 def list_criteria() -> None:
-    """List the scoring criteria: what each measures, and whether it has a --streaming mode."""
+    """List the scoring criteria and what each measures (every one runs on offloaded models too)."""
     from minillm.scoring import CRITERIA
-    from minillm.streaming import STREAMING
 
     table = Table(box=None, pad_edge=False, show_edge=False)
-    for column in ("criterion", "what it scores", "--streaming"):
+    for column in ("criterion", "what it scores"):
         table.add_column(column)
-    for name in sorted(set(CRITERIA.names()) | set(STREAMING.names())):
+    for name in CRITERIA.names():
         label = f"{name} (default)" if name == DEFAULT_CRITERION else name
-        summary = CRITERIA.summary(name) if name in CRITERIA else STREAMING.summary(name)
-        mode = ("yes" if name in CRITERIA else "only") if name in STREAMING else ""
-        table.add_row(label, summary, mode)
+        table.add_row(label, CRITERIA.summary(name))
     Console(soft_wrap=True).print(table)
 
 

@@ -1,26 +1,55 @@
-"""Peak-memory and wall-time measurement that works the same on CPU and CUDA.
+"""The one place that measures memory (and wall time), the same way for prune, compare and bench.
 
-On CUDA the peak is ``torch.cuda.max_memory_allocated`` since the block started. On CPU the only honest
-figure is the process's peak resident set size (``ru_maxrss``), which never goes down: compare methods
-in fresh processes (``minillm compare`` does) rather than one after another.
+On CUDA the peak is ``torch.cuda.max_memory_allocated`` since the block started. On CPU it is the peak
+resident set size: ``VmHWM``, which Linux lets a process reset (:func:`reset_peak`), else ``ru_maxrss``,
+which never goes down — then compare methods in fresh processes (``minillm compare`` does).
 """
 
 from __future__ import annotations
 
+import gc
+import os
 import resource
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (bytes)."""
+    """Peak resident set size of this process since the last :func:`reset_peak` (Linux ``VmHWM``), else
+    since it started (bytes)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def rss_bytes() -> int:
+    """Resident set size now (Linux ``/proc/self/statm``; elsewhere the peak so far, the best available)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            pages = int(handle.read().split()[1])
+        return pages * (os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096)
+    except (OSError, IndexError, ValueError):
+        return peak_rss_bytes()
+
+
+def reset_peak() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 @dataclass
@@ -35,10 +64,14 @@ class Measurement:
 
 
 @contextmanager
-def measure() -> Iterator[Measurement]:
-    """Time a block and record its peak memory (CUDA peak is reset at entry)."""
+def measure(reset: bool = False) -> Iterator[Measurement]:
+    """Time a block and record its peak memory (CUDA peak is reset at entry; with ``reset`` the CPU
+    peak too, where the platform allows)."""
     result = Measurement()
     cuda = torch.cuda.is_available()
+    if reset:
+        gc.collect()
+        reset_peak()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -64,7 +64,10 @@ class Recipe(BaseModel):
     overwrite: bool = Field(False, description="Replace a non-empty out folder.")
     dry_run: bool = Field(False, description="Score and print the plan; write nothing.")
     max_shard_size: str | int = Field("5GB", description="Largest safetensors shard.")
-    streaming: bool = Field(False, description="Score and export block by block (models larger than memory).")
+    streaming: bool = Field(
+        False, description="Load with accelerate offload within --max-memory (models larger than memory); "
+        "scoring and export then go block by block, with every criterion."
+    )
     offload_dir: str | None = Field(None, description="Folder for accelerate's disk offload (streaming).")
     report: str | None = Field(None, description="Write an HTML report (and PNGs) here.")
 
@@ -129,16 +132,11 @@ class Recipe(BaseModel):
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
-    def merged(self, overrides: dict[str, Any]) -> Recipe:
+    def merged(self, overrides: dict[str, Any], source: str = "command line") -> Recipe:
         """A new recipe with ``overrides`` (e.g. flags given on the command line) applied and re-validated."""
-        return Recipe.from_dict({**self.to_dict(), **overrides}, source="command line")
-
-    def prune_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`minillm.api.prune` (all but the model and descriptive fields)."""
-        data = self.model_dump()
-        for key in ("description", "model", "report"):
-            data.pop(key)
-        return data
+        if not overrides:
+            return self
+        return Recipe.from_dict({**self.model_dump(), **overrides}, source=source)
 
 
 def _explain(exc: ValidationError, as_flags: bool = False) -> str:

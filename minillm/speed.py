@@ -120,8 +120,7 @@ class PeakMemory:
         self.extra: int | None = None
 
     def __enter__(self) -> PeakMemory:
-        from minillm.compare import reset_peak
-        from minillm.report.timeline import current_rss_bytes
+        from minillm.memory import reset_peak, rss_bytes
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -129,17 +128,17 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated(self.device)
         else:
             self._supported = reset_peak()
-            self._base = current_rss_bytes()
+            self._base = rss_bytes()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from minillm.compare import peak_rss
+        from minillm.memory import peak_rss_bytes
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.extra = int(torch.cuda.max_memory_allocated(self.device) - self._base)
         elif self._supported:
-            self.extra = max(0, peak_rss() - self._base)
+            self.extra = max(0, peak_rss_bytes() - self._base)
 
 
 def benchmark(

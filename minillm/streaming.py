@@ -14,7 +14,6 @@ weights it may keep resident. A cap that cannot hold that reserve is refused wit
 from __future__ import annotations
 
 import atexit
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,53 +22,15 @@ from typing import Any
 import torch
 
 from minillm.errors import UsageError
-from minillm.registry import Registry
-from minillm.scoring.base import Criterion
 
-#: Criteria with a block-by-block implementation (same names as in ``minillm.scoring.CRITERIA``).
-STREAMING: Registry[Criterion] = Registry("streaming criterion")
-STREAMING.register("fms", "minillm.scoring.streaming_fms:stream_fms")
-STREAMING.register(
-    "fms-local",
-    "minillm.scoring.streaming_fms:stream_fms_local",
-    "FMS with block-local SPSA on each block's output reconstruction error (--streaming only)",
-)
-STREAMING.register("flap", "minillm.scoring.streaming_stats:stream_flap")
-STREAMING.register("wanda-sp", "minillm.scoring.streaming_stats:stream_wanda_sp")
-STREAMING.register("magnitude", "minillm.scoring.streaming_stats:stream_magnitude_l1")
-STREAMING.register("magnitude-l2", "minillm.scoring.streaming_stats:stream_magnitude_l2")
-STREAMING.register("taylor-gate", "minillm.scoring.streaming_taylor_gate:stream_taylor_gate")
-STREAMING.register("taylor-lowmem", "minillm.scoring.taylor_lowmem:score_taylor_lowmem")
+#: Criteria that never evaluate the model's loss (no LM head resident with a batch of logits).
+WITHOUT_LOSS = frozenset({"magnitude", "magnitude-l2", "random", "wanda-sp", "flap", "fms-local"})
 
-#: Streaming criteria that evaluate the model's loss (they need the LM head and a batch of logits).
-NEEDS_LOSS = frozenset({"fms", "taylor-gate", "taylor-lowmem"})
-
-#: Streaming criteria that keep every block's calibration inputs for a block-local backward pass.
-KEEPS_BLOCK_INPUTS = frozenset({"taylor-gate", "taylor-lowmem"})
+#: Criteria that keep every block's calibration inputs for a block-local backward pass.
+KEEPS_BLOCK_INPUTS = frozenset({"taylor", "taylor-fisher", "taylor-vector", "taylor-lowmem", "taylor-gate",
+                                "taylor-gate-fisher", "taylor-gate-fms", "fms-bp", "fms-lowmem"})
 
 GiB = 1024**3
-
-
-def streaming_criterion(name: str) -> Criterion:
-    from minillm.scoring import CRITERIA
-
-    if name not in STREAMING and name not in CRITERIA:
-        STREAMING.get(name)  # raises the did-you-mean error
-    if name not in STREAMING:
-        raise UsageError(
-            f"criterion {name!r} has no block-by-block mode; with --streaming use one of "
-            f"{', '.join(STREAMING.names())}"
-        )
-    return STREAMING.get(name)
-
-
-def current_rss_bytes() -> int:
-    """Resident set size of this process now (Linux ``/proc``; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 @dataclass(frozen=True)
@@ -183,38 +144,6 @@ def default_offload_dir() -> str:
     return folder
 
 
-def score_streaming(
-    model: Any,
-    criterion: str,
-    calibration: Any,
-    layers: list[int],
-    seed: int = 0,
-    spsa: Any = None,
-    options: dict[str, Any] | None = None,
-    progress: Any = None,
-) -> Any:
-    """:func:`minillm.api.score_model`, block by block (same arguments, same result type)."""
-    from minillm.api import layer_shapes
-    from minillm.arch import adapter_for
-    from minillm.calibration.spsa import SpsaConfig
-    from minillm.scoring.base import ScoringContext
-
-    score_fn = streaming_criterion(criterion)
-    adapter = adapter_for(model.config)
-    ctx = ScoringContext(
-        model=model,
-        adapter=adapter,
-        layers=layers,
-        shapes=layer_shapes(model, adapter),
-        calibration=calibration,
-        seed=seed,
-        spsa=spsa or SpsaConfig(seed=seed),
-        options=dict(options or {}),
-        progress=progress,
-    )
-    return score_fn(ctx)
-
-
 def _config_dtype(config: Any, dtype: Any) -> torch.dtype:
     from minillm.loading import parse_dtype
 
@@ -240,6 +169,7 @@ def prepare_streaming_load(
     from transformers import AutoConfig
 
     from minillm.loading import parse_max_memory
+    from minillm.memory import rss_bytes
 
     memory = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
     if memory:
@@ -255,8 +185,8 @@ def prepare_streaming_load(
             batch_size,
             seq_len,
             samples,
-            current_rss_bytes(),
-            with_loss=criterion in NEEDS_LOSS,
+            rss_bytes(),
+            with_loss=criterion not in WITHOUT_LOSS,
             keeps_block_inputs=criterion in KEEPS_BLOCK_INPUTS,
         )
         memory = streaming_max_memory(memory, budget)

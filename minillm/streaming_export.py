@@ -9,11 +9,11 @@ parameters + a weights map), and surgery on the live model would only change the
    resident, its weights are assigned into the workbench block, ``apply_plan`` with that block's part of
    the plan slices them (the same surgery code as in memory, so mask ≡ surgery holds), the pruned
    tensors go to the shard writer and the workbench block returns to ``meta``;
-3. the shard writer appends tensors in state-dict order and flushes a safetensors file whenever the next
-   tensor would overflow the shard limit: ``max_shard_size``, but at most one (pruned) decoder block,
-   because safetensors buffers a shard and copies it once while writing; the index
-   (``model.safetensors.index.json``) is the format ``save_pretrained`` writes, so vanilla
-   ``from_pretrained`` loads the folder.
+3. huggingface_hub's ``split_torch_state_dict_into_shards`` groups the (meta) tensors into contiguous
+   shards in state-dict order, at most ``max_shard_size`` and at most one (pruned) decoder block,
+   because safetensors buffers a shard and copies it once while writing; each shard is filled block by
+   block and written before the next is made; the index (``model.safetensors.index.json``) is the one
+   ``save_pretrained`` writes, so vanilla ``from_pretrained`` loads the folder.
 
 Tied weights are dropped exactly as transformers does (``remove_tied_weights_from_state_dict``).
 """
@@ -136,32 +136,22 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _write_shards(
-    keys: list[str], sizes: dict[str, int], produce: Any, folder: Path, max_shard_bytes: int
-) -> dict[str, str]:
-    """Contiguous shards in key order; returns key → final file name."""
+def _write_shards(state: dict[str, torch.Tensor], produce: Any, folder: Path, max_shard_bytes: int) -> None:
+    """Shards of ``state``'s (meta) tensors as huggingface_hub groups them (contiguous, in key order),
+    each filled from ``produce(key)`` and written before the next is made; the index when sharded."""
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    groups: list[list[str]] = [[]]
-    filled = 0
-    for key in keys:
-        if groups[-1] and filled + sizes[key] > max_shard_bytes:
-            groups.append([])
-            filled = 0
-        groups[-1].append(key)
-        filled += sizes[key]
-    total = len(groups)
-    weight_map = {}
-    for number, group in enumerate(groups, start=1):
-        name = WEIGHTS_NAME if total == 1 else f"model-{number:05d}-of-{total:05d}.safetensors"
-        shard = {key: produce(key) for key in group}
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_bytes,
+                                               filename_pattern=WEIGHTS_NAME.replace(".safetensors",
+                                                                                     "{suffix}.safetensors"))
+    for name, keys in split.filename_to_tensors.items():
+        shard = {key: produce(key) for key in keys}
         save_file(shard, str(folder / name), metadata={"format": "pt"})
         del shard
-        weight_map.update(dict.fromkeys(group, name))
-    if total > 1:
-        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return weight_map
 
 
 def pruned_skeleton(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan,
@@ -203,8 +193,6 @@ def save_pruned_streaming(
         config = skeleton.config
         metadata = add_remote_code(skeleton, adapter, tmp, metadata)
         state = remove_tied_weights_from_state_dict(skeleton.state_dict(), skeleton)
-        keys = list(state)
-        sizes = {key: _nbytes(tensor) for key, tensor in state.items()}
         # a shard is buffered (and copied once by safetensors) before it is written: keep it to one block
         first_block = adapter.decoder_layers(skeleton)[0]
         max_bytes = min(max_bytes, max(sum(_nbytes(t) for t in first_block.state_dict().values()), 1))
@@ -213,7 +201,7 @@ def save_pruned_streaming(
             f: flag for f, flag in flags if getattr(config, flag, False) != getattr(model.config, flag, False)
         }
         producer = _Producer(model, adapter, plan, compensation, families)
-        _write_shards(keys, sizes, producer.get, tmp, max_bytes)
+        _write_shards(state, producer.get, tmp, max_bytes)
         config.dtype = model.dtype
         config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None and model.can_generate():

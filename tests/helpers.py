@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -9,16 +12,41 @@ import torch
 from minillm.loading import load_model
 
 
-def offloaded(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
-    """The same weights reloaded with a cap that sends every module to accelerate's disk offload."""
+def offloaded(model: torch.nn.Module, folder: Path, dtype: str = "float32") -> torch.nn.Module:
+    """The same weights reloaded with a cap that sends every module to accelerate's disk offload
+    (``dtype="auto"``: the dtype they were saved in, e.g. float64)."""
     model.save_pretrained(folder)
     loaded = load_model(
         str(folder),
         device_map="auto",
         max_memory={"cpu": "30KB"},
-        dtype="float32",
+        dtype=dtype,
         offload_dir=str(folder / "offload"),
     )
     layer = loaded.get_decoder().layers[0]
     assert next(layer.parameters()).device.type == "meta"  # really offloaded
     return loaded
+
+
+RELOAD = r"""
+import json, sys
+sys.modules["minillm"] = None  # prove the export needs no minillm
+import torch
+from transformers import AutoModelForCausalLM
+folder, ids_path, remote = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32).eval()
+ids = torch.tensor(json.load(open(ids_path)))
+with torch.no_grad():
+    logits = model(ids).logits
+params = sum(p.numel() for p in model.parameters())
+torch.save({"logits": logits, "params": params}, folder + "/../reloaded.pt")
+"""
+
+
+def reload_in_fresh_process(folder: Path, ids: torch.Tensor, remote: bool) -> dict:
+    """Logits and parameter count of an export loaded by a fresh process that cannot import minillm."""
+    ids_path = folder.parent / "ids.json"
+    ids_path.write_text(json.dumps(ids.tolist()))
+    subprocess.run([sys.executable, "-c", RELOAD, str(folder), str(ids_path), "1" if remote else "0"],
+                   check=True, capture_output=True, text=True)
+    return torch.load(folder.parent / "reloaded.pt")

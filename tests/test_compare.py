@@ -145,7 +145,7 @@ def test_cli_isolated_subprocess_per_method(tmp_path: Path, text: Path) -> None:
             "--model",
             str(folder),
             "--methods",
-            "random,taylor-gate",
+            "random,taylor-gate,fms-local",
             "--ratio",
             "0.2",
             "--allocation",
@@ -166,10 +166,16 @@ def test_cli_isolated_subprocess_per_method(tmp_path: Path, text: Path) -> None:
             "cpu",
             "--out",
             str(out),
+            "--report",
+            str(out / "compare.html"),
+            "--spsa-steps",
+            "2",
         ],
     )
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader((out / "compare.csv").open()))
-    assert [r["method"] for r in rows] == ["dense", "random", "taylor-gate"]
+    assert [r["method"] for r in rows] == ["dense", "random", "taylor-gate", "fms-local"]
+    page = (out / "compare.html").read_text()
+    assert "fms-local" in page and "<img" in page and (out / "compare.metrics.png").is_file()
     assert all(int(r["peak_bytes"]) > 0 for r in rows)
     assert torch.isfinite(torch.tensor([float(r["perplexity"]) for r in rows])).all()

@@ -132,21 +132,13 @@ def test_taylor_gradient_matches_finite_differences() -> None:
     OPT in float64 (LayerNorm keeps the dtype); the finite differences use a float64 cross-entropy. The
     backprop side goes through HF's loss, which upcasts logits only to float32, hence rtol 1e-4.
     """
-    from minillm.scoring.backprop import weight_gradients
-    from minillm.scoring.base import ScoringContext
+    from minillm.calibration.backprop import model_gradients
 
     model = tiny_model("opt").double()
     adapter = adapter_for(model.config)
     calibration = _calibration()
-    ctx = ScoringContext(
-        model=model,
-        adapter=adapter,
-        layers=[0, 1],
-        shapes={i: adapter.layer_shape(model, i) for i in range(2)},
-        calibration=calibration,
-    )
     down = adapter.mlp(adapter.decoder_layers(model)[1]).closing
-    grads = weight_gradients(ctx, [down]).gradient[down]
+    grads = model_gradients(model, calibration, [down.weight]).gradient[0]
     ids = calibration.input_ids
 
     def loss() -> float:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_ids, tiny_model, tiny_tokenizer
-from test_export import _reload
+from helpers import reload_in_fresh_process as _reload
 
 from minillm.api import prune
 from minillm.calibration.data import CalibrationSet

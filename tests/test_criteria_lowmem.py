@@ -14,7 +14,6 @@ from helpers import offloaded
 from minillm.api import score_model
 from minillm.calibration.data import CalibrationSet
 from minillm.calibration.hooks import count_hooks
-from minillm.streaming import score_streaming
 
 
 def _calibration() -> CalibrationSet:
@@ -48,7 +47,7 @@ def test_streams_a_disk_offloaded_model(tmp_path: Path) -> None:
     model = tiny_model("llama")
     reference = score_model(model, "taylor", _calibration(), [0, 1])
     disk = offloaded(model, tmp_path / "ckpt")
-    result = score_streaming(disk, "taylor-lowmem", _calibration(), [0, 1])
+    result = score_model(disk, "taylor-lowmem", _calibration(), [0, 1])
     _assert_same_scores(result, reference, rtol=1e-3, atol=1e-7)  # float32 model, other summation order
     assert disk.model.layers[0].self_attn.q_proj.weight.device.type == "meta"  # still offloaded
     assert all(p.grad is None for p in disk.parameters())

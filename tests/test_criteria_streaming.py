@@ -1,5 +1,5 @@
-"""Streaming taylor-gate (block-local recomputation) gives the in-memory taylor-gate's gradient, also with
-every weight in accelerate's disk offload, and allocates no parameter gradient."""
+"""Block-local taylor-gate (one recomputed block at a time) gives the whole-model taylor-gate's gradient,
+also with every weight in accelerate's disk offload, and allocates no parameter gradient."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from minillm.arch import adapter_for
 from minillm.calibration.data import CalibrationSet
 from minillm.calibration.hooks import count_hooks
 from minillm.scoring.base import ScoringContext
-from minillm.scoring.gates import GateLayout, gate_gradients
-from minillm.scoring.streaming_taylor_gate import streaming_gate_gradients
+from minillm.scoring.gates import GateLayout, block_gate_gradients, gate_gradients
 
 
 def _ctx(model, layers: list[int]) -> ScoringContext:
@@ -30,7 +29,8 @@ def test_streaming_equals_in_memory_float64() -> None:
         ctx = _ctx(model, layers)
         layout = GateLayout.from_context(ctx)
         reference = gate_gradients(ctx, layout)
-        gradient, fisher = streaming_gate_gradients(ctx, layout)
+        found = block_gate_gradients(ctx, layout)
+        gradient, fisher = found.gradient, found.fisher
         # the head's loss goes through HF's float32 upcast of the logits: agreement to ~1e-9 absolute
         torch.testing.assert_close(gradient, reference.gradient, atol=1e-8, rtol=0)
         torch.testing.assert_close(fisher, reference.fisher, atol=1e-12, rtol=1e-5)
@@ -44,6 +44,6 @@ def test_streaming_on_a_disk_offloaded_model(tmp_path: Path) -> None:
     reference = gate_gradients(ctx, GateLayout.from_context(ctx)).gradient
     disk = offloaded(model, tmp_path / "ckpt")
     ctx_disk = _ctx(disk, [0, 1])
-    gradient, _ = streaming_gate_gradients(ctx_disk, GateLayout.from_context(ctx_disk))
+    gradient = gate_gradients(ctx_disk, GateLayout.from_context(ctx_disk)).gradient  # block-local
     torch.testing.assert_close(gradient, reference, atol=1e-6, rtol=1e-3)  # float32 model
     assert disk.model.layers[0].self_attn.q_proj.weight.device.type == "meta"  # still offloaded

@@ -3,38 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import random_ids, tiny_model, tiny_tokenizer
+from helpers import reload_in_fresh_process as _reload
 
 from minillm.api import count_parameters, prune
 from minillm.calibration.data import CalibrationSet
-
-RELOAD = r"""
-import json, sys
-sys.modules["minillm"] = None  # prove the export needs no minillm
-import torch
-from transformers import AutoModelForCausalLM
-folder, ids_path, remote = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32).eval()
-ids = torch.tensor(json.load(open(ids_path)))
-with torch.no_grad():
-    logits = model(ids).logits
-params = sum(p.numel() for p in model.parameters())
-torch.save({"logits": logits, "params": params}, folder + "/../reloaded.pt")
-"""
-
-
-def _reload(folder: Path, ids: torch.Tensor, remote: bool) -> dict:
-    ids_path = folder.parent / "ids.json"
-    ids_path.write_text(json.dumps(ids.tolist()))
-    subprocess.run([sys.executable, "-c", RELOAD, str(folder), str(ids_path), "1" if remote else "0"],
-                   check=True, capture_output=True, text=True)
-    return torch.load(folder.parent / "reloaded.pt")
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ PROBE = textwrap.dedent(
     """
     import sys, torch
     from minillm.memory import return_large_frees_to_the_os
-    from minillm.streaming import current_rss_bytes
+    from minillm.memory import rss_bytes as current_rss_bytes
     if sys.argv[1] == "fixed":
         assert return_large_frees_to_the_os()
     warm = torch.ones(8 * 1024**2 // 4); del warm  # a large free: glibc would raise its dynamic threshold

@@ -87,7 +87,7 @@ def test_dry_run_report_and_cli_flag(tmp_path, calib_file):
 
 
 def test_compare_report_from_synthetic_rows(tmp_path):
-    from minillm.report import render_compare_report
+    from minillm.compare.report import render_compare_report
 
     rows = [
         {
@@ -128,12 +128,14 @@ def test_compare_report_from_synthetic_rows(tmp_path):
 def test_compare_report_accepts_compare_rows(tmp_path):
     compare = pytest.importorskip("minillm.compare")
     row = compare.CompareRow("fms", 0.2, "uniform", 0.201, 1000, 25.0, 2**20, 1.3, 2.0, 5, 0, {"piqa": 0.6})
-    files = __import__("minillm.report", fromlist=["x"]).render_compare_report([row], tmp_path / "c.html")
+    from minillm.compare.report import render_compare_report
+
+    files = render_compare_report([row], tmp_path / "c.html")
     assert "accuracy.piqa" in files[0].read_text()
 
 
 def test_compare_report_rejects_empty_and_odd_rows(tmp_path):
-    from minillm.report import render_compare_report
+    from minillm.compare.report import render_compare_report
 
     with pytest.raises(UsageError, match="no rows"):
         render_compare_report([], tmp_path / "x.html")

@@ -63,7 +63,7 @@ def main() -> None:
     from minillm.api import layer_shapes
     from minillm.arch import adapter_for
     from minillm.calibration.data import calibration_set
-    from minillm.calibration.forward import mean_loss, run_forward
+    from minillm.calibration.forward import mean_loss
     from minillm.calibration.spsa import SpsaConfig, SpsaEstimate, estimate_gradient
     from minillm.calibration.stats import collect_input_stats
     from minillm.groups import sum_by_group
@@ -154,7 +154,7 @@ def main() -> None:
 
     if fms_ks:
         linears = ctx.linears()
-        stats = collect_input_stats(linears, lambda: run_forward(model, calibration))
+        stats = collect_input_stats(linears, lambda: ctx.run.run())  # one walk through the blocks
         weights = [lin.weight for lin in linears]
         start = time.perf_counter()
         config = SpsaConfig(steps=max(fms_ks), eps=args.eps, seed=args.seed)

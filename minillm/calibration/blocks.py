@@ -32,7 +32,6 @@ from torch import nn
 
 from minillm.arch.base import ArchAdapter
 from minillm.calibration.data import CalibrationSet
-from minillm.calibration.stats import ColumnStats, collect_input_stats
 
 
 class _StopForward(Exception):
@@ -234,15 +233,6 @@ def call_block(layer: nn.Module, batch: BlockBatch, kind: Any = None) -> torch.T
     args, kwargs = batch.arguments(kind)
     out = layer(batch.hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
-
-
-def run_block_with_stats(
-    layer: nn.Module, batches: Sequence[BlockBatch], linears: Sequence[nn.Linear], kind: Any = None
-) -> tuple[list[BlockBatch], dict[nn.Linear, ColumnStats]]:
-    """:func:`run_block` while recording the input statistics of ``linears`` (hooks removed afterwards)."""
-    outputs: list[BlockBatch] = []
-    stats = collect_input_stats(linears, lambda: outputs.extend(run_block(layer, batches, kind)))
-    return outputs, stats
 
 
 class _Replay(nn.Module):

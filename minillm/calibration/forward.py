@@ -1,16 +1,14 @@
-"""Forward passes over a calibration set: the loss SPSA differentiates, and plain passes for hooks."""
+"""The mean calibration loss of a whole resident model (what whole-model SPSA differentiates)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from minillm.calibration.blocks import input_device
 from minillm.calibration.data import CalibrationSet
 
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where input ids must go: the device of the input embeddings (accelerate maps may spread the rest)."""
-    return model.get_input_embeddings().weight.device
+__all__ = ["input_device", "mean_loss"]
 
 
 def mean_loss(model: nn.Module, calibration: CalibrationSet) -> float:
@@ -25,11 +23,3 @@ def mean_loss(model: nn.Module, calibration: CalibrationSet) -> float:
             total += float(loss) * tokens
             count += tokens
     return total / count
-
-
-def run_forward(model: nn.Module, calibration: CalibrationSet) -> None:
-    """Forward every calibration batch (for hooks); logits are discarded as soon as they exist."""
-    device = input_device(model)
-    with torch.inference_mode():
-        for batch in calibration.batches():
-            model(input_ids=batch.to(device), use_cache=False, logits_to_keep=1)

@@ -24,8 +24,8 @@ many samples); each block moves them to its own device only while it runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from minillm.arch.base import ArchAdapter
+from minillm.calibration.backprop import model_gradients
 from minillm.calibration.blocks import (
     BlockBatch,
     call_block,
@@ -40,13 +41,15 @@ from minillm.calibration.blocks import (
     execution_device,
     head_gradients,
     head_resident,
+    is_offloaded,
     layer_kinds,
     loss_from_hidden,
     resident,
     run_block,
 )
 from minillm.calibration.data import CalibrationSet
-from minillm.calibration.spsa import SpsaConfig, SpsaEstimate, frozen, shift_indexed
+from minillm.calibration.forward import mean_loss
+from minillm.calibration.spsa import SpsaConfig, SpsaEstimate, estimate_indexed, frozen, shift_indexed
 from minillm.calibration.stats import ColumnStats, collect_input_stats
 
 T = TypeVar("T")
@@ -92,6 +95,13 @@ class Block:
         outputs: list[BlockBatch] = []
         stats = collect_input_stats(linears, lambda: outputs.extend(self.forward(advance=advance)))
         return stats
+
+    def spsa(
+        self, indexed: IndexedTensors, config: SpsaConfig, loss: Callable[[list[BlockBatch]], float]
+    ) -> SpsaEstimate:
+        """SPSA on a block-local loss: ``loss(outputs)`` of the block's outputs at θ±εz of ``indexed``
+        (2 block passes per step; the weights are restored after every step)."""
+        return estimate_indexed(indexed, lambda: loss(self.forward()), config)
 
     def call(self, batch: BlockBatch) -> torch.Tensor:
         """One batch through the block in the caller's grad mode (for block-local losses / gradients);
@@ -147,6 +157,10 @@ class Sequential:
         self.progress = progress
         self.layers = adapter.decoder_layers(model)
         self.kinds = layer_kinds(model, adapter)
+        #: Some weights live in an accelerate offload: whole-model passes are impossible, every
+        #: operation walks block by block. Resident models run whole-model passes where that is the
+        #: same computation (the "basic" pipeline), so their numbers do not depend on this module.
+        self.offloaded = is_offloaded(model)
 
     def report(self, task: str, done: int, total: int) -> None:
         if self.progress is not None:
@@ -187,6 +201,19 @@ class Sequential:
                 self.report(task, i + 1, last + 1)
         return Walk(results, hidden if last == len(self.layers) - 1 else None)
 
+    def each(
+        self, per_block: Callable[[Block], T], layers: Iterable[int], task: str = "blocks"
+    ) -> dict[int, T]:
+        """``per_block(block)`` for each block in ``layers`` with its weights resident and no data
+        (weight-only criteria, scoring from statistics gathered before)."""
+        chosen = sorted(layers)
+        results: dict[int, T] = {}
+        for done, i in enumerate(chosen):
+            with resident(self.layers[i]), torch.no_grad():
+                results[i] = per_block(Block(i, self.layers[i], self.kinds[i], [], self.store))
+            self.report(task, done + 1, len(chosen))
+        return results
+
     def observe(
         self,
         linears_of: Callable[[nn.Module], Sequence[nn.Linear]],
@@ -207,6 +234,15 @@ class Sequential:
         with head_resident(self.model, self.adapter):
             return loss_from_hidden(self.model, self.adapter, outputs)
 
+    def mean_loss(self) -> float:
+        """The calibration loss of the model as it is now (hooks included): one full forward pass of a
+        resident model, one walk through the blocks of an offloaded one."""
+        if not self.offloaded:
+            return mean_loss(self.model, self.calibration)
+        walk = self.run(to_end=True, task="loss")
+        assert walk.outputs is not None
+        return self.loss(walk.outputs)
+
     def head_gradients(self, outputs: Sequence[BlockBatch], sequences: int = 1) -> list[torch.Tensor]:
         """∂(Σ token losses)/∂(last block's outputs) per batch, ``sequences`` rows at a time."""
         return head_gradients(self.model, self.adapter, outputs, sequences)
@@ -221,6 +257,10 @@ class Sequential:
 
         ``params_of(index, layer)`` names the tensors of block ``index`` to perturb (resident copies).
         """
+        if not self.offloaded:  # the whole model as one piece: full forward passes, same directions
+            indexed = [pair for i, layer in enumerate(self.layers) for pair in params_of(i, layer)]
+            return estimate_indexed(indexed, lambda: mean_loss(self.model, self.calibration), config,
+                                    on_step=lambda step: self.report(task, step + 1, config.steps))
         estimate = SpsaEstimate(config=config)
         first = self.inputs()
         with frozen(list(self.model.parameters())):
@@ -282,3 +322,101 @@ class Sequential:
                         probe.finish(i, layer)
                     upstream = below
                     self.report(f"{task} backward", total - i, total - first)
+
+    def weight_gradients(
+        self,
+        linears_of: Callable[[nn.Module], Sequence[nn.Linear]],
+        per_block: Callable[[Block, dict[nn.Linear, torch.Tensor], dict[nn.Linear, torch.Tensor] | None], T],
+        layers: Iterable[int],
+        *,
+        whole_model: bool = False,
+        per_sequence: bool = False,
+    ) -> tuple[dict[int, T], int]:
+        """∂(mean calibration loss)/∂W of ``linears_of(layer)`` for each block in ``layers``, handed to
+        ``per_block(block, gradients, squares)`` while the block is resident; returns the results and
+        the number of forward passes spent.
+
+        Block-local by default (:meth:`backward`: one block's gradients at a time, memory of a forward
+        pass). ``whole_model``: plain back-propagation through the resident model (the reference whose
+        memory ``compare`` shows; offloaded models always go block by block). ``per_sequence``: also the
+        mean over sequences of squared per-sequence gradients (the diagonal Fisher).
+        """
+        chosen = sorted(layers)
+        if whole_model and not self.offloaded:
+            linears = {i: list(linears_of(self.layers[i])) for i in chosen}
+            flat = [linear for i in chosen for linear in linears[i]]
+            found = model_gradients(self.model, self.calibration, [lin.weight for lin in flat], per_sequence,
+                                    self.progress)
+            grads = dict(zip(flat, found.gradient, strict=True))
+            squares = dict(zip(flat, found.squares, strict=True)) if found.squares is not None else None
+
+            def score(block: Block) -> T:
+                mine = linears[block.index]
+                return per_block(block, {lin: grads[lin] for lin in mine},
+                                 {lin: squares[lin] for lin in mine} if squares is not None else None)
+
+            return self.each(score, chosen, "scores"), found.forward_passes
+        run = self
+        if per_sequence:
+            one = CalibrationSet(self.calibration.input_ids, batch_size=1)
+            run = Sequential(self.model, self.adapter, one, activations_device=self.store,
+                             progress=self.progress)
+        probe = _WeightProbe(self, linears_of, per_block, chosen, per_sequence)
+        run.backward(probe, chosen[0])
+        return probe.results, 2
+
+
+class _WeightProbe:
+    """Turns on grad for one block's weights while it is recomputed; sums their gradients over the
+    batches; hands them to the caller when the block is done and drops them."""
+
+    def __init__(self, run: Sequential, linears_of: Callable[[nn.Module], Sequence[nn.Linear]],
+                 per_block: Callable[..., Any], layers: Sequence[int], per_sequence: bool) -> None:
+        self.run, self.linears_of, self.per_block = run, linears_of, per_block
+        ids = run.calibration.input_ids
+        self.total_tokens = ids.shape[0] * (ids.shape[1] - 1)
+        self.tokens_per_sequence, self.sequences = ids.shape[1] - 1, ids.shape[0]
+        self.scored, self.per_sequence = set(layers), per_sequence
+        self.sums: dict[nn.Linear, torch.Tensor] = {}
+        self.squares: dict[nn.Linear, torch.Tensor] = {}
+        self.results: dict[int, Any] = {}
+
+    @contextmanager
+    def attach(self, index: int, layer: nn.Module, batch: BlockBatch) -> Iterator[list[torch.Tensor]]:
+        if index not in self.scored:
+            yield []
+            return
+        weights = [linear.weight for linear in self.linears_of(layer)]
+        try:
+            for weight in weights:
+                weight.requires_grad_(True)
+            yield weights
+        finally:
+            for weight in weights:
+                weight.requires_grad_(False)
+
+    def receive(self, index: int, batch: BlockBatch, gradients: Sequence[torch.Tensor]) -> None:
+        if index not in self.scored:
+            return
+        for linear, gradient in zip(self.linears_of(self.run.layers[index]), gradients, strict=True):
+            gradient = gradient.float()
+            if linear in self.sums:
+                self.sums[linear].add_(gradient)
+            else:
+                self.sums[linear] = gradient.clone()
+            if self.per_sequence:  # one sequence per batch: its mean-loss gradient, squared
+                square = (gradient / self.tokens_per_sequence).pow(2).div_(self.sequences)
+                if linear in self.squares:
+                    self.squares[linear].add_(square)
+                else:
+                    self.squares[linear] = square
+
+    def finish(self, index: int, layer: nn.Module) -> None:
+        if index not in self.scored:
+            return
+        linears = list(self.linears_of(layer))
+        grads = {linear: self.sums.pop(linear).div_(self.total_tokens) for linear in linears}
+        squares = {linear: self.squares.pop(linear) for linear in linears} if self.per_sequence else None
+        block = Block(index, layer, self.run.kinds[index], [], self.run.store)
+        with torch.no_grad():
+            self.results[index] = self.per_block(block, grads, squares)

@@ -66,10 +66,6 @@ def shift_indexed(indexed: Iterable[tuple[int, torch.Tensor]], scale: float, see
         param.add_(_direction(param, seed, step, index), alpha=scale)
 
 
-def _shift(params: Sequence[torch.Tensor], scale: float, seed: int, step: int) -> None:
-    shift_indexed(enumerate(params), scale, seed, step)
-
-
 @dataclass
 class SpsaEstimate:
     """The K scalars of an SPSA run; the gradient of any tensor is regenerated on demand."""
@@ -111,14 +107,25 @@ def estimate_gradient(
     2K times. The parameters are restored after every step (up to floating-point rounding of
     ``θ + εz − 2εz + εz``, a few ulps of the weights).
     """
+    return estimate_indexed(list(enumerate(params)), loss_fn, config, on_step)
+
+
+def estimate_indexed(
+    indexed: Sequence[tuple[int, torch.Tensor]],
+    loss_fn: Callable[[], float],
+    config: SpsaConfig,
+    on_step: Callable[[int], None] | None = None,
+) -> SpsaEstimate:
+    """:func:`estimate_gradient` for tensors that carry their position in a longer list (the seed of
+    their direction), so a part of the model perturbs exactly as the whole model would."""
     estimate = SpsaEstimate(config=config)
-    with frozen(params), torch.inference_mode(False):
+    with frozen([param for _, param in indexed]), torch.inference_mode(False):
         for step in range(config.steps):
-            _shift(params, config.eps, config.seed, step)
+            shift_indexed(indexed, config.eps, config.seed, step)
             loss_plus = float(loss_fn())
-            _shift(params, -2.0 * config.eps, config.seed, step)
+            shift_indexed(indexed, -2.0 * config.eps, config.seed, step)
             loss_minus = float(loss_fn())
-            _shift(params, config.eps, config.seed, step)
+            shift_indexed(indexed, config.eps, config.seed, step)
             estimate.coefficients.append((loss_plus - loss_minus) / (2.0 * config.eps))
             estimate.forward_passes += 2
             if on_step is not None:

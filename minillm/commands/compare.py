@@ -46,10 +46,17 @@ def compare_command(
     device_map: str = options.device_map(),
     dtype: str = options.dtype(),
     out: str = typer.Option("compare-out", "--out", "-o", help="Folder for compare.md / .csv / .png."),
+    report: str = typer.Option(None, help="Also write an HTML report (plots as PNGs beside it), e.g. "
+                               "compare.html — the same look as prune's --report."),
 ) -> None:
     """Prune with each method (scored once, in a fresh process each) and tabulate quality and cost."""
     from minillm.compare import compare
-    from minillm.compare_report import markdown_table
+    from minillm.compare.report import markdown_table, render_compare_report
+
+    if report is not None:
+        from minillm.report import require_matplotlib
+
+        require_matplotlib()  # fail before the work, not after it
 
     with progress_bars() as progress:
         result = compare(
@@ -80,7 +87,8 @@ def compare_command(
             progress=progress,
         )
     typer.echo(markdown_table(result))
-    console.print("wrote " + ", ".join(str(f) for f in result.files))
+    files = [*result.files, *(render_compare_report(result, report) if report is not None else [])]
+    console.print("wrote " + ", ".join(str(f) for f in files))
 
 
 def register(app: typer.Typer) -> None:

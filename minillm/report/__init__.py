@@ -1,8 +1,8 @@
-"""Reports: a self-contained HTML page (plots embedded, PNGs written beside it) for prune and compare.
+"""Reports: a self-contained HTML page (plots embedded, PNGs written beside it).
 
 ``write_prune_report(result, "report.html")`` after :func:`minillm.api.prune` (or ``--report`` on the
-command line); ``render_compare_report(rows, "compare.html")`` for a list of per-method rows such as
-``minillm compare`` produces. matplotlib is imported only here, when a report is asked for.
+command line); compare's page (same look, same :mod:`~minillm.report.html` / :mod:`~minillm.report.figures`
+pieces) is written by :mod:`minillm.compare.report`. matplotlib is imported only when a report is asked for.
 """
 
 from __future__ import annotations
@@ -28,11 +28,4 @@ def write_prune_report(result: Any, path: str | Path) -> list[Path]:
     return write(result, path)
 
 
-def render_compare_report(rows: Any, path: str | Path, title: str = "minillm compare") -> list[Path]:
-    """Write the HTML report (table + one bar chart per metric) of per-method rows; returns the files."""
-    from minillm.report.compare import render_compare_report as render
-
-    return render(rows, path, title)
-
-
-__all__ = ["render_compare_report", "require_matplotlib", "write_prune_report"]
+__all__ = ["require_matplotlib", "write_prune_report"]

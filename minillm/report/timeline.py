@@ -9,25 +9,14 @@ every scoring step (SPSA perturbation, scored layer) becomes a sample too.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from minillm.memory import peak_rss_bytes
+from minillm.memory import rss_bytes
 
 Progress = Callable[[str, int, int], None]
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def current_rss_bytes() -> int:
-    """Resident set size now (Linux ``/proc/self/statm``; elsewhere the peak so far, the best available)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * _PAGE
-    except (OSError, IndexError, ValueError):
-        return peak_rss_bytes()
 
 
 def _cuda_allocated() -> int | None:
@@ -58,16 +47,15 @@ class Timeline:
     def __post_init__(self) -> None:
         self.mark("start")
 
-    def mark(self, stage: str, model: Any = None) -> None:
-        """Record a stage boundary; pass the model to record its (distinct) parameter count."""
-        params = sum(p.numel() for p in model.parameters()) if model is not None else None
+    def mark(self, stage: str, params: int | None = None) -> None:
+        """Record a stage boundary, with the model's (distinct) parameter count when given."""
         self.samples.append(
-            Sample(time.perf_counter() - self.start, stage, current_rss_bytes(), _cuda_allocated(), params)
+            Sample(time.perf_counter() - self.start, stage, rss_bytes(), _cuda_allocated(), params)
         )
 
     def progress(self, task: str, done: int, total: int) -> None:
         self.samples.append(
-            Sample(time.perf_counter() - self.start, task, current_rss_bytes(), _cuda_allocated())
+            Sample(time.perf_counter() - self.start, task, rss_bytes(), _cuda_allocated())
         )
         if self.forward is not None:
             self.forward(task, done, total)

@@ -1,22 +1,29 @@
 """What every LLM scoring criterion receives and returns.
 
 A criterion is a function ``(ScoringContext) -> ScoreResult`` registered by name in
-:mod:`minillm.scoring`. It sees the model only through the adapter and the calibration set, and returns
-one :class:`~minillm.plan.LayerScores` per scored layer plus the passes it spent (for ``compare``).
+:mod:`minillm.scoring`. It sees the model only through the adapter and the sequential executor
+``ctx.run`` (:class:`~minillm.calibration.sequential.Sequential`), which owns every walk over blocks and
+batches — resident or offloaded, the criterion cannot tell — and returns one
+:class:`~minillm.plan.LayerScores` per scored layer plus the passes it spent (for ``compare``).
+Criterion-specific settings are a typed dataclass per criterion, read with :meth:`ScoringContext.options_as`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 from torch import nn
 
 from minillm.arch.base import ArchAdapter, LayerShape
 from minillm.calibration.data import CalibrationSet
+from minillm.calibration.sequential import Sequential
 from minillm.calibration.spsa import SpsaConfig
+from minillm.errors import UsageError
 from minillm.plan import LayerScores
+
+Opts = TypeVar("Opts")
 
 
 @dataclass
@@ -32,6 +39,22 @@ class ScoringContext:
     spsa: SpsaConfig = field(default_factory=SpsaConfig)
     options: dict[str, Any] = field(default_factory=dict)
     progress: Callable[[str, int, int], None] | None = None
+    run: Sequential = field(default=None)  # type: ignore[assignment]  # built from the fields above
+
+    def __post_init__(self) -> None:
+        if self.run is None:
+            self.run = Sequential(self.model, self.adapter, self.calibration, progress=self.progress)
+
+    def options_as(self, kind: type[Opts]) -> Opts:
+        """``options`` as the criterion's typed options dataclass; unknown names are a usage error."""
+        names = {f.name for f in fields(kind)}  # type: ignore[arg-type]
+        unknown = sorted(set(self.options) - names)
+        if unknown:
+            valid = ", ".join(sorted(names)) or "none"
+            raise UsageError(
+                f"unknown criterion option(s) {', '.join(unknown)}; this criterion takes: {valid}"
+            )
+        return kind(**self.options)
 
     def report(self, task: str, done: int, total: int) -> None:
         if self.progress is not None:
@@ -63,3 +86,8 @@ class ScoreResult:
 
 
 Criterion = Callable[[ScoringContext], ScoreResult]
+
+
+def closing_linears(adapter: ArchAdapter, layer: nn.Module) -> list[nn.Linear]:
+    """The two projections that consume the groups: attention's ``o`` and the MLP's closing one."""
+    return [adapter.attention(layer).o, adapter.mlp(layer).closing]

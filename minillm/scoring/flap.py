@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minillm.calibration.forward import run_forward
-from minillm.calibration.stats import ColumnStats, collect_input_stats
+from minillm.calibration.sequential import Block
+from minillm.calibration.stats import ColumnStats
 from minillm.groups import layer_costs
 from minillm.plan import LayerScores
-from minillm.scoring.base import ScoreResult, ScoringContext
+from minillm.scoring.base import ScoreResult, ScoringContext, closing_linears
 
 
 def fluctuation(weight: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
@@ -46,8 +46,8 @@ def standardise(values: list[torch.Tensor]) -> list[torch.Tensor]:
 class LayerFluctuation:
     """What FLAP keeps of one layer: raw fluctuation and calibration mean of both closing projections.
 
-    Small (one value per input channel), so the block-by-block mode can collect it while each block is
-    resident and standardise across layers at the end, exactly as the in-memory mode does.
+    Small (one value per input channel): collected while each block is resident, standardised across
+    layers at the end.
     """
 
     attn: torch.Tensor
@@ -87,13 +87,9 @@ def flap_result(ctx: ScoringContext, per_layer: dict[int, LayerFluctuation], **n
 
 
 def score_flap(ctx: ScoringContext) -> ScoreResult:
-    closings = []
-    for index in ctx.layers:
-        layer = ctx.layer(index)
-        closings += [ctx.adapter.attention(layer).o, ctx.adapter.mlp(layer).closing]
-    stats = collect_input_stats(closings, lambda: run_forward(ctx.model, ctx.calibration))
-    per_layer = {
-        index: layer_fluctuation(o, closing, stats)
-        for index, o, closing in zip(ctx.layers, closings[::2], closings[1::2], strict=True)
-    }
+    def per_block(block: Block, stats: dict[nn.Linear, ColumnStats]) -> LayerFluctuation:
+        return layer_fluctuation(*closing_linears(ctx.adapter, block.layer), stats)
+
+    per_layer = ctx.run.observe(lambda layer: closing_linears(ctx.adapter, layer), per_block, ctx.layers,
+                                "flap")
     return flap_result(ctx, per_layer)

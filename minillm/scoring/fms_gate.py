@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from minillm.calibration.forward import input_device, mean_loss
+from minillm.calibration.forward import input_device
 from minillm.calibration.spsa import SpsaEstimate, estimate_gradient
 from minillm.scoring.base import ScoreResult, ScoringContext
 from minillm.scoring.gates import GateHolder, GateLayout, gated
@@ -25,7 +25,7 @@ def gate_spsa(ctx: ScoringContext, layout: GateLayout) -> tuple[SpsaEstimate, to
     holder = GateHolder(gates)
     with gated(ctx, layout, holder):
         estimate = estimate_gradient(
-            [gates], lambda: mean_loss(ctx.model, ctx.calibration), ctx.spsa,
+            [gates], ctx.run.mean_loss, ctx.spsa,
             on_step=lambda step: ctx.report("SPSA gate perturbations", step + 1, ctx.spsa.steps),
         )
     return estimate, gates

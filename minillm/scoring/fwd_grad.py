@@ -11,8 +11,9 @@ the per-sequence summed losses ``L_b`` give ``(∇_{g_b} L_b · v_b) v_b``, an u
 
 ``mode="token"`` goes further — one gate copy and tangent per token, paired with that token's own
 loss — which cuts variance again but is biased: it keeps only each gate's effect on the loss at the
-same position (attention carries effects to later positions). Options: ``fwd_grad_mode``
-(``sequence`` default or ``token``); ``--spsa-steps`` sets the number of passes over the calibration set.
+same position (attention carries effects to later positions). Option ``mode``
+(:class:`FwdGradOptions`: ``sequence`` default or ``token``); ``--spsa-steps`` sets the number of
+passes over the calibration set.
 Score: ``|Ĝ|`` as in ``taylor-gate``, whose exact gradient this estimates.
 """
 
@@ -20,11 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.func import jvp
 
+from minillm.calibration.blocks import resident
 from minillm.calibration.forward import input_device
 from minillm.calibration.spsa import frozen
 from minillm.scoring.base import ScoreResult, ScoringContext
@@ -70,7 +74,7 @@ def forward_gradient(ctx: ScoringContext, layout: GateLayout, passes: int, mode:
                      on_pass: object = None) -> list[torch.Tensor]:
     """Running estimates of ∂L/∂gates after each pass (float64, CPU): ``result[k-1]`` uses k passes."""
     if mode not in ("sequence", "token"):
-        raise ValueError(f"fwd_grad_mode must be 'sequence' or 'token', got {mode!r}")
+        raise ValueError(f"fwd-grad mode must be 'sequence' or 'token', got {mode!r}")
     model = ctx.model
     device = input_device(model)
     dtype = ctx.adapter.mlp(ctx.layer(layout.layers[0])).closing.weight.dtype
@@ -98,10 +102,24 @@ def forward_gradient(ctx: ScoringContext, layout: GateLayout, passes: int, mode:
     return history
 
 
+@dataclass(frozen=True)
+class FwdGradOptions:
+    """Options of ``fwd-grad``.
+
+    mode: ``sequence`` (one gate copy and tangent per sequence: unbiased) or ``token`` (one per token,
+        paired with that token's loss: lower variance, biased).
+    """
+
+    mode: Literal["sequence", "token"] = "sequence"
+
+
 def score_fwd_grad(ctx: ScoringContext) -> ScoreResult:
+    """Forward mode runs through the whole model at once; an offloaded model is made resident for it
+    (its memory is then that of the whole model: no per-block forward-mode stream yet)."""
     layout = GateLayout.from_context(ctx)
-    mode = str(ctx.options.get("fwd_grad_mode", "sequence"))
-    history = forward_gradient(ctx, layout, ctx.spsa.steps, mode)
+    mode = ctx.options_as(FwdGradOptions).mode
+    with resident(ctx.model):
+        history = forward_gradient(ctx, layout, ctx.spsa.steps, mode)
     return ScoreResult(scores=layout.layer_scores(history[-1].abs()), forward_passes=ctx.spsa.steps,
                        notes={"jvp_passes": ctx.spsa.steps, "mode": mode, "gates": layout.size,
                               "directions_per_pass": ctx.calibration.input_ids.shape[0]

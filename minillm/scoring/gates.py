@@ -17,15 +17,16 @@ Key/value heads get no gate: they act only through their query heads, whose gate
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from minillm.calibration.blocks import BlockBatch
 from minillm.calibration.forward import input_device
 from minillm.calibration.spsa import frozen
 from minillm.plan import LayerScores
@@ -179,8 +180,12 @@ def gate_gradients(ctx: ScoringContext, layout: GateLayout, use_checkpoint: bool
     """Exact ∂L/∂g at g = 1 by back-propagation to the gates only (every weight frozen, no ``.grad``).
 
     Gates get one copy per sequence, so a single backward pass also yields per-sequence gradients: their
-    squares, averaged, are the diagonal (empirical) Fisher of the gates.
+    squares, averaged, are the diagonal (empirical) Fisher of the gates. Resident models back-propagate
+    through the whole model (every block checkpointed when ``use_checkpoint``); offloaded models through
+    one recomputed block at a time (:meth:`~minillm.calibration.sequential.Sequential.backward`).
     """
+    if ctx.run.offloaded:
+        return block_gate_gradients(ctx, layout)
     model = ctx.model
     device = input_device(model)
     dtype = ctx.adapter.mlp(ctx.layer(layout.layers[0])).closing.weight.dtype
@@ -204,3 +209,54 @@ def gate_gradients(ctx: ScoringContext, layout: GateLayout, use_checkpoint: bool
     holder.value = torch.ones(1)
     n = ctx.calibration.input_ids.shape[0]
     return GateGradients(gradient, fisher / n, forward_passes=2 if use_checkpoint else 1, backward_passes=1)
+
+
+class _GateProbe:
+    """Attaches one gate per (sequence, group) of the block being recomputed; sums their gradients."""
+
+    def __init__(self, ctx: ScoringContext, layout: GateLayout) -> None:
+        self.ctx = ctx
+        ids = ctx.calibration.input_ids
+        self.total_tokens = ids.shape[0] * (ids.shape[1] - 1)
+        self.tokens_per_sequence = ids.shape[1] - 1
+        self.gradient = torch.zeros(layout.size, dtype=torch.float64)
+        self.fisher = torch.zeros(layout.size, dtype=torch.float64)
+        self.spans = {layer: slice(heads.start, channels.stop) for layer, heads, channels in layout.slices()}
+        self.layer_gates: dict[int, tuple[ScoringContext, GateLayout]] = {}
+
+    def _layer_gates(self, index: int) -> tuple[ScoringContext, GateLayout]:
+        """The context and gate layout of block ``index`` alone, built once per block, not per batch."""
+        if index not in self.layer_gates:
+            only = replace(self.ctx, layers=[index], run=self.ctx.run)
+            self.layer_gates = {index: (only, GateLayout.from_context(only))}
+        return self.layer_gates[index]
+
+    @contextmanager
+    def attach(self, index: int, layer: nn.Module, batch: BlockBatch) -> Iterator[list[torch.Tensor]]:
+        if index not in self.spans:
+            yield []
+            return
+        only, one = self._layer_gates(index)
+        x = batch.hidden
+        gates = torch.ones(x.shape[0], one.size, dtype=x.dtype, device=x.device, requires_grad=True)
+        with gated(only, one, GateHolder(gates)):
+            yield [gates]
+
+    def receive(self, index: int, batch: BlockBatch, gradients: Sequence[torch.Tensor]) -> None:
+        if not gradients:
+            return
+        per_sequence = gradients[0].detach().double().cpu()
+        span = self.spans[index]
+        self.gradient[span] += per_sequence.sum(0) / self.total_tokens
+        self.fisher[span] += (per_sequence / self.tokens_per_sequence).pow(2).sum(0)
+
+    def finish(self, index: int, layer: nn.Module) -> None:
+        pass
+
+
+def block_gate_gradients(ctx: ScoringContext, layout: GateLayout) -> GateGradients:
+    """:func:`gate_gradients` one recomputed block at a time (same numbers; any model, offloaded too)."""
+    probe = _GateProbe(ctx, layout)
+    ctx.run.backward(probe, min(layout.layers), "gate gradients")
+    n = ctx.calibration.input_ids.shape[0]
+    return GateGradients(probe.gradient, probe.fisher / n, forward_passes=2, backward_passes=1)

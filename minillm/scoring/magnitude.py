@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minillm.calibration.sequential import Block
 from minillm.groups import sum_by_group
 from minillm.plan import LayerScores
 from minillm.scoring.base import ScoreResult, ScoringContext
@@ -19,14 +20,13 @@ def _score(ctx: ScoringContext, power: int) -> ScoreResult:
     def importance(linear: nn.Linear) -> torch.Tensor:
         return linear.weight.detach().abs().float().pow(power)
 
-    scores = {}
-    with torch.no_grad():
-        for index in ctx.layers:
-            sums = sum_by_group(ctx.adapter, ctx.layer(index), ctx.shapes[index], importance)
-            if power == 2:
-                sums = LayerScores(sums.heads.sqrt(), sums.kv_heads.sqrt(), sums.channels.sqrt())
-            scores[index] = sums
-    return ScoreResult(scores=scores, notes={"norm": f"L{power}"})
+    def score_block(block: Block) -> LayerScores:
+        sums = sum_by_group(ctx.adapter, block.layer, ctx.shapes[block.index], importance)
+        if power == 2:
+            return LayerScores(sums.heads.sqrt(), sums.kv_heads.sqrt(), sums.channels.sqrt())
+        return sums
+
+    return ScoreResult(scores=ctx.run.each(score_block, ctx.layers, "magnitude"), notes={"norm": f"L{power}"})
 
 
 def score_magnitude_l1(ctx: ScoringContext) -> ScoreResult:

@@ -20,12 +20,15 @@ Variants (registry names):
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from minillm.calibration.forward import run_forward
-from minillm.calibration.stats import collect_input_stats
-from minillm.scoring.base import ScoreResult, ScoringContext
-from minillm.scoring.gates import GateLayout, gate_gradients
+import torch
+from torch import nn
+
+from minillm.calibration.sequential import Block
+from minillm.calibration.stats import ColumnStats
+from minillm.scoring.base import ScoreResult, ScoringContext, closing_linears
+from minillm.scoring.gates import GateGradients, GateLayout, gate_gradients
 
 
 def first_order(gradient: torch.Tensor) -> torch.Tensor:
@@ -37,48 +40,63 @@ def second_order(gradient: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
     return (gradient - 0.5 * fisher).abs()
 
 
+@dataclass(frozen=True)
+class TaylorGateOptions:
+    """Options of the taylor-gate criteria.
+
+    checkpoint: recompute every decoder block in the backward pass of a resident model, keeping only
+        block inputs between forward and backward (same gradients, less memory).
+    """
+
+    checkpoint: bool = True
+
+
+def _gradients(ctx: ScoringContext, layout: GateLayout) -> GateGradients:
+    return gate_gradients(ctx, layout, use_checkpoint=ctx.options_as(TaylorGateOptions).checkpoint)
+
+
 def _result(ctx: ScoringContext, layout: GateLayout, values: torch.Tensor, passes: tuple[int, int],
             variant: str) -> ScoreResult:
     return ScoreResult(scores=layout.layer_scores(values), forward_passes=passes[0],
                        backward_passes=passes[1],
                        notes={"variant": variant, "gates": layout.size,
-                              "checkpointing": bool(ctx.options.get("checkpoint", True))})
+                              "checkpointing": ctx.options_as(TaylorGateOptions).checkpoint,
+                              "backprop": "block-local" if ctx.run.offloaded else "whole model"})
 
 
 def score_taylor_gate(ctx: ScoringContext) -> ScoreResult:
     layout = GateLayout.from_context(ctx)
-    grads = gate_gradients(ctx, layout, use_checkpoint=bool(ctx.options.get("checkpoint", True)))
+    grads = _gradients(ctx, layout)
     return _result(ctx, layout, first_order(grads.gradient), (grads.forward_passes, grads.backward_passes),
                    "first-order")
 
 
 def score_taylor_gate_fisher(ctx: ScoringContext) -> ScoreResult:
     layout = GateLayout.from_context(ctx)
-    grads = gate_gradients(ctx, layout, use_checkpoint=bool(ctx.options.get("checkpoint", True)))
+    grads = _gradients(ctx, layout)
     return _result(ctx, layout, second_order(grads.gradient, grads.fisher),
                    (grads.forward_passes, grads.backward_passes), "second-order (diagonal Fisher)")
 
 
 def activation_magnitude(ctx: ScoringContext, layout: GateLayout) -> torch.Tensor:
     """``M`` per gate: Σ |W|·x̄ over the group's closing-projection columns, normalised to mean 1 per kind."""
-    closings = []
-    for layer in layout.layers:
-        block = ctx.layer(layer)
-        closings += [ctx.adapter.attention(block).o, ctx.adapter.mlp(block).closing]
-    stats = collect_input_stats(closings, lambda: run_forward(ctx.model, ctx.calibration))
-    parts = []
-    for head_dim, o, closing in zip(layout.head_dims, closings[::2], closings[1::2], strict=True):
-        with torch.no_grad():
-            per_column_o = o.weight.abs().double().sum(0).cpu() * stats[o].mean_abs.cpu()
-            per_column_c = closing.weight.abs().double().sum(0).cpu() * stats[closing].mean_abs.cpu()
+
+    def per_block(block: Block, stats: dict[nn.Linear, ColumnStats]) -> list[torch.Tensor]:
+        o, closing = closing_linears(ctx.adapter, block.layer)
+        head_dim = ctx.shapes[block.index].head_dim
+        per_column_o = o.weight.abs().double().sum(0).cpu() * stats[o].mean_abs.cpu()
+        per_column_c = closing.weight.abs().double().sum(0).cpu() * stats[closing].mean_abs.cpu()
         heads = per_column_o.view(-1, head_dim).sum(1)
-        parts += [heads / heads.mean().clamp_min(1e-30), per_column_c / per_column_c.mean().clamp_min(1e-30)]
-    return torch.cat(parts)
+        return [heads / heads.mean().clamp_min(1e-30), per_column_c / per_column_c.mean().clamp_min(1e-30)]
+
+    parts = ctx.run.observe(lambda layer: closing_linears(ctx.adapter, layer), per_block, layout.layers,
+                            "activation magnitudes")
+    return torch.cat([part for index in layout.layers for part in parts[index]])
 
 
 def score_taylor_gate_fms(ctx: ScoringContext) -> ScoreResult:
     layout = GateLayout.from_context(ctx)
-    grads = gate_gradients(ctx, layout, use_checkpoint=bool(ctx.options.get("checkpoint", True)))
+    grads = _gradients(ctx, layout)
     magnitude = activation_magnitude(ctx, layout)
     return _result(ctx, layout, first_order(grads.gradient) * magnitude,
                    (grads.forward_passes + 1, grads.backward_passes), "first-order x FMS factor")

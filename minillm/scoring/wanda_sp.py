@@ -10,11 +10,12 @@ Language Models" (https://arxiv.org/abs/2306.11695); structured variant as in An
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from minillm.calibration.forward import run_forward
-from minillm.calibration.stats import collect_input_stats
+from minillm.calibration.sequential import Block
+from minillm.calibration.stats import ColumnStats
 from minillm.plan import LayerScores
-from minillm.scoring.base import ScoreResult, ScoringContext
+from minillm.scoring.base import ScoreResult, ScoringContext, closing_linears
 
 
 def column_scores(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
@@ -23,16 +24,14 @@ def column_scores(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
 
 
 def score_wanda_sp(ctx: ScoringContext) -> ScoreResult:
-    closings = []
-    for index in ctx.layers:
-        layer = ctx.layer(index)
-        closings += [ctx.adapter.attention(layer).o, ctx.adapter.mlp(layer).closing]
-    stats = collect_input_stats(closings, lambda: run_forward(ctx.model, ctx.calibration))
-    scores = {}
-    for index, o, closing in zip(ctx.layers, closings[::2], closings[1::2], strict=True):
-        shape = ctx.shapes[index]
+    def score_block(block: Block, stats: dict[nn.Linear, ColumnStats]) -> LayerScores:
+        shape = ctx.shapes[block.index]
+        o, closing = closing_linears(ctx.adapter, block.layer)
         heads = column_scores(o.weight, stats[o].sq_norm).view(shape.num_heads, shape.head_dim).sum(1)
         channels = column_scores(closing.weight, stats[closing].sq_norm)
-        scores[index] = LayerScores(heads=heads.float(), kv_heads=torch.zeros(shape.num_kv_heads),
-                                    channels=channels.float())
+        return LayerScores(heads=heads.float(), kv_heads=torch.zeros(shape.num_kv_heads),
+                           channels=channels.float())
+
+    scores = ctx.run.observe(lambda layer: closing_linears(ctx.adapter, layer), score_block, ctx.layers,
+                             "wanda-sp")
     return ScoreResult(scores=scores, forward_passes=1)

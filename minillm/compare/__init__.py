@@ -85,29 +85,6 @@ class CompareResult:
         )
 
 
-# ----------------------------------------------------------------------------------------- memory
-def reset_peak() -> bool:
-    """Reset this process's peak RSS to its current RSS (Linux); False where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss() -> int:
-    """Peak RSS since the last :func:`reset_peak` (``VmHWM``), else since process start."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    from minillm.memory import peak_rss_bytes
-
-    return peak_rss_bytes()
-
-
 def score_method(
     model: nn.Module,
     method: str,
@@ -118,29 +95,19 @@ def score_method(
     options: dict[str, Any],
 ) -> MethodScores:
     """Score with one criterion (or run the plain-forward reference), measuring peak memory and time."""
-    import gc
-    import time
-
     from minillm.api import score_model
     from minillm.calibration.forward import mean_loss
+    from minillm.memory import measure
     from minillm.scoring import ScoreResult
 
-    gc.collect()
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    reset_peak()
-    start = time.perf_counter()
-    if method == FORWARD:
-        mean_loss(model, calibration)
-        result = ScoreResult(scores={}, forward_passes=1)
-    else:
-        result = score_model(model, method, calibration, layers, seed, spsa, options)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    peak = int(torch.cuda.max_memory_allocated()) if cuda else peak_rss()
+    with measure(reset=True) as used:
+        if method == FORWARD:
+            mean_loss(model, calibration)
+            result = ScoreResult(scores={}, forward_passes=1)
+        else:
+            result = score_model(model, method, calibration, layers, seed, spsa, options)
+    seconds = used.seconds
+    peak = used.cuda_peak_bytes if used.cuda_peak_bytes is not None else used.peak_rss_bytes
     return MethodScores(
         method,
         result.scores,
@@ -382,7 +349,7 @@ def compare(
     }
     result = CompareResult(rows, dense_params, dense_ppl, reference.peak_bytes, reference.seconds, protocol)
     if out_dir is not None:
-        from minillm.compare_report import write_outputs
+        from minillm.compare.report import write_outputs
 
         result.files = write_outputs(result, Path(out_dir))
     return result
