@@ -39,8 +39,8 @@ def pruned(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(**overrides) -> RecoverConfig:
-    settings = dict(max_steps=12, batch_size=4, grad_accum=1, max_length=16, lr=1e-2, dropout=0.0,
-                    warmup_steps=0, val_size=4, eval_every=0, save_every=0)
+    settings = dict(method="lora", max_steps=12, batch_size=4, grad_accum=1, max_length=16, lr=1e-2,
+                    dropout=0.0, warmup_steps=0, val_size=4, eval_every=0, save_every=0)
     return RecoverConfig(**{**settings, **overrides})
 
 

@@ -1,4 +1,5 @@
-"""``minillm recover``: LoRA fine-tuning of a pruned export, merged and re-exported.
+"""``minillm recover``: train a pruned export back (distillation from the dense model or next-token CE,
+full-parameter or LoRA) and re-export it like ``prune`` does.
 
 Runs as is on one device, or data-parallel with ``accelerate launch minillm recover …``.
 """
@@ -24,6 +25,26 @@ def recover(
         help="Training data: .txt, .jsonl/.json (text or Alpaca instruction/input/output) or a dataset name.",
     ),
     out: str = typer.Option(..., "--out", "-o", help="Folder for the recovered (merged) export."),
+    teacher: str = typer.Option(
+        None, help="Dense teacher (default: the export's base model when it is a local folder or cached id)."
+    ),
+    loss: str = typer.Option("auto", help="kd, ce, kd+ce; auto = kd when a teacher is available, else ce."),
+    temperature: float = typer.Option(1.0, help="Distillation temperature τ (Minitron: 1)."),
+    mode: str = typer.Option(
+        "logits", help="logits: train on the outputs; blocks: block-local reconstruction of the dense blocks."
+    ),
+    block_steps: int = typer.Option(200, help="--mode blocks: Adam steps per block."),
+    block_samples: int = typer.Option(32, help="--mode blocks: calibration windows of --max-length tokens."),
+    method: str = typer.Option("auto", help="full, lora; auto = full up to 1B parameters, else LoRA."),
+    max_tokens: int = typer.Option(None, help="Training-token budget (sets the steps; overrides --epochs)."),
+    cache_teacher: str = typer.Option(
+        None, help="Folder for sampled teacher outputs: the teacher runs first, alone, then is released."
+    ),
+    teacher_samples: int = typer.Option(64, help="--cache-teacher: tokens sampled per position."),
+    teacher_max_memory: str = typer.Option(
+        None, help="Offload the teacher with accelerate, e.g. '0=10GiB,cpu=30GiB' (default: student device)."
+    ),
+    chunk_size: int = typer.Option(256, help="Tokens per LM-head chunk (the logits held at once)."),
     val_data: str = typer.Option(
         None, help="Validation data (default: hold out --val-size training examples)."
     ),
@@ -33,7 +54,7 @@ def recover(
     target_modules: str = typer.Option(
         None, help="Comma-separated Linear names (default: every projection)."
     ),
-    lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW, linear warm-up and decay)."),
+    lr: float = typer.Option(None, help="Peak learning rate (AdamW, warm-up, decay); 1e-4 LoRA, 2e-5 full."),
     epochs: float = typer.Option(2.0, help="Passes over the training data."),
     max_steps: int = typer.Option(None, help="Optimizer steps (overrides --epochs)."),
     batch_size: int = typer.Option(4, help="Examples per micro-batch (per device)."),
@@ -55,7 +76,7 @@ def recover(
     trust_remote_code: bool = options.trust_remote_code(),
     max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard."),
 ) -> None:
-    """Recover a pruned model with LoRA (peft + accelerate), merge the adapters, export it like prune does."""
+    """Recover a pruned model: distil from the dense model (or train on the text), full or LoRA; export."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -69,6 +90,15 @@ def recover(
     from minillm.recover import recover as recover_api
 
     config = RecoverConfig(
+        mode=mode,
+        block_steps=block_steps,
+        block_samples=block_samples,
+        method=method,
+        loss=loss,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        teacher_samples=teacher_samples,
+        max_tokens=max_tokens,
         rank=rank,
         alpha=alpha,
         dropout=dropout,
@@ -112,6 +142,9 @@ def recover(
             data,
             out,
             config,
+            teacher=teacher,
+            teacher_max_memory=teacher_max_memory,
+            cache_teacher=cache_teacher,
             val_data=val_data,
             checkpoint_dir=checkpoint_dir,
             resume=resume,
@@ -131,6 +164,9 @@ def recover(
         return
     log = result.log
     table = Table(title="minillm recover", show_header=False)
+    recovery = result.metadata.get("recovery", {})
+    teacher_name = f" from {recovery['teacher']}" if recovery.get("teacher") else ""
+    table.add_row("method", f"{recovery.get('method')}, loss {recovery.get('loss')}{teacher_name}")
     table.add_row(
         "steps",
         f"{len(log.losses)} of {log.total_steps} ({log.steps_per_epoch} per epoch, "
@@ -140,6 +176,7 @@ def recover(
         table.add_row("train loss", f"{log.losses[0]:.4f} → {log.losses[-1]:.4f}")
     if log.val_ppl:
         table.add_row("validation perplexity", f"{log.val_ppl[0][1]:.3f} → {log.val_ppl[-1][1]:.3f}")
+    table.add_row("training tokens", f"{log.tokens:,}")
     table.add_row("training time", f"{log.seconds:.1f} s")
     if result.out is not None:
         table.add_row("saved to", str(result.out))

@@ -1,10 +1,12 @@
 """Recovery training data: plain text cut into token windows, or Alpaca instruction examples.
 
-Sources: a local ``.txt`` (plain text), ``.jsonl`` / ``.json`` (rows with a ``text`` field, or Alpaca's
-``instruction`` / ``input`` / ``output``), or a 🤗 datasets name (``yahma/alpaca-cleaned``, ``wikitext2`` …).
-Text becomes non-overlapping windows of ``max_length`` tokens, every token a target (continued
-pre-training, as on WikiText). Alpaca rows become LLM-Pruner's prompt + response, one example each,
-with the prompt masked out of the loss unless ``train_on_inputs``.
+Sources: a local ``.txt`` (plain text), ``.jsonl`` / ``.json`` (rows with a ``text`` field, Alpaca's
+``instruction`` / ``input`` / ``output``, or chat ``messages`` lists of ``{"role", "content"}``), or a
+🤗 datasets name (``yahma/alpaca-cleaned``, ``wikitext2`` …). Text becomes non-overlapping windows of
+``max_length`` tokens, every token a target (continued pre-training, as on WikiText). Alpaca rows become
+LLM-Pruner's prompt + response, one example each, with the prompt masked out of the loss unless
+``train_on_inputs``. Chat rows go through the tokenizer's own chat template, one example each, every
+token a target (the model learns the whole conversation in its own format).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def _rows(source: str) -> tuple[Any, str]:
                 f"--data {source!r} does not exist; pass a .txt/.jsonl/.json file or a dataset name"
             )
         if path.stat().st_size == 0:
-            raise UsageError(f"--data {source!r} is empty")
+            raise UsageError(f"--data {source!r} is empty (0 tokens); it needs two windows of --max-length")
         if LOCAL_SUFFIXES.get(path.suffix.lower(), "text") == "text":
             return None, "text"
         try:
@@ -74,8 +76,8 @@ def _windows(tokenizer: Any, text: str, max_length: int) -> list[Example]:
     count = tokens.numel() // max_length
     if count < 2:
         raise UsageError(
-            f"--data has {tokens.numel()} tokens: fewer than two windows of --max-length {max_length}; "
-            "give more text or a smaller --max-length"
+            f"--data has {tokens.numel()} tokens and needs at least {2 * max_length} (two windows of "
+            f"--max-length {max_length}); give more text or a smaller --max-length"
         )
     windows = tokens[: count * max_length].view(count, max_length).tolist()
     return [Example(w, list(w)) for w in windows]
@@ -102,6 +104,20 @@ def _alpaca(tokenizer: Any, rows: Any, max_length: int, train_on_inputs: bool) -
     return examples
 
 
+def _chat(tokenizer: Any, rows: Any, max_length: int) -> list[Example]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError(
+            "--data has chat 'messages' but the tokenizer has no chat template; give 'text' rows instead"
+        )
+    examples = []
+    for row in rows:
+        ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=False)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)[:max_length]
+        if len(ids) >= 2:
+            examples.append(Example(ids, list(ids)))
+    return examples
+
+
 def load_examples(
     tokenizer: Any, source: str, max_length: int, train_on_inputs: bool = False
 ) -> list[Example]:
@@ -112,13 +128,15 @@ def load_examples(
     columns = set(rows.column_names)
     if {"instruction", "output"} <= columns:
         examples = _alpaca(tokenizer, rows, max_length, train_on_inputs)
+    elif "messages" in columns:
+        examples = _chat(tokenizer, rows, max_length)
     elif columns & set(TEXT_FIELDS):
         field = next(f for f in TEXT_FIELDS if f in columns)
         examples = _windows(tokenizer, "\n".join(str(t) for t in rows[field] if t), max_length)
     else:
         raise UsageError(
             f"--data {source!r} has fields {', '.join(sorted(columns))}; "
-            "expected a 'text' field (plain text) or "
+            "expected a 'text' field (plain text), chat 'messages', or "
             "Alpaca fields 'instruction', 'input' (optional) and 'output'"
         )
     if len(examples) < 2:
