@@ -82,7 +82,7 @@ def test_family(family: str, tmp_path: Path) -> None:
 
 def test_single_kv_head_prunes_query_heads_and_refuses_kv_mode() -> None:
     model = tiny_model("gemma3-1kv")
-    # global: per-layer head counts, so 3 of 4 query heads may stay (a uniform plan keeps an expressible count)
+    # global: per-layer head counts, so 3 of 4 query heads may stay (uniform keeps an expressible count)
     plan = _plan(model, "global", "magnitude")
     assert plan.head_mode == "query"
     assert all(p.kv_heads == [0] for p in plan.layers) and any(len(p.heads) < 4 for p in plan.layers)
