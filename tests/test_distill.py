@@ -186,7 +186,10 @@ def dense_and_pruned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
     tiny_model("llama").save_pretrained(dense)
     tiny_tokenizer().save_pretrained(dense)
     calibration = CalibrationSet(random_ids(4, 16, seed=1), batch_size=2)
-    prune(str(dense), ratio=0.3, calib=calibration, spsa_steps=1, out=root / "pruned", device_map=None)
+    # no compensation: the refit (prune's default) leaves the tiny student almost equal to its teacher on
+    # these 4 windows, and the tests need a student that still has something to learn from it
+    prune(str(dense), ratio=0.3, calib=calibration, spsa_steps=1, out=root / "pruned", device_map=None,
+          compensation="none")
     return dense, root / "pruned"
 
 
