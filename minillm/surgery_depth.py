@@ -47,13 +47,14 @@ def remove_layers(model: nn.Module, adapter: ArchAdapter, kept: Sequence[int]) -
         return
     update = adapter.removed_layers_config_update(model.config, kept)
     parent, name = _parent_and_name(model, layers)
-    setattr(parent, name, nn.ModuleList([layers[i] for i in kept]))
-    for new_index, layer in enumerate(adapter.decoder_layers(model)):
+    remaining = nn.ModuleList([layers[i] for i in kept])
+    setattr(parent, name, remaining)
+    for key, value in update.items():  # the config first: adapters may find the layer list by its length
+        setattr(model.config, key, value)
+    for new_index, layer in enumerate(remaining):
         for module in layer.modules():  # the KV cache slot of every attention (and anything else indexed)
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
-    for key, value in update.items():
-        setattr(model.config, key, value)
 
 
 @contextmanager
