@@ -26,20 +26,6 @@ def parse_dtype(name: str) -> Any:
         raise UsageError(f"unknown --dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
 
 
-def parse_max_memory(spec: str | None) -> dict[int | str, str] | None:
-    """``"0=20GiB,cpu=30GiB"`` → ``{0: "20GiB", "cpu": "30GiB"}`` (accelerate's format)."""
-    if not spec:
-        return None
-    result: dict[int | str, str] = {}
-    for part in spec.split(","):
-        key, sep, value = part.partition("=")
-        if not sep or not value.strip():
-            raise UsageError(f"--max-memory entries look like 0=20GiB,cpu=30GiB (got {part!r})")
-        key = key.strip()
-        result[int(key) if key.isdigit() else key] = value.strip()
-    return result
-
-
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
@@ -140,7 +126,7 @@ def load_model(source: str, device_map: str | dict | None = "auto", max_memory: 
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from minillm.option_checks import check_seq_len
+    from minillm.option_checks import check_seq_len, parse_max_memory
 
     folder, gguf_file = _split_gguf(source)
     _check_local(folder, gguf_file, source)

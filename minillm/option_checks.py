@@ -81,12 +81,24 @@ def check_device(device: str | int | None, option: str = "--device-map") -> None
     _check_cuda_index(int(match[1] or match[2] or 0), option)
 
 
+def parse_max_memory(spec: str | None) -> dict[int | str, str] | None:
+    """``"0=20GiB,cpu=30GiB"`` → ``{0: "20GiB", "cpu": "30GiB"}`` (accelerate's format)."""
+    if not spec:
+        return None
+    result: dict[int | str, str] = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not value.strip():
+            raise UsageError(f"--max-memory entries look like 0=20GiB,cpu=30GiB (got {part!r})")
+        key = key.strip()
+        result[int(key) if key.isdigit() else key] = value.strip()
+    return result
+
+
 def check_max_memory(spec: str | dict | None) -> None:
     """``0=20GiB,cpu=30GiB``: known devices, sizes accelerate understands."""
     if spec is None:
         return
-    from minillm.loading import parse_max_memory
-
     entries = parse_max_memory(spec) if isinstance(spec, str) else spec
     for key, value in (entries or {}).items():
         if isinstance(key, int) or str(key).isdigit():

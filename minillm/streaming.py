@@ -168,8 +168,8 @@ def prepare_streaming_load(
     """``max_memory`` and offload folder for ``load_model`` in streaming mode (checks the cap first)."""
     from transformers import AutoConfig
 
-    from minillm.loading import parse_max_memory
     from minillm.memory import rss_bytes
+    from minillm.option_checks import parse_max_memory
 
     memory = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
     if memory:

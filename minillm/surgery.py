@@ -32,26 +32,12 @@ from minillm.arch.base import (
 from minillm.arch.rebuild import stock_rebuilds
 from minillm.errors import UsageError
 from minillm.plan import LayerPlan, PrunePlan
+from minillm.slicing import slice_linear
 
 
 def _head_rows(heads: Sequence[int], head_dim: int, device: torch.device) -> torch.Tensor:
     index = torch.tensor(list(heads), dtype=torch.long, device=device)
     return (index[:, None] * head_dim + torch.arange(head_dim, device=device)[None, :]).reshape(-1)
-
-
-@torch.no_grad()
-def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
-    """Keep ``index`` along ``dim`` of the weight (0 = outputs, also slicing the bias; 1 = inputs)."""
-    index = index.to(linear.weight.device)
-    weight = linear.weight.index_select(dim, index).clone()
-    linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
-    if dim == 0:
-        linear.out_features = weight.shape[0]
-        if linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias.index_select(0, index).clone(),
-                                       requires_grad=linear.bias.requires_grad)
-    else:
-        linear.in_features = weight.shape[1]
 
 
 @torch.no_grad()
@@ -71,7 +57,7 @@ def _cut_rows(cuts: dict[nn.Linear, list[torch.Tensor]]) -> None:
     for linear, parts in cuts.items():
         rows = torch.cat(parts).sort().values
         if rows.numel() != linear.out_features:
-            _slice_linear(linear, rows, 0)
+            slice_linear(linear, rows, 0)
 
 
 def validate_layer_plan(plan: LayerPlan, num_heads: int, num_kv_heads: int) -> None:
@@ -100,7 +86,7 @@ def _cut_attention(attn: AttentionLinears, adapter: ArchAdapter, plan: LayerPlan
     for projection, rows in ((attn.q, q_rows), (attn.k, kv_rows), (attn.v, kv_rows)):
         cuts.setdefault(holder(projection), []).append(holder_rows(projection, rows))
     _cut_rows(cuts)
-    _slice_linear(attn.o, q_rows, 1)
+    slice_linear(attn.o, q_rows, 1)
     for norm in attn.norms:
         _slice_norm(norm, plan.heads if norm.kind == "q" else plan.kv_heads, head_dim)
     for name, value in adapter.attention_attributes(attn.module, len(plan.heads), len(plan.kv_heads)).items():
@@ -123,7 +109,7 @@ def apply_plan(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan) -> None:
             for projection in mlp.expand:
                 cuts.setdefault(holder(projection), []).append(holder_rows(projection, channels))
             _cut_rows(cuts)
-            _slice_linear(mlp.closing, channels, 1)
+            slice_linear(mlp.closing, channels, 1)
     if plan.is_uniform() and plan.layers and len(plan.layers) == len(layers):
         update = adapter.uniform_config_update(model.config, adapter.layer_shape(model, plan.layers[0].index))
         if update is not None and stock_rebuilds(model, adapter, update):

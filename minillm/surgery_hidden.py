@@ -17,7 +17,7 @@ from torch import nn
 
 from minillm.arch.base import ArchAdapter
 from minillm.errors import UsageError
-from minillm.surgery import _slice_linear
+from minillm.slicing import slice_linear
 
 
 def check_hidden(adapter: ArchAdapter, config: Any, kept: int, num_heads: int | None = None) -> None:
@@ -66,7 +66,7 @@ def slice_hidden(model: nn.Module, adapter: ArchAdapter, kept: Sequence[int]) ->
             head.weight = embedding.weight
             head.in_features = len(kept)
         else:
-            _slice_linear(head, index, 1)
+            slice_linear(head, index, 1)
     for norm in norms:
         _slice_vector(norm, "weight", index)
         _slice_vector(norm, "bias", index)
@@ -75,9 +75,9 @@ def slice_hidden(model: nn.Module, adapter: ArchAdapter, kept: Sequence[int]) ->
     for layer in adapter.decoder_layers(model):
         attn, mlp = adapter.attention(layer), adapter.mlp(layer)
         for reader in (attn.q, attn.k, attn.v, *mlp.expand):
-            _slice_linear(reader, index, 1)
+            slice_linear(reader, index, 1)
         for writer in (attn.o, mlp.closing):
-            _slice_linear(writer, index, 0)
+            slice_linear(writer, index, 0)
     config = model.config
     config.head_dim = adapter.head_dim(config)  # explicit: it no longer follows from hidden / heads
     config.hidden_size = len(kept)
