@@ -29,7 +29,7 @@ def calib() -> Any:
 
 
 def calib_samples() -> Any:
-    return typer.Option(32, help="Number of calibration windows.")
+    return typer.Option(128, help="Number of calibration windows (of --seq-len tokens).")
 
 
 def head_mode() -> Any:

@@ -198,7 +198,7 @@ def compare(
     ratios: list[float] = (0.2,),  # type: ignore[assignment]
     allocations: list[str] = ("uniform", "global"),  # type: ignore[assignment]
     calib: str = "wikitext2",
-    calib_samples: int = 32,
+    calib_samples: int = 128,
     seq_len: int = 128,
     batch_size: int = 8,
     eval_ppl: str | None = None,
