@@ -18,7 +18,6 @@ from torch import nn
 
 from minillm.arch.base import ArchAdapter
 from minillm.arch.rebuild import stock_class, stock_rebuilds
-from minillm.errors import UsageError
 from minillm.output_guard import atomic_output_dir, check_output_dir
 
 __all__ = ["atomic_output_dir", "check_output_dir", "read_metadata", "save_pruned"]
@@ -97,11 +96,6 @@ def read_metadata(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / METADATA_FILE
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{str(path)!r} is not valid JSON ({exc}); re-export the model or remove the file") \
-            from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{str(path)!r} is not a JSON mapping; re-export the model or remove the file")
-    return data
+    from minillm.loading import read_json_mapping
+
+    return read_json_mapping(path, "re-export the model or remove the file")

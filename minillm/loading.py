@@ -31,6 +31,18 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def read_json_mapping(path: Path, remedy: str) -> dict[str, Any]:
+    """A JSON file that must hold a mapping (config.json, minillm.json); anything else is one line ending
+    with ``remedy``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{str(path)!r} is not valid JSON ({exc}); {remedy}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{str(path)!r} is not a JSON mapping; {remedy}")
+    return data
+
+
 def _split_gguf(source: str) -> tuple[str, str | None]:
     path = Path(source)
     if path.suffix.lower() == ".gguf":
@@ -68,13 +80,7 @@ def check_remote_code(source: str, trust_remote_code: bool = False) -> None:
     config = Path(folder).expanduser() / "config.json"
     if trust_remote_code or gguf_file is not None or not config.is_file():
         return
-    try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{str(config)!r} is not valid JSON ({exc}); the folder is not a usable model") \
-            from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{str(config)!r} is not a JSON mapping; the folder is not a usable model")
+    data = read_json_mapping(config, "the folder is not a usable model")
     if data.get("auto_map") or data.get("minillm_layer_shapes"):
         code = sorted(p.name for p in Path(folder).expanduser().glob("*.py")) or ["auto_map"]
         raise UsageError(

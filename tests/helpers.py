@@ -50,3 +50,11 @@ def reload_in_fresh_process(folder: Path, ids: torch.Tensor, remote: bool) -> di
     subprocess.run([sys.executable, "-c", RELOAD, str(folder), str(ids_path), "1" if remote else "0"],
                    check=True, capture_output=True, text=True)
     return torch.load(folder.parent / "reloaded.pt")
+
+
+def pattern_text(path: Path, vocab: int, words: int = 1200) -> Path:
+    """A learnable stream: a fixed 23-word cycle, so a few training steps can lower the loss."""
+    cycle = [f"w{(7 * i) % (vocab - 3)}" for i in range(23)]
+    tokens = [cycle[i % len(cycle)] for i in range(words)]
+    path.write_text("\n".join(" ".join(tokens[k : k + 20]) for k in range(0, words, 20)) + "\n")
+    return path

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import VOCAB, random_ids, tiny_model, tiny_tokenizer
+from helpers import pattern_text
 
 from minillm.api import prune
 from minillm.calibration.data import CalibrationSet
@@ -172,10 +173,7 @@ def test_kd_step_never_holds_full_float32_logits() -> None:
 
 
 def _pattern_text(path: Path, words: int = 1200) -> Path:
-    cycle = [f"w{(7 * i) % (VOCAB - 3)}" for i in range(23)]
-    tokens = [cycle[i % len(cycle)] for i in range(words)]
-    path.write_text("\n".join(" ".join(tokens[k : k + 20]) for k in range(0, words, 20)) + "\n")
-    return path
+    return pattern_text(path, VOCAB, words)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import VOCAB, random_ids, tiny_model, tiny_tokenizer
+from helpers import pattern_text
 
 from minillm.api import count_parameters, prune
 from minillm.calibration.data import CalibrationSet
@@ -20,11 +21,7 @@ from minillm.recover.data import IGNORE, load_examples
 
 
 def _pattern_text(path: Path, words: int = 1200) -> Path:
-    """A learnable stream: a fixed 23-word cycle, so LoRA can lower the loss within a few steps."""
-    cycle = [f"w{(7 * i) % (VOCAB - 3)}" for i in range(23)]
-    tokens = [cycle[i % len(cycle)] for i in range(words)]
-    path.write_text("\n".join(" ".join(tokens[k : k + 20]) for k in range(0, words, 20)) + "\n")
-    return path
+    return pattern_text(path, VOCAB, words)
 
 
 @pytest.fixture(scope="module")
