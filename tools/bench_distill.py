@@ -17,14 +17,13 @@ CPU-sized run (what docs/benchmarks.md reports)::
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import shlex
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+
+from bench_recover import cpu_lock  # tools/ is on sys.path when run as a script
 
 MINILLM = ["python3", "-c", "from minillm.cli import main; main()"]
 VARIANTS = {  # name: (method, loss, learning rate); rates fixed in advance, not tuned on any split
@@ -52,17 +51,6 @@ def test_head(test: str, model: str, windows: int, seq_len: int, out: Path) -> P
             break
     out.write_text("".join(lines))
     return out
-
-
-@contextmanager
-def held(path: str) -> Iterator[None]:
-    """The shared benchmark lock (flock), for one stage or for a variant's train + eval pair."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_stage(name: str, command: list[str], work: Path, limit: int) -> dict[str, float]:
@@ -158,7 +146,7 @@ def main() -> None:
                 print(f"[{name}] {output} exists: skipped", flush=True)
         if not todo:
             continue
-        with held(args.lock):
+        with cpu_lock(args.lock):  # bench_recover's lock: one hold per variant (train + eval)
             start = time.monotonic()
             for name, command, _ in todo:
                 if name.startswith("eval-") and command[4] != args.model and not Path(command[4]).is_dir():
