@@ -276,6 +276,7 @@ def prune(
         result.total_seconds = time.perf_counter() - start
         _write_report(result, report)
         return result
+    check_shrinks(plan)  # before compensation or surgery changes the caller's model
     updates: dict[int, Any] = {}
     compensation, damping = run["compensation"], run["damping"]
     if compensation != "none" or criterion == "obs":  # obs re-chooses its groups on the pruned prefix
@@ -297,7 +298,6 @@ def prune(
 
         pruned = pruned_skeleton(model, adapter, plan, updates)
     else:
-        check_shrinks(plan)  # before surgery changes the caller's model
         from minillm.compensation.bias import express_biases, expressible_biases
 
         express_biases(model, adapter, expressible_biases(model, adapter))  # biases the compensation added
