@@ -333,20 +333,12 @@ def compare(
             )
         )
         report("prune + evaluate", done + 1, len(cells))
-    protocol = {
-        "calib": base.calib,
-        "calib_samples": base.calib_samples,
-        "seq_len": base.seq_len,
-        "batch_size": batch_size,
+    shared = ("calib", "calib_samples", "seq_len", "batch_size", "eval_ppl", "eval_windows", "spsa_steps",
+              "spsa_eps", "seed", "head_mode", "structures", "compensation", "damping")
+    protocol = {  # the base recipe's settings every cell shared, in the order the report prints them
+        **{key: getattr(base, key, None) for key in shared},
         "eval_ppl": eval_ppl,
         "eval_windows": None if windows is None else int(windows.shape[0]),
-        "spsa_steps": base.spsa_steps,
-        "spsa_eps": base.spsa_eps,
-        "seed": base.seed,
-        "head_mode": base.head_mode,
-        "structures": base.structures,
-        "compensation": base.compensation,
-        "damping": base.damping,
         "layers": f"{layers[0]}-{layers[-1]}",
         "isolated": isolate,
         "memory": "CUDA max allocated" if torch.cuda.is_available() else "peak RSS (VmHWM) during scoring",
