@@ -294,15 +294,18 @@ def prune(
          "offload_dir": offload_dir,
          **{k: options[k] for k in ("calib", "calib_samples", "seq_len", "batch_size", "structures")}},
         source="resolved recipe").to_dict()
-    if done.offloaded:
+    folder = out
+    if done.offloaded:  # cut while written: the Python API without --out writes to a temporary folder
         from minillm.streaming import default_offload_dir
 
-        folder = out if out is not None else default_offload_dir()  # the Python API without --out
+        folder = out if out is not None else default_offload_dir()
+    if folder is not None:
         written = export(model, done, tokenizer, adapter, folder, result.metadata,
                          render_card(result.metadata), overwrite=overwrite or out is None,
                          max_shard_size=run["max_shard_size"], force=force, inputs=inputs)
         result.out = written if out is not None else None
         timeline.mark("exported", plan.params_after)
+    if done.offloaded:
         from minillm.loading import load_model
 
         # the pruned model, offloaded like the dense one was (its weights are read from the export)
@@ -310,11 +313,6 @@ def prune(
                                   offload_dir=default_offload_dir(),
                                   # the file minillm has just written itself, not one found in a folder
                                   trust_remote_code=needs_remote_code(done.model, adapter))
-    elif out is not None:
-        result.out = export(model, done, tokenizer, adapter, out, result.metadata,
-                            render_card(result.metadata), overwrite=overwrite,
-                            max_shard_size=run["max_shard_size"], force=force, inputs=inputs)
-        timeline.mark("exported", plan.params_after)
     _write_report(result, report)
     return result
 

@@ -41,7 +41,6 @@ class MethodScores:
 
     method: str
     scores: dict[int, Any]
-    compensation: dict[str, torch.Tensor]
     forward_passes: int
     backward_passes: int
     seconds: float
@@ -111,7 +110,6 @@ def score_method(model: nn.Module, recipe: Recipe, calibration: Any, layers: lis
     return MethodScores(
         method,
         result.scores,
-        result.compensation,
         result.forward_passes,
         result.backward_passes,
         seconds,
@@ -131,10 +129,8 @@ def _save_scores(scores: MethodScores, path: Path) -> None:
             s.kv_heads.contiguous(),
         )
         tensors[f"{layer}.channels"] = s.channels.contiguous()
-    for key, value in scores.compensation.items():
-        tensors[f"comp.{key}"] = value.contiguous()
     save_file(tensors, str(path.with_suffix(".safetensors")))
-    meta = {k: v for k, v in asdict(scores).items() if k not in ("scores", "compensation")}
+    meta = {k: v for k, v in asdict(scores).items() if k != "scores"}
     path.with_suffix(".json").write_text(json.dumps(meta))
 
 
@@ -145,13 +141,12 @@ def _load_scores(path: Path) -> MethodScores:
 
     tensors = load_file(str(path.with_suffix(".safetensors")))
     meta = json.loads(path.with_suffix(".json").read_text())
-    layers = sorted({int(k.split(".")[0]) for k in tensors if not k.startswith("comp.")})
+    layers = sorted({int(k.split(".")[0]) for k in tensors})
     scores = {
         i: LayerScores(tensors[f"{i}.heads"], tensors[f"{i}.kv_heads"], tensors[f"{i}.channels"])
         for i in layers
     }
-    compensation = {k[5:]: v for k, v in tensors.items() if k.startswith("comp.")}
-    return MethodScores(scores=scores, compensation=compensation, **meta)
+    return MethodScores(scores=scores, **meta)
 
 
 def _worker(spec_path: str) -> None:
@@ -356,7 +351,7 @@ def _prune_copy(model: nn.Module, adapter: Any, scores: MethodScores, cell: Reci
     from minillm.api import cut_as, plan_for
     from minillm.scoring import ScoreResult
 
-    plan = plan_for(model, ScoreResult(scores=scores.scores, compensation=scores.compensation), cell)
+    plan = plan_for(model, ScoreResult(scores=scores.scores), cell)
     cut_as(cell, model, adapter, plan, calibration)
 
 
