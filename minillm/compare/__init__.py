@@ -149,7 +149,7 @@ def _load_scores(path: Path) -> MethodScores:
     return MethodScores(scores=scores, **meta)
 
 
-def _worker(spec_path: str) -> None:
+def worker(spec_path: str) -> None:
     """Entry of the per-method subprocess: load, score, write scores + measurements next to the spec."""
     from safetensors.torch import load_file
 
@@ -376,9 +376,3 @@ def _evaluate(
         ppl = float("inf")
     return ppl, accuracy
 
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        _worker(sys.argv[2])
-    else:
-        sys.exit("internal entry point of minillm compare; use `minillm compare`")
