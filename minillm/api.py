@@ -23,8 +23,9 @@ from minillm.calibration.blocks import is_offloaded
 from minillm.calibration.data import CalibrationSet, calibration_set
 from minillm.calibration.spsa import SpsaConfig
 from minillm.card import render_card
+from minillm.cut import CutResult, cut
 from minillm.errors import UsageError
-from minillm.export import check_output_dir, needs_remote_code, save_pruned
+from minillm.export import check_output_dir, export, needs_remote_code
 from minillm.groups import layer_costs, prunable_layers
 from minillm.memory import Measurement, measure
 from minillm.plan import (
@@ -37,10 +38,9 @@ from minillm.plan import (
     parse_structures,
     structures_label,
 )
-from minillm.recipe import export_recipe
 from minillm.report.timeline import Timeline
 from minillm.scoring import CRITERIA, ScoreResult, ScoringContext
-from minillm.surgery import apply_plan, pruned_widths
+from minillm.surgery import pruned_widths
 
 if TYPE_CHECKING:
     from minillm.recipe import Recipe
@@ -246,13 +246,7 @@ def prune(
         hidden_scores, layer_scores = score_axes(model, adapter, calibration, names, layers,
                                                  run["layer_score"], progress)
     timeline.mark("scored", count_parameters(model))
-    plan = plan_from_scores(model, score, ratio, run["allocation"], run["head_mode"], run["structures"],
-                            run["round_to"], hidden_scores, layer_scores)
-    plan.extra = {"criterion": criterion, "layers_scored": layers, "structures": structures_label(names),
-                  **plan.extra}
-    if layer_scores is not None:
-        plan.extra["layer_scores"] = {str(i): v for i, v in layer_scores.items()}
-        plan.extra["layer_score"] = run["layer_score"]
+    plan = plan_for(model, score, settings, hidden_scores, layer_scores)
     if plan.extra.get("uniform_note"):
         import logging
 
@@ -269,77 +263,84 @@ def prune(
     )
     if dry_run:
         if run["compensation"] == "bias":  # count the biases bias folding adds, as the export will have them
-            from minillm.streaming_export import pruned_skeleton
+            from minillm.cut import apply_cut, meta_skeleton
 
-            _count_export(plan, count_parameters(pruned_skeleton(model, adapter, plan, _bias_markers(plan))))
+            skeleton = meta_skeleton(model)
+            apply_cut(skeleton, adapter, plan, _bias_markers(plan))
+            _count_export(plan, count_parameters(skeleton))
         check_shrinks(plan)
         result.total_seconds = time.perf_counter() - start
         _write_report(result, report)
         return result
     check_shrinks(plan)  # before compensation or surgery changes the caller's model
-    updates: dict[int, Any] = {}
-    compensation, damping = run["compensation"], run["damping"]
-    if compensation != "none" or criterion == "obs":  # obs re-chooses its groups on the pruned prefix
-        from minillm.compensation.layer import CompensationOptions
-        from minillm.compensation.sequential import compensate_sequential
-
-        chosen = CompensationOptions(mode=compensation, damping=damping,
-                                     select="obs" if criterion == "obs" else "plan")
-        with measure() as compensating:
-            outcome = compensate_sequential(model, adapter, plan, calibration, chosen, progress,
-                                            in_place=not offloaded)
-        plan = result.plan = outcome.plan
-        updates = outcome.updates
-        result.compensation = compensating
-        score.notes["compensation_forward_passes"] = outcome.forward_passes
-        timeline.mark("compensated", count_parameters(model))
-    if offloaded:  # the cut happens block by block in the shard writer (the source model stays as it was)
-        from minillm.streaming_export import pruned_skeleton
-
-        pruned = pruned_skeleton(model, adapter, plan, updates)
-    else:
-        from minillm.compensation.bias import express_biases, expressible_biases
-
-        express_biases(model, adapter, expressible_biases(model, adapter))  # biases the compensation added
-        apply_plan(model, adapter, plan)
-        pruned = model
-    _count_export(plan, count_parameters(pruned))
+    done = cut_as(settings, model, adapter, plan, calibration, progress,  # offloaded: a meta skeleton
+                  compensated=lambda: timeline.mark("compensated", count_parameters(model)))
+    plan = result.plan = done.plan
+    if done.compensation is not None:
+        result.compensation = done.compensation
+        score.notes["compensation_forward_passes"] = done.forward_passes
+    _count_export(plan, count_parameters(done.model))
     check_shrinks(plan)
     timeline.mark("pruned", plan.params_after)
     result.total_seconds = time.perf_counter() - start
     result.metadata = _metadata(source, plan, options, score, scoring, result.total_seconds, command)
     if result.compensation is not None:
-        result.metadata["compensation"] = {**result.compensation.as_dict(), "mode": compensation,
-                                           "damping": damping,
+        result.metadata["compensation"] = {**result.compensation.as_dict(), "mode": run["compensation"],
+                                           "damping": run["damping"],
                                            "forward_passes": score.notes["compensation_forward_passes"]}
-    result.metadata["recipe"] = export_recipe(source, out, options, device_map=device_map,
-                                              max_memory=max_memory, dtype=dtype,
-                                              max_shard_size=run["max_shard_size"], report=report,
-                                              streaming=streaming, offload_dir=offload_dir)
-    if offloaded:
-        from minillm.loading import load_model
+    result.metadata["recipe"] = settings.merged(  # the Recipe as it ran: replaying it never clobbers a folder
+        {"model": source, "out": None if out is None else str(out), "overwrite": False, "force": False,
+         "trust_remote_code": False, "dry_run": False, "report": None if report is None else str(report),
+         "offload_dir": offload_dir,
+         **{k: options[k] for k in ("calib", "calib_samples", "seq_len", "batch_size", "structures")}},
+        source="resolved recipe").to_dict()
+    folder = out
+    if done.offloaded:  # cut while written: the Python API without --out writes to a temporary folder
         from minillm.streaming import default_offload_dir
-        from minillm.streaming_export import save_pruned_streaming
 
-        folder = out if out is not None else default_offload_dir()  # the Python API without --out
-        written = save_pruned_streaming(model, tokenizer, adapter, plan, folder, result.metadata,
-                                        render_card(result.metadata), overwrite=overwrite or out is None,
-                                        max_shard_size=run["max_shard_size"], skeleton=pruned,
-                                        updates=updates, force=force, inputs=inputs)
+        folder = out if out is not None else default_offload_dir()
+    if folder is not None:
+        written = export(model, done, tokenizer, adapter, folder, result.metadata,
+                         render_card(result.metadata), overwrite=overwrite or out is None,
+                         max_shard_size=run["max_shard_size"], force=force, inputs=inputs)
         result.out = written if out is not None else None
         timeline.mark("exported", plan.params_after)
+    if done.offloaded:
+        from minillm.loading import load_model
+
         # the pruned model, offloaded like the dense one was (its weights are read from the export)
         result.model = load_model(str(written), device_map=device_map, max_memory=max_memory, dtype=dtype,
                                   offload_dir=default_offload_dir(),
                                   # the file minillm has just written itself, not one found in a folder
-                                  trust_remote_code=needs_remote_code(pruned, adapter))
-    elif out is not None:
-        result.out = save_pruned(model, tokenizer, adapter, out, result.metadata,
-                                 render_card(result.metadata), overwrite=overwrite,
-                                 max_shard_size=run["max_shard_size"], force=force, inputs=inputs)
-        timeline.mark("exported", plan.params_after)
+                                  trust_remote_code=needs_remote_code(done.model, adapter))
     _write_report(result, report)
     return result
+
+
+def plan_for(model: nn.Module, score: ScoreResult, recipe: Recipe, hidden_scores: Any = None,
+             layer_scores: dict[int, float] | None = None) -> PrunePlan:
+    """The plan ``recipe`` asks for (ratio, allocation, head mode, structures, rounding) from ``score``:
+    what ``prune`` cuts, and what every ``compare`` cell cuts."""
+    names = parse_structures(recipe.structures)
+    plan = plan_from_scores(model, score, recipe.ratio, recipe.allocation, recipe.head_mode,
+                            recipe.structures, recipe.round_to, hidden_scores, layer_scores)
+    count = len(adapter_for(model.config).decoder_layers(model))
+    plan.extra = {"criterion": recipe.criterion,
+                  "layers_scored": prunable_layers(count, recipe.skip_first, recipe.skip_last),
+                  "structures": structures_label(names), **plan.extra}
+    if layer_scores is not None:
+        plan.extra["layer_scores"] = {str(i): v for i, v in layer_scores.items()}
+        plan.extra["layer_score"] = recipe.layer_score
+    return plan
+
+
+def cut_as(recipe: Recipe, model: nn.Module, adapter: ArchAdapter, plan: PrunePlan,
+           calibration: CalibrationSet | None, progress: Progress | None = None,
+           compensated: Callable[[], None] | None = None) -> CutResult:
+    """The cut stage with ``recipe``'s compensation (``obs`` re-chooses its groups on the pruned prefix)."""
+    return cut(model, adapter, plan, calibration, recipe.compensation, recipe.damping,
+               select="obs" if recipe.criterion == "obs" else "plan", progress=progress,
+               compensated=compensated)
 
 
 def check_plan_from_shapes(model: nn.Module, layers: list[int], ratio: float, allocation: Allocation,

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from minillm.commands import options
+from minillm.commands.recipe import with_recipe_options
 from minillm.defaults import DEFAULT_CRITERION
 from minillm.error_boundary import error_boundary, guard_commands, show_tracebacks
 
@@ -121,48 +121,16 @@ def check_prune_options(settings: Any, recipe: str | None) -> None:
 
 @app.command()
 @friendly_errors
+@with_recipe_options()
 def prune(
     ctx: typer.Context,
     recipe: str = typer.Option(None, "--recipe", "-r",
                                help="Recipe (.yaml/.json, or an export's minillm.json); "
                                "flags given here override it."),
-    model: str = typer.Option(None, "--model", "-m", help="Hub id, local HF folder, or .gguf file."),
-    ratio: float = typer.Option(0.2, help="Fraction of the model's total parameters to remove."),
-    out: str = typer.Option(None, "--out", "-o", help="Export folder (required unless --dry-run)."),
-    criterion: str = typer.Option(DEFAULT_CRITERION, help="Scoring criterion (see `minillm criteria`)."),
-    allocation: str = typer.Option("uniform", help="uniform (same widths everywhere) or global."),
-    head_mode: str = options.head_mode(),
-    structures: str = options.structures(),
-    round_to: int = options.round_to(),
-    layer_score: str = options.layer_score(),
-    skip_first: int = options.skip_first(),
-    skip_last: int = options.skip_last(),
-    calib: str = options.calib(),
-    calib_samples: int = options.calib_samples(),
-    seq_len: int = typer.Option(128, help="Tokens per calibration window."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
-    seed: int = typer.Option(0, help="Seed for calibration sampling and SPSA perturbations."),
-    spsa_steps: int = typer.Option(16, help="SPSA perturbations (2 forward passes each)."),
-    spsa_eps: float = options.spsa_eps(),
-    compensation: str = options.compensation(),
-    damping: float = options.damping(),
-    device_map: str = typer.Option("auto", help="accelerate device map: auto, balanced, cpu, cuda:0, …"),
-    max_memory: str = typer.Option(None, help="Per-device memory cap, e.g. 0=20GiB,cpu=30GiB."),
-    dtype: str = options.dtype(),
-    overwrite: bool = typer.Option(False, help="Replace --out if it is a minillm export (or empty)."),
-    force: bool = options.force(),
-    trust_remote_code: bool = options.trust_remote_code(),
-    dry_run: bool = typer.Option(False, help="Score and print the plan as JSON; write nothing."),
-    max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard."),
-    streaming: bool = typer.Option(False, "--streaming", help="Load with accelerate offload so --max-memory "
-                                   "can be below the model size; any criterion then scores and exports one "
-                                   "decoder block at a time (see docs/benchmarks.md)."),
-    offload_dir: str = typer.Option(None, help="Folder for accelerate's disk offload (default: temporary)."),
-    report: str = typer.Option(
-        None, help="Write an HTML report (plots as PNGs beside it), e.g. report.html."
-    ),
+    *,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Library logs and download bars too."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables: one result line."),
+    **settings: Any,  # one option per Recipe field (minillm.recipe): flag, default and help declared there
 ) -> None:
     """Score every attention head and MLP channel, remove the least important, export the smaller model."""
     from minillm.api import prune as prune_api

@@ -1,77 +1,46 @@
-"""Atomic export of a pruned model: safetensors, config, tokenizer, ``minillm.json`` and a model card.
+"""The export stage: safetensors, config, tokenizer, ``minillm.json`` and a model card, written atomically.
 
+:func:`export` is the one entry: it picks the writer from where the weights live — a resident pruned
+model is written by ``save_pretrained`` (:func:`save_pruned`); an offloaded one is cut and written block
+by block by the shard writer (:mod:`minillm.streaming_export`), never holding more than one block.
 Everything is written to a temporary folder beside ``out`` and renamed into place at the end, so a
-failure never leaves a half-written checkpoint. Uniform plans produce a stock config that vanilla
-``from_pretrained`` loads. Per-layer widths get a small ``modeling_minillm.py`` registered through
-``auto_map`` (load with ``trust_remote_code=True``); it imports only transformers.
+failure never leaves a half-written checkpoint. Widths a stock config cannot express get a generated
+``modeling_minillm.py`` (:mod:`minillm.remote_code`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from minillm.arch.base import ArchAdapter
-from minillm.arch.rebuild import stock_class, stock_rebuilds
-from minillm.output_guard import atomic_output_dir, check_output_dir
+from minillm.output_guard import METADATA_FILE, atomic_output_dir, check_output_dir
+from minillm.remote_code import REMOTE_CODE_FILE, add_remote_code, needs_remote_code
 
-__all__ = ["atomic_output_dir", "check_output_dir", "read_metadata", "save_pruned"]
+if TYPE_CHECKING:
+    from minillm.cut import CutResult
 
-REMOTE_CODE_FILE = "modeling_minillm.py"
-METADATA_FILE = "minillm.json"
-
-
-def _layer_shape_overrides(model: nn.Module, adapter: ArchAdapter) -> tuple[dict, dict, dict]:
-    """Linear shapes, per-head norm parameter shapes and attention attributes of every layer."""
-    names = {module: name for name, module in model.named_modules()}
-    shapes: dict[str, list[int]] = {}
-    params: dict[str, list[int]] = {}
-    attributes: dict[str, dict[str, int]] = {}
-    for index, layer in enumerate(adapter.decoder_layers(model)):
-        for linear in adapter.prunable_linears(layer):
-            shapes[names[linear]] = [linear.out_features, linear.in_features, linear.bias is not None]
-        attn = adapter.attention(layer)
-        linears = {id(p) for lin in adapter.prunable_linears(layer) for p in lin.parameters()}
-        for pname, param in attn.module.named_parameters():  # q/k norms, whatever their reading
-            if id(param) not in linears:
-                params[f"{names[attn.module]}.{pname}"] = list(param.shape)
-        shape = adapter.layer_shape(model, index)
-        attributes[names[attn.module]] = adapter.attention_attributes(attn.module, shape.num_heads,
-                                                                      shape.num_kv_heads)
-    return shapes, params, attributes
+__all__ = ["METADATA_FILE", "REMOTE_CODE_FILE", "atomic_output_dir", "check_output_dir", "export",
+           "needs_remote_code", "read_metadata", "save_pruned"]
 
 
-def _remote_code(base_class: str) -> str:
-    template = resources.files("minillm").joinpath("templates/modeling_minillm.py.tmpl").read_text()
-    return template.replace("{base_class}", base_class)
+def export(source: nn.Module, cut: CutResult, tokenizer: Any, adapter: ArchAdapter, out: str | Path,
+           metadata: dict, card: str, *, overwrite: bool = False, max_shard_size: str | int = "5GB",
+           force: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
+    """Write the cut model to ``out``: ``save_pretrained`` when it is resident, the block-by-block shard
+    writer when its weights are offloaded (``source`` is the dense model the shard writer reads)."""
+    if cut.offloaded:
+        from minillm.streaming_export import save_pruned_streaming
 
-
-def add_remote_code(model: nn.Module, adapter: ArchAdapter, folder: Path, metadata: dict) -> dict:
-    """If the stock config cannot express ``model``'s widths, record them in its config, point
-    ``auto_map`` at a generated ``modeling_minillm.py`` written to ``folder``, and return ``metadata``
-    marked ``trust_remote_code``; otherwise return ``metadata`` unchanged. Shared by both exporters."""
-    if not needs_remote_code(model, adapter):
-        return metadata
-    shapes, params, attributes = _layer_shape_overrides(model, adapter)
-    base_class = stock_class(model).__name__  # re-exporting one of our own per-layer models: its base
-    config = model.config
-    config.minillm_layer_shapes = shapes
-    config.minillm_param_shapes = params
-    config.minillm_module_attributes = attributes
-    config.auto_map = {"AutoModelForCausalLM": "modeling_minillm.MinillmPrunedForCausalLM"}
-    (folder / REMOTE_CODE_FILE).write_text(_remote_code(base_class))
-    return {**metadata, "trust_remote_code": True}
-
-
-def needs_remote_code(model: nn.Module, adapter: ArchAdapter) -> bool:
-    """True when the stock class built from the config would not have these widths, head counts or
-    biases (a vanilla load would fail, or silently drop e.g. a bias gained by FLAP's compensation)."""
-    return not stock_rebuilds(model, adapter)
+        return save_pruned_streaming(source, tokenizer, adapter, cut.plan, out, metadata, card,
+                                     overwrite=overwrite, max_shard_size=max_shard_size, skeleton=cut.model,
+                                     updates=cut.updates, force=force, inputs=tuple(inputs))
+    return save_pruned(cut.model, tokenizer, adapter, out, metadata, card, overwrite=overwrite,
+                       max_shard_size=max_shard_size, force=force, inputs=inputs)
 
 
 def save_pruned(model: nn.Module, tokenizer: Any, adapter: ArchAdapter, out: str | Path, metadata: dict,

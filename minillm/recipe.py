@@ -6,8 +6,10 @@ export stores the fully resolved recipe in ``minillm.json`` (under ``"recipe"``)
 line override the recipe. Modelled on llm-compressor's recipes: pydantic with ``extra="forbid"``, and
 unknown keys fail with a "did you mean …?" naming the closest field.
 
-Every option of the ``prune`` command is a field here (the test suite checks that); only ``--recipe``
-itself and the logging flags ``-v/-q`` are about the invocation rather than the run.
+This is the one declaration of every option: the ``prune`` command's options (flag, default, help,
+choices) are generated from these fields (:mod:`minillm.commands.recipe`), ``compare`` builds one
+recipe per matrix cell, the Python API validates through it and an export stores its dump. Only
+``--recipe`` itself and the logging flags ``-v/-q`` are about the invocation rather than the run.
 
 A recipe says *what* to prune, never where to write, whether to replace, or whether to run code: the
 fields in :data:`minillm.output_guard.COMMAND_LINE_ONLY` (``out``, ``overwrite``, ``force``, ``report``,
@@ -43,67 +45,93 @@ class Recipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    description: str = Field("", description="Free text: what this recipe reproduces (ignored by the run).")
-    model: str | None = Field(None, description="Hub id, local HF folder, or .gguf file.")
+    description: str = Field("", description="Free text: what this recipe reproduces (ignored by the run).",
+                             json_schema_extra={"cli": False})
+    model: str | None = Field(None, description="Hub id, local HF folder, or .gguf file.",
+                              json_schema_extra={"flags": ["--model", "-m"]})
     ratio: float = Field(
         0.2, gt=0.0, lt=1.0, description="Fraction of the model's total parameters to remove."
     )
-    out: str | None = Field(None, description="Export folder (required unless dry_run).")
+    out: str | None = Field(None, description="Export folder (required unless --dry-run).",
+                            json_schema_extra={"flags": ["--out", "-o"]})
     criterion: str = Field(DEFAULT_CRITERION, description="Scoring criterion (see `minillm criteria`).")
     allocation: Literal["uniform", "global"] = Field(
-        "uniform", description="uniform widths or global ranking."
+        "uniform", description="uniform (same widths everywhere) or global (one ranking over all layers)."
     )
     head_mode: Literal["auto", "kv", "query"] = Field(
-        DEFAULT_HEAD_MODE, description="kv: whole key/value groups; query: query heads evenly per kv group; "
-        "auto: query on single-kv-head models, else kv."
+        DEFAULT_HEAD_MODE, description="kv: remove whole key/value groups; query: query heads evenly in "
+        "every kv group (all kv heads kept); auto: query when every layer has a single key/value head, "
+        "else kv."
     )
     structures: str = Field(
-        "both", description="What to prune: comma list of attn, mlp, hidden, layers (both = attn,mlp)."
+        "both", description="What to prune: a comma list of attn, mlp, hidden, layers (both = attn,mlp), "
+        "e.g. attn,mlp,hidden or layers."
     )
-    round_to: int = Field(1, ge=1, description="MLP width and hidden size in multiples of N.")
+    round_to: int = Field(
+        1, ge=1, description="MLP width and hidden size in multiples of N (64/128 suit GPU kernels)."
+    )
     layer_score: Literal["influence", "loss"] = Field(
-        "influence", description="Layer score for --structures layers: influence (1 - cos) or loss."
+        "influence", description="Layer score for --structures layers: influence (ShortGPT 1 - cos(h_in, "
+        "h_out)) or loss (calibration loss change when skipped)."
     )
     skip_first: int = Field(0, ge=0, description="Keep the first N decoder layers whole.")
     skip_last: int = Field(0, ge=0, description="Keep the last N decoder layers whole.")
     calib: str = Field("wikitext2", description="Calibration text: .txt/.jsonl/.json file or dataset name.")
     calib_samples: int = Field(
-        128, ge=1, description="Number of calibration windows (128 measured best with the refit)."
+        128, ge=1, description="Number of calibration windows of --seq-len tokens (128 measured best with "
+        "the refit)."
     )
-    seq_len: int = Field(128, ge=2, description="Tokens per calibration window.")
+    seq_len: int = Field(128, ge=2, description="Tokens per calibration (and compare's perplexity) window.")
     batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
     seed: int = Field(0, description="Seed for calibration sampling and SPSA perturbations.")
-    spsa_steps: int = Field(16, ge=1, description="SPSA perturbations (2 forward passes each).")
+    spsa_steps: int = Field(
+        16, ge=1, description="SPSA perturbations (2 forward passes each); fwd-grad: forward-mode passes."
+    )
     spsa_eps: float = Field(1e-3, gt=0.0, description="SPSA perturbation size.")
     criterion_options: dict[str, Any] = Field(
-        default_factory=dict, description="Criterion-specific settings."
+        default_factory=dict, description="Criterion-specific settings (recipe and Python API only).",
+        json_schema_extra={"cli": False},
     )
     compensation: Compensation = Field(
         DEFAULT_COMPENSATION,
         description="After the cut, block by block on the pruned prefix: refit (least squares on o_proj / "
-        "down_proj), bias (fold removed inputs' means into a bias) or none.",
+        "down_proj), bias (FLAP's mean folding into a bias) or none.",
     )
     damping: float = Field(
         DEFAULT_DAMPING, ge=0.0, description="λ of the compensation's H + λ·mean(diag H)·I."
     )
-    device_map: str | dict[str, Any] | None = Field("auto", description="accelerate device map.")
+    device_map: str | dict[str, Any] | None = Field(
+        "auto", description="accelerate device map: auto, balanced, cpu, cuda:0, …"
+    )
     max_memory: str | dict[str, Any] | None = Field(
-        None, description="Per-device cap, e.g. 0=20GiB,cpu=30GiB."
+        None, description="Per-device memory cap, e.g. 0=20GiB,cpu=30GiB."
     )
-    dtype: str = Field("auto", description="auto, float32, bfloat16, float16.")
-    overwrite: bool = Field(False, description="Replace out if it is a minillm export (command line only).")
-    force: bool = Field(False, description="With overwrite: replace any out folder (command line only).")
+    dtype: str = Field("auto", description="auto (the checkpoint's), float32, bfloat16, float16.")
+    overwrite: bool = Field(
+        False, description="Replace --out if it is a minillm export (or empty). Command line only."
+    )
+    force: bool = Field(
+        False, description="With --overwrite: replace --out even if it is not a minillm export. "
+        "Command line only.", json_schema_extra={"flags": ["--force"]}
+    )
     trust_remote_code: bool = Field(
-        False, description="Run model code shipped in the model folder (command line only)."
+        False, description="Run model code shipped in the model folder (per-layer minillm exports need it); "
+        "only for folders you trust.", json_schema_extra={"flags": ["--trust-remote-code"]}
     )
-    dry_run: bool = Field(False, description="Score and print the plan; write nothing.")
+    dry_run: bool = Field(False, description="Score and print the plan as JSON; write nothing.")
     max_shard_size: str | int = Field("5GB", description="Largest safetensors shard.")
     streaming: bool = Field(
-        False, description="Load with accelerate offload within --max-memory (models larger than memory); "
-        "scoring and export then go block by block, with every criterion."
+        False, description="Load with accelerate offload so --max-memory can be below the model size; any "
+        "criterion then scores and exports one decoder block at a time (see docs/benchmarks.md).",
+        json_schema_extra={"flags": ["--streaming"]},
     )
-    offload_dir: str | None = Field(None, description="Folder for accelerate's disk offload (streaming).")
-    report: str | None = Field(None, description="Write an HTML report (and PNGs) here.")
+    offload_dir: str | None = Field(
+        None, description="Folder for accelerate's disk offload (default: temporary). Command line only."
+    )
+    report: str | None = Field(
+        None, description="Write an HTML report (plots as PNGs beside it), e.g. report.html. "
+        "Command line only."
+    )
 
     # --- construction -------------------------------------------------------------------------------
 
@@ -218,25 +246,3 @@ def _from_export_metadata(metadata: dict[str, Any], source: str) -> dict[str, An
             f"{source} is a minillm export without a stored recipe; pass the recipe file instead"
         )
     return {"model": metadata.get("base_model"), **options}
-
-
-def export_recipe(
-    model: str, out: str | Path | None, options: dict[str, Any], **settings: Any
-) -> dict[str, Any]:
-    """The resolved recipe an export stores: what ran, with ``overwrite``/``dry_run`` off.
-
-    ``options`` is the run's option dict (as :func:`minillm.api.prune` records it); ``settings`` adds the
-    loading/export settings it does not hold (device_map, max_memory, dtype, max_shard_size, report).
-    ``overwrite`` is stored as false on purpose: replaying a recipe must never clobber a folder unasked.
-    """
-    data = {
-        key: str(value) if isinstance(value, Path) else value
-        for key, value in {**options, **settings}.items()
-        if key in Recipe.model_fields
-    }
-    data.update(model=model, out=None if out is None else str(out), overwrite=False, dry_run=False)
-    if isinstance(data.get("device_map"), dict):
-        data["device_map"] = {str(k): v for k, v in data["device_map"].items()}
-    if isinstance(data.get("max_memory"), dict):
-        data["max_memory"] = {str(k): v for k, v in data["max_memory"].items()}
-    return Recipe.from_dict(data, source="resolved recipe").to_dict()

@@ -30,6 +30,9 @@ WITHOUT_LOSS = frozenset({"magnitude", "magnitude-l2", "random", "wanda-sp", "fl
 KEEPS_BLOCK_INPUTS = frozenset({"taylor", "taylor-fisher", "taylor-vector", "taylor-lowmem", "taylor-gate",
                                 "taylor-gate-fisher", "taylor-gate-fms", "fms-bp", "fms-lowmem"})
 
+#: Criteria that walk the blocks in forward mode (every intermediate has a tangent beside it).
+FORWARD_MODE = frozenset({"fwd-grad"})
+
 GiB = 1024**3
 
 
@@ -64,6 +67,7 @@ def block_budget(
     runtime_bytes: int,
     with_loss: bool = True,
     keeps_block_inputs: bool = False,
+    forward_mode: bool = False,
 ) -> BlockBudget:
     """Sizes from a weightless model built from ``config`` (accelerate's ``compute_module_sizes``).
 
@@ -71,6 +75,8 @@ def block_budget(
     norm and LM head are loaded together and the logits of a batch exist; otherwise only the largest of
     them is ever loaded at once (by the export) and no logits are made. ``keeps_block_inputs``: the
     criterion back-propagates block by block and keeps every block's calibration inputs until then.
+    ``forward_mode``: the criterion runs ``jvp`` (a tangent beside every activation: twice the working
+    memory of a forward pass, an estimate) and keeps the hidden states' tangents between blocks.
     """
     from accelerate import init_empty_weights
     from accelerate.utils import compute_module_sizes
@@ -97,6 +103,9 @@ def block_budget(
     streams = 4 * samples * seq_len * hidden * size  # first-block inputs, "+"/"−" streams, outputs
     if keeps_block_inputs:
         streams += int(config.num_hidden_layers) * samples * seq_len * hidden * size
+    if forward_mode:
+        working *= 2
+        streams += 2 * samples * seq_len * hidden * size
     return BlockBudget(block=block, head=head, activations=working + streams, runtime=runtime_bytes)
 
 
@@ -188,6 +197,7 @@ def prepare_streaming_load(
             rss_bytes(),
             with_loss=criterion not in WITHOUT_LOSS,
             keeps_block_inputs=criterion in KEEPS_BLOCK_INPUTS,
+            forward_mode=criterion in FORWARD_MODE,
         )
         memory = streaming_max_memory(memory, budget)
     return memory, offload_dir or default_offload_dir()

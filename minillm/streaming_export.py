@@ -3,12 +3,13 @@
 Why not ``save_pretrained``: in streaming mode most weights live in accelerate's offload (``meta``
 parameters + a weights map), and surgery on the live model would only change the meta shapes. So:
 
-1. a *meta skeleton* of the model (``init_empty_weights``) receives the whole plan through the normal
-   :func:`~minillm.surgery.apply_plan`: it knows every pruned shape and the updated config, at no memory cost;
+1. a *meta skeleton* of the model (``init_empty_weights``) receives the whole cut through the normal
+   :func:`~minillm.cut.apply_cut` (:func:`minillm.cut.cut` makes it): it knows every pruned shape and the
+   updated config, at no memory cost;
 2. a second, dense meta skeleton is the workbench: for each decoder block, the live block is made
-   resident, its weights are assigned into the workbench block, ``apply_plan`` with that block's part of
-   the plan slices them (the same surgery code as in memory, so mask ≡ surgery holds), the pruned
-   tensors go to the shard writer and the workbench block returns to ``meta``;
+   resident, its weights are assigned into the workbench block, ``apply_cut`` with that block's part of
+   the plan and its compensated closings cuts them (the same code as in memory, so mask ≡ surgery
+   holds), the pruned tensors go to the shard writer and the workbench block returns to ``meta``;
 3. huggingface_hub's ``split_torch_state_dict_into_shards`` groups the (meta) tensors into contiguous
    shards in state-dict order, at most ``max_shard_size`` and at most one (pruned) decoder block,
    because safetensors buffers a shard and copies it once while writing; each shard is filled block by
@@ -20,7 +21,6 @@ Tied weights are dropped exactly as transformers does (``remove_tied_weights_fro
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -30,37 +30,21 @@ from torch import nn
 
 from minillm.arch.base import ArchAdapter
 from minillm.calibration.blocks import resident
-from minillm.compensation.bias import express_biases, expressible_biases, set_closings
-from minillm.export import (
-    METADATA_FILE,
-    add_remote_code,
-    atomic_output_dir,
-)
+from minillm.cut import apply_cut, meta_skeleton
+from minillm.output_guard import METADATA_FILE, atomic_output_dir
 from minillm.plan import PrunePlan
-from minillm.surgery import apply_plan
+from minillm.remote_code import add_remote_code
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 
-def meta_skeleton(model: nn.Module) -> nn.Module:
-    """A weightless copy of ``model``'s architecture (same class, config copy and dtype, same ties)."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        skeleton = type(model)._from_config(copy.deepcopy(model.config), dtype=model.dtype)
-    skeleton.tie_weights()  # not done by _from_config: without it tied heads are counted and saved twice
-    return skeleton.eval()
-
-
-def _sub_plan(plan: PrunePlan, index: int) -> PrunePlan | None:
-    layer = next((p for p in plan.layers if p.index == index), None)
-    if layer is None:
-        return None
+def _sub_plan(plan: PrunePlan, index: int) -> PrunePlan:
+    """Block ``index``'s part of ``plan`` (no layers when the plan leaves it whole)."""
     return PrunePlan(
         head_mode=plan.head_mode,
         allocation=plan.allocation,
-        layers=[layer],
+        layers=[p for p in plan.layers if p.index == index],
         params_before=plan.params_before,
         params_after=plan.params_after,
         target_ratio=plan.target_ratio,
@@ -121,12 +105,9 @@ class _Producer:
             state = {k: v.detach().to("cpu") for k, v in live.state_dict().items()}
         bench.load_state_dict(state, assign=True)  # no copy: slicing below makes new tensors
         del state
-        sub = _sub_plan(self.plan, index)
-        if index in self.updates:  # the compensated closings, on the dense block, before slicing
-            set_closings(self.workbench, self.adapter, self.updates, layers=[index])
-        express_biases(self.workbench, self.adapter, self.bias_families, layers=[bench])  # every block
-        if sub is not None:
-            apply_plan(self.workbench, self.adapter, sub)
+        # the cut of minillm.cut, on this block: compensated closings, biases (every block), slicing
+        apply_cut(self.workbench, self.adapter, _sub_plan(self.plan, index), self.updates, self.bias_families,
+                  layers=[index])
         result = {prefix + k: v.contiguous() for k, v in bench.state_dict().items()}
         bench.to("meta")
         return result
@@ -154,22 +135,6 @@ def _write_shards(state: dict[str, torch.Tensor], produce: Any, folder: Path, ma
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def pruned_skeleton(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan,
-                    updates: dict[int, dict[str, Any]] | None = None) -> nn.Module:
-    """The meta skeleton with the whole plan applied: final shapes and config, no weights.
-
-    With ``updates`` (the sequential compensation's closings) the closing projections gain their
-    biases here too, so the skeleton's shapes, parameter count and export path are those of the
-    compensated model.
-    """
-    skeleton = meta_skeleton(model)
-    if updates:
-        set_closings(skeleton, adapter, updates)
-        express_biases(skeleton, adapter, expressible_biases(skeleton, adapter))
-    apply_plan(skeleton, adapter, plan)
-    return skeleton
-
-
 def save_pruned_streaming(
     model: nn.Module,
     tokenizer: Any,
@@ -178,18 +143,21 @@ def save_pruned_streaming(
     out: str | Path,
     metadata: dict,
     card: str,
+    *,
+    skeleton: nn.Module,
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
-    skeleton: nn.Module | None = None,
     updates: dict[int, dict[str, Any]] | None = None,
     force: bool = False,
     inputs: tuple[str | Path, ...] = (),
 ) -> Path:
-    """Apply ``plan`` block by block and write the export atomically (same files as :func:`save_pruned`)."""
+    """Apply ``plan`` block by block and write the export atomically (same files as :func:`save_pruned`).
+
+    ``skeleton`` is the cut meta skeleton (:func:`minillm.cut.cut`: final shapes and config, no weights);
+    ``updates`` the compensated closing projections the blocks receive before they are sliced."""
     from accelerate.utils import convert_file_size_to_int
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    skeleton = skeleton if skeleton is not None else pruned_skeleton(model, adapter, plan, updates)
     max_bytes = (
         convert_file_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     )

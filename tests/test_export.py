@@ -57,7 +57,7 @@ def test_tied_embeddings_stay_tied(tmp_path: Path) -> None:
 
 
 def test_failed_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import minillm.export as export
+    import minillm.remote_code as remote_code  # the generated modeling file both writers add
 
     model = tiny_model("llama")
     calibration = CalibrationSet(random_ids(4, 16, seed=1), batch_size=2)
@@ -65,7 +65,7 @@ def test_failed_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export, "_remote_code", boom)
+    monkeypatch.setattr(remote_code, "_remote_code", boom)
     with pytest.raises(RuntimeError):
         prune(model, ratio=0.3, allocation="global", calib=calibration, spsa_steps=1, out=tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

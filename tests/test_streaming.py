@@ -160,6 +160,8 @@ def test_reserve_is_taken_from_the_cap() -> None:
     lean = block_budget(model.config, torch.float32, 4, 16, 6, runtime_bytes=10_000, with_loss=False)
     assert lean.head == model.model.embed_tokens.weight.numel() * 4  # largest of embeddings / head / norm
     assert budget.head > lean.head and budget.activations > lean.activations  # + LM head and logits
+    tangents = block_budget(model.config, torch.float32, 4, 16, 6, runtime_bytes=10_000, forward_mode=True)
+    assert tangents.activations > budget.activations  # fwd-grad: a tangent beside every activation
     assert budget.block == sum(p.numel() * 4 for p in model.model.layers[0].parameters())
     capped = streaming_max_memory({"cpu": 10 * 1024**2}, budget)
     assert capped == {"cpu": 10 * 1024**2 - budget.reserve}

@@ -273,6 +273,16 @@ def head_resident(model: nn.Module, adapter: ArchAdapter) -> Iterator[None]:
         yield
 
 
+def last_hidden_state(model: nn.Module, adapter: ArchAdapter, input_ids: torch.Tensor,
+                      hidden: torch.Tensor) -> torch.Tensor:
+    """The base model's ``last_hidden_state`` (after its final norm) when the last block output
+    ``hidden``, by the model's own code with the decoder layers replayed (in the caller's grad mode;
+    ``hidden`` may be a forward-mode dual tensor)."""
+    kind = layer_kinds(model, adapter)[0]
+    with _layers_swapped(adapter.decoder_layers(model), [_Replay(hidden, kind)]):
+        return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
 def loss_from_hidden(model: nn.Module, adapter: ArchAdapter, batches: Sequence[BlockBatch]) -> float:
     """Token-weighted mean next-token loss from the last block's outputs, computed by the model's own head.
 

@@ -41,7 +41,9 @@ from minillm.calibration.blocks import (
     execution_device,
     head_gradients,
     head_resident,
+    input_device,
     is_offloaded,
+    last_hidden_state,
     layer_kinds,
     loss_from_hidden,
     resident,
@@ -322,6 +324,61 @@ class Sequential:
                         probe.finish(i, layer)
                     upstream = below
                     self.report(f"{task} backward", total - i, total - first)
+
+    def forward_mode(
+        self,
+        bind: Callable[[torch.Tensor | None], None],
+        primals: Sequence[torch.Tensor],
+        tangents: Sequence[torch.Tensor],
+        losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        task: str = "forward-mode walk",
+    ) -> list[torch.Tensor]:
+        """Exact directional derivatives by forward-mode AD, one walk through the blocks.
+
+        θ is a tensor the blocks read (e.g. gates through hooks): ``bind(θ)`` makes them read it.
+        For calibration batch ``b``, θ has the value ``primals[b]`` and the direction ``tangents[b]``;
+        ``losses(input_ids, last_hidden_state)`` is what is differentiated (e.g. per-sequence loss sums).
+        Returns ``∂losses/∂θ · tangent`` per batch. Each block runs ``torch.func.jvp`` on (hidden states,
+        θ) with the tangent of its inputs, so (hidden, tangent) pairs flow block by block — one resident
+        block at a time, the activations twice (primal and tangent) — and the model's own head ends the
+        walk; no autograd graph, no ``.grad``.
+        """
+        from torch.func import jvp
+
+        first = self.inputs()
+        hidden = [batch.hidden for batch in first]
+        dual = [torch.zeros_like(h) for h in hidden]
+        total = len(self.layers)
+        with frozen(list(self.model.parameters())), torch.no_grad():
+            for i, layer in enumerate(self.layers):
+                with resident(layer):
+                    device = execution_device(layer)
+                    for b, batch in enumerate(first):
+                        on_device = batch.to(device)
+
+                        def through(h: torch.Tensor, theta: torch.Tensor, batch: BlockBatch = on_device,
+                                    layer: nn.Module = layer, kind: Any = self.kinds[i]) -> torch.Tensor:
+                            bind(theta)
+                            return call_block(layer, batch.with_hidden(h), kind)
+
+                        out, tangent = jvp(through, (hidden[b].to(device), primals[b].to(device)),
+                                           (dual[b].to(device), tangents[b].to(device)))
+                        hidden[b], dual[b] = (out, tangent) if self.store is None else \
+                            (out.to(self.store), tangent.to(self.store))
+                bind(None)
+                self.report(task, i + 1, total)
+            results = []
+            with head_resident(self.model, self.adapter):
+                device = input_device(self.model)
+                for b, batch in enumerate(first):
+                    ids = batch.input_ids.to(device)
+
+                    def head(h: torch.Tensor, ids: torch.Tensor = ids) -> torch.Tensor:
+                        return losses(ids, last_hidden_state(self.model, self.adapter, ids, h))
+
+                    _, directional = jvp(head, (hidden[b].to(device),), (dual[b].to(device),))
+                    results.append(directional)
+        return results
 
     def weight_gradients(
         self,

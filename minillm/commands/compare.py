@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
 from minillm.cli import console, friendly_errors, progress_bars
 from minillm.commands import options
+from minillm.commands.recipe import with_recipe_options
 from minillm.errors import UsageError
 
 DEFAULT_METHODS = "fms,taylor-gate,taylor-lowmem,taylor,flap,wanda-sp,magnitude,random"
@@ -20,80 +23,69 @@ def _floats(spec: str, option: str) -> list[float]:
         ) from None
 
 
+#: Recipe fields ``compare`` does not take from the Recipe's declaration: its matrix axes (``--methods``,
+#: ``--ratio`` and ``--allocation`` as lists), its own outputs (``--out`` is the folder of the tables,
+#: ``--report`` and ``--overwrite`` are about those files) and what only an export needs.
+NOT_SHARED = ("criterion", "ratio", "allocation", "out", "report", "overwrite", "force", "dry_run",
+              "max_shard_size", "streaming", "offload_dir", "max_memory")
+
+
 @friendly_errors
+@with_recipe_options(exclude=NOT_SHARED)
 def compare_command(
-    model: str = typer.Option(..., "--model", "-m", help="Hub id, local HF folder, or .gguf file."),
+    ctx: typer.Context,
+    recipe: str = typer.Option(None, "--recipe", "-r", help="Recipe (.yaml/.json, or an export's "
+                               "minillm.json) for the settings every cell shares; flags given here override "
+                               "it."),
     methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated criteria (see `minillm criteria`)."),
     ratio: str = typer.Option("0.2", help="Ratio(s) of parameters to remove, comma-separated: 0.1,0.2,0.3."),
     allocation: str = typer.Option("uniform,global", help="uniform and/or global, comma-separated."),
-    calib: str = options.calib(),
-    calib_samples: int = options.calib_samples(),
-    seq_len: int = typer.Option(128, help="Tokens per calibration and perplexity window."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
     eval_ppl: str = typer.Option(None, help="Perplexity text (file or dataset name)."),
     eval_windows: int = typer.Option(None, help="Only the first N perplexity windows (faster; say so)."),
     tasks: str = typer.Option(None, help="lm-eval tasks, comma-separated (zero-shot accuracy)."),
     tasks_dir: str = typer.Option(None, help="Folder of extra lm-eval task YAMLs."),
     data_dir: str = typer.Option(None, help="Folder of local task data (offline runs)."),
     limit: float = typer.Option(None, help="lm-eval examples per task."),
-    head_mode: str = options.head_mode(),
-    structures: str = options.structures(),
-    skip_first: int = options.skip_first(),
-    skip_last: int = options.skip_last(),
-    seed: int = typer.Option(0, help="Seed of calibration sampling and random estimators."),
-    spsa_steps: int = typer.Option(16, help="SPSA perturbations (fms, fms-gate) / passes (fwd-grad)."),
-    spsa_eps: float = options.spsa_eps(),
-    compensation: str = options.compensation(),
-    damping: float = options.damping(),
-    device_map: str = options.device_map(),
-    dtype: str = options.dtype(),
     out: str = typer.Option("compare-out", "--out", "-o", help="Folder for compare.md / .csv / .png."),
     report: str = typer.Option(None, help="Also write an HTML report (plots as PNGs beside it), e.g. "
                                "compare.html — the same look as prune's --report."),
-    trust_remote_code: bool = options.trust_remote_code(),
     overwrite: bool = options.overwrite_file(),
+    **settings: Any,  # the options every cell shares: one per Recipe field (minillm.recipe)
 ) -> None:
     """Prune with each method (scored once, in a fresh process each) and tabulate quality and cost."""
+    from minillm.cli import command_line_values
     from minillm.compare import compare
     from minillm.compare.report import markdown_table, render_compare_report
+    from minillm.recipe import Recipe
 
+    given = {k: v for k, v in command_line_values(ctx).items() if k in settings}  # they override --recipe
+    base = (Recipe.load(recipe) if recipe else Recipe()).merged(given)
+    if base.model is None:
+        raise UsageError("no model to compare: pass --model (hub id, folder or .gguf) or set `model:` in the "
+                         "recipe")
     if report is not None:
         from minillm.output_guard import check_output_file
         from minillm.report import require_matplotlib
 
-        check_output_file(report, overwrite, "--report", inputs=(model, calib, eval_ppl), create_folder=True)
+        check_output_file(report, overwrite, "--report", inputs=(base.model, base.calib, eval_ppl, recipe),
+                          create_folder=True)
         require_matplotlib()  # fail before the work, not after it
 
     with progress_bars() as progress:
         result = compare(
-            model,
+            base.model,
+            base,
             methods=methods.split(","),
             ratios=_floats(ratio, "--ratio"),
             allocations=[a.strip() for a in allocation.split(",") if a.strip()],
-            calib=calib,
-            calib_samples=calib_samples,
-            seq_len=seq_len,
-            batch_size=batch_size,
             eval_ppl=eval_ppl,
             eval_windows=eval_windows,
             tasks=tasks,
             tasks_dir=tasks_dir,
             data_dir=data_dir,
             limit=int(limit) if limit is not None and limit >= 1 else limit,
-            head_mode=head_mode,
-            structures=structures,
-            skip_first=skip_first,
-            skip_last=skip_last,
-            seed=seed,
-            spsa_steps=spsa_steps,
-            spsa_eps=spsa_eps,
-            compensation=compensation,
-            damping=damping,
-            device_map=device_map,
-            dtype=dtype,
             out_dir=out,
             progress=progress,
-            trust_remote_code=trust_remote_code,
         )
     typer.echo(markdown_table(result))
     files = [*result.files, *(render_compare_report(result, report) if report is not None else [])]

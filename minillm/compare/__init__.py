@@ -22,13 +22,15 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from minillm.defaults import DEFAULT_COMPENSATION, DEFAULT_DAMPING, DEFAULT_HEAD_MODE
 from minillm.errors import UsageError
+
+if TYPE_CHECKING:
+    from minillm.recipe import Recipe
 
 FORWARD = "forward"  # the reference "method": one plain forward pass over the calibration set
 
@@ -39,7 +41,6 @@ class MethodScores:
 
     method: str
     scores: dict[int, Any]
-    compensation: dict[str, torch.Tensor]
     forward_passes: int
     backward_passes: int
     seconds: float
@@ -86,33 +87,29 @@ class CompareResult:
         )
 
 
-def score_method(
-    model: nn.Module,
-    method: str,
-    calibration: Any,
-    layers: list[int],
-    seed: int,
-    spsa: Any,
-    options: dict[str, Any],
-) -> MethodScores:
-    """Score with one criterion (or run the plain-forward reference), measuring peak memory and time."""
+def score_method(model: nn.Module, recipe: Recipe, calibration: Any, layers: list[int]) -> MethodScores:
+    """Score with ``recipe``'s criterion (or run the plain-forward reference), measuring peak memory and
+    time; seed, SPSA and criterion options come from the recipe as in ``prune``."""
     from minillm.api import score_model
     from minillm.calibration.forward import mean_loss
+    from minillm.calibration.spsa import SpsaConfig
     from minillm.memory import measure
     from minillm.scoring import ScoreResult
 
+    method = recipe.criterion
     with measure(reset=True) as used:
         if method == FORWARD:
             mean_loss(model, calibration)
             result = ScoreResult(scores={}, forward_passes=1)
         else:
-            result = score_model(model, method, calibration, layers, seed, spsa, options)
+            spsa = SpsaConfig(steps=recipe.spsa_steps, eps=recipe.spsa_eps, seed=recipe.seed)
+            result = score_model(model, method, calibration, layers, recipe.seed, spsa,
+                                 recipe.criterion_options)
     seconds = used.seconds
     peak = used.cuda_peak_bytes if used.cuda_peak_bytes is not None else used.peak_rss_bytes
     return MethodScores(
         method,
         result.scores,
-        result.compensation,
         result.forward_passes,
         result.backward_passes,
         seconds,
@@ -132,10 +129,8 @@ def _save_scores(scores: MethodScores, path: Path) -> None:
             s.kv_heads.contiguous(),
         )
         tensors[f"{layer}.channels"] = s.channels.contiguous()
-    for key, value in scores.compensation.items():
-        tensors[f"comp.{key}"] = value.contiguous()
     save_file(tensors, str(path.with_suffix(".safetensors")))
-    meta = {k: v for k, v in asdict(scores).items() if k not in ("scores", "compensation")}
+    meta = {k: v for k, v in asdict(scores).items() if k != "scores"}
     path.with_suffix(".json").write_text(json.dumps(meta))
 
 
@@ -146,37 +141,35 @@ def _load_scores(path: Path) -> MethodScores:
 
     tensors = load_file(str(path.with_suffix(".safetensors")))
     meta = json.loads(path.with_suffix(".json").read_text())
-    layers = sorted({int(k.split(".")[0]) for k in tensors if not k.startswith("comp.")})
+    layers = sorted({int(k.split(".")[0]) for k in tensors})
     scores = {
         i: LayerScores(tensors[f"{i}.heads"], tensors[f"{i}.kv_heads"], tensors[f"{i}.channels"])
         for i in layers
     }
-    compensation = {k[5:]: v for k, v in tensors.items() if k.startswith("comp.")}
-    return MethodScores(scores=scores, compensation=compensation, **meta)
+    return MethodScores(scores=scores, **meta)
 
 
-def _worker(spec_path: str) -> None:
+def worker(spec_path: str) -> None:
     """Entry of the per-method subprocess: load, score, write scores + measurements next to the spec."""
     from safetensors.torch import load_file
 
     from minillm.calibration.data import CalibrationSet
-    from minillm.calibration.spsa import SpsaConfig
     from minillm.loading import load_model
+    from minillm.recipe import Recipe
 
     spec = json.loads(Path(spec_path).read_text())
-    model = load_model(spec["model"], device_map=spec["device_map"], dtype=spec["dtype"],
-                       trust_remote_code=spec.get("trust_remote_code", False))
-    calibration = CalibrationSet(load_file(spec["calibration"])["input_ids"], spec["batch_size"])
-    spsa = SpsaConfig(**spec["spsa"])
-    scores = score_method(
-        model, spec["method"], calibration, spec["layers"], spec["seed"], spsa, spec["options"]
-    )
+    recipe = Recipe.from_dict(spec["recipe"], source="compare worker")
+    model = load_model(recipe.model, device_map=recipe.device_map, dtype=recipe.dtype,
+                       trust_remote_code=recipe.trust_remote_code)
+    calibration = CalibrationSet(load_file(spec["calibration"])["input_ids"], recipe.batch_size)
+    scores = score_method(model, recipe, calibration, spec["layers"])
     _save_scores(scores, Path(spec["out"]))
 
 
 def _score_isolated(spec: dict[str, Any], workdir: Path) -> MethodScores:
-    out = workdir / f"scores-{spec['method']}"
-    spec_path = workdir / f"spec-{spec['method']}.json"
+    method = spec["recipe"]["criterion"]
+    out = workdir / f"scores-{method}"
+    spec_path = workdir / f"spec-{method}.json"
     spec_path.write_text(json.dumps({**spec, "out": str(out)}))
     run = subprocess.run(
         [sys.executable, "-m", "minillm.compare", "--worker", str(spec_path)],
@@ -186,53 +179,51 @@ def _score_isolated(spec: dict[str, Any], workdir: Path) -> MethodScores:
     )
     if run.returncode != 0:
         tail = "\n".join(run.stderr.strip().splitlines()[-15:])
-        raise RuntimeError(f"scoring with {spec['method']!r} failed in its subprocess:\n{tail}")
+        raise RuntimeError(f"scoring with {method!r} failed in its subprocess:\n{tail}")
     return _load_scores(out)
 
 
 # -------------------------------------------------------------------------------------- the API
 def compare(
-    model: str | nn.Module,
+    model: str | nn.Module | None = None,
+    recipe: Recipe | None = None,
     *,
     methods: list[str],
     ratios: list[float] = (0.2,),  # type: ignore[assignment]
     allocations: list[str] = ("uniform", "global"),  # type: ignore[assignment]
-    calib: str = "wikitext2",
-    calib_samples: int = 128,
-    seq_len: int = 128,
-    batch_size: int = 8,
     eval_ppl: str | None = None,
     eval_windows: int | None = None,
     tasks: str | list[str] | None = None,
     tasks_dir: str | None = None,
     data_dir: str | None = None,
     limit: int | float | None = None,
-    head_mode: str = DEFAULT_HEAD_MODE,
-    structures: str = "both",
-    skip_first: int = 0,
-    skip_last: int = 0,
-    seed: int = 0,
-    spsa_steps: int = 16,
-    spsa_eps: float = 1e-3,
-    criterion_options: dict[str, Any] | None = None,
-    compensation: str = DEFAULT_COMPENSATION,
-    damping: float = DEFAULT_DAMPING,
     tokenizer: Any = None,
-    device_map: str | None = "auto",
-    dtype: str = "auto",
     isolate: bool | None = None,
     out_dir: str | Path | None = None,
     progress: Callable[[str, int, int], None] | None = None,
-    trust_remote_code: bool = False,
+    **overrides: Any,
 ) -> CompareResult:
-    """Score ``model`` with every method once, then plan, prune and evaluate every (ratio, allocation)."""
-    from minillm.api import count_parameters, plan_from_scores
+    """Score ``model`` with every method once, then plan, prune and evaluate every (ratio, allocation).
+
+    The settings shared by every cell are a :class:`~minillm.recipe.Recipe` (``recipe``, with its
+    fields as keyword ``overrides`` on top, as :func:`minillm.api.prune` takes them); each cell of the
+    matrix is that recipe with the method as ``criterion``, the ratio and the allocation, planned and
+    cut by the same functions as ``prune`` (:func:`minillm.api.plan_for`, :func:`minillm.api.cut_as`).
+    """
+    from minillm.api import count_parameters
     from minillm.arch import adapter_for
     from minillm.calibration.data import calibration_set, evaluation_windows
-    from minillm.calibration.spsa import SpsaConfig
     from minillm.groups import prunable_layers
+    from minillm.recipe import Recipe
     from minillm.scoring import CRITERIA
 
+    if isinstance(model, str):
+        overrides["model"] = model
+    base = (recipe or Recipe()).merged(overrides, source="compare()")
+    model = base.model if model is None else model
+    if model is None:
+        raise UsageError("no model to compare: pass --model (hub id, folder or .gguf) or set `model:` in the "
+                         "recipe")
     methods = [m.strip() for m in methods if m.strip()]
     if not methods:
         raise UsageError("--methods is empty; e.g. --methods fms,taylor-gate,wanda-sp")
@@ -244,17 +235,17 @@ def compare(
     for allocation in allocations:
         if allocation not in ("uniform", "global"):
             raise UsageError(f"--allocations must be uniform and/or global (got {allocation!r})")
-    if compensation not in ("none", "bias", "refit"):
-        raise UsageError(f"--compensation must be none, bias or refit (got {compensation!r})")
+    cells = {(m, r, a): base.merged({"criterion": m, "ratio": r, "allocation": a}, source="compare()")
+             for m in methods for r in ratios for a in allocations}
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise UsageError(f"--out {str(out_dir)!r} is a file; give a folder path")
     if out_dir is not None:
         from minillm.option_checks import check_loading
         from minillm.output_guard import check_no_overlap
 
-        check_no_overlap(out_dir, (model if isinstance(model, str) else None, calib, eval_ppl, tasks_dir,
+        check_no_overlap(out_dir, (model if isinstance(model, str) else None, base.calib, eval_ppl, tasks_dir,
                                    data_dir))
-        check_loading(device_map, seed=seed)
+        check_loading(base.device_map, seed=base.seed)
     path = model if isinstance(model, str) else None
     isolate = path is not None if isolate is None else isolate
     if isolate and path is None:
@@ -262,19 +253,18 @@ def compare(
     if isinstance(model, str):
         from minillm.loading import load_model, load_tokenizer
 
-        tokenizer = tokenizer or load_tokenizer(model, trust_remote_code)
-        model = load_model(model, device_map=device_map, dtype=dtype, trust_remote_code=trust_remote_code,
-                           seq_len=seq_len)
+        tokenizer = tokenizer or load_tokenizer(model, base.trust_remote_code)
+        model = load_model(model, device_map=base.device_map, dtype=base.dtype,
+                           trust_remote_code=base.trust_remote_code, seq_len=base.seq_len)
     if tokenizer is None:
         raise UsageError("a tokenizer is needed to read calibration text; pass tokenizer=…")
     adapter = adapter_for(model.config)
-    layers = prunable_layers(len(adapter.decoder_layers(model)), skip_first, skip_last)
-    calibration = calibration_set(tokenizer, calib, calib_samples, seq_len, seed, batch_size)
-    windows = evaluation_windows(tokenizer, eval_ppl, seq_len) if eval_ppl else None
+    layers = prunable_layers(len(adapter.decoder_layers(model)), base.skip_first, base.skip_last)
+    calibration = calibration_set(tokenizer, base.calib, base.calib_samples, base.seq_len, base.seed,
+                                  base.batch_size)
+    windows = evaluation_windows(tokenizer, eval_ppl, base.seq_len) if eval_ppl else None
     if windows is not None and eval_windows:
         windows = windows[:eval_windows]
-    spsa = SpsaConfig(steps=spsa_steps, eps=spsa_eps, seed=seed)
-    options = dict(criterion_options or {})
 
     def report(task: str, done: int, total: int) -> None:
         if progress is not None:
@@ -289,42 +279,32 @@ def compare(
             save_file(
                 {"input_ids": calibration.input_ids.contiguous()}, str(workdir / "calibration.safetensors")
             )
-            base = {
-                "model": path,
-                "device_map": device_map,
-                "trust_remote_code": trust_remote_code,
-                "dtype": dtype,
-                "batch_size": batch_size,
-                "calibration": str(workdir / "calibration.safetensors"),
-                "layers": layers,
-                "seed": seed,
-                "spsa": {"steps": spsa_steps, "eps": spsa_eps, "seed": seed},
-                "options": options,
-            }
         for done, method in enumerate([FORWARD, *methods]):
             report("scoring", done, len(methods) + 1)
+            scoring = base.merged({"criterion": method, "model": path}, source="compare()")
             if isolate:
-                all_scores[method] = _score_isolated({**base, "method": method}, workdir)
+                spec = {"recipe": scoring.to_dict(), "layers": layers,
+                        "calibration": str(workdir / "calibration.safetensors")}
+                all_scores[method] = _score_isolated(spec, workdir)
             else:
-                all_scores[method] = score_method(model, method, calibration, layers, seed, spsa, options)
+                all_scores[method] = score_method(model, scoring, calibration, layers)
         report("scoring", len(methods) + 1, len(methods) + 1)
     dense_params = count_parameters(model)
+    batch_size = base.batch_size
     dense_ppl = _evaluate(model, tokenizer, windows, None, batch_size, {})[0] if windows is not None else None
     reference = all_scores[FORWARD]
     rows = []
-    jobs = [(m, r, a) for m in methods for r in ratios for a in allocations]
-    for done, (method, ratio, allocation) in enumerate(jobs):
+    for done, ((method, ratio, allocation), cell) in enumerate(cells.items()):
         scores = all_scores[method]
         pruned = copy.deepcopy(model)
-        _prune_copy(pruned, adapter, scores, ratio, allocation, head_mode, structures, plan_from_scores,
-                    calibration, method, compensation, damping)
+        _prune_copy(pruned, adapter, scores, cell, calibration)
         ppl, accuracy = _evaluate(
             pruned,
             tokenizer,
             windows,
             tasks,
             batch_size,
-            {"tasks_dir": tasks_dir, "data_dir": data_dir, "limit": limit, "seed": seed},
+            {"tasks_dir": tasks_dir, "data_dir": data_dir, "limit": limit, "seed": base.seed},
         )
         params = count_parameters(pruned)
         del pruned
@@ -347,21 +327,13 @@ def compare(
                 accuracy,
             )
         )
-        report("prune + evaluate", done + 1, len(jobs))
-    protocol = {
-        "calib": calib,
-        "calib_samples": calib_samples,
-        "seq_len": seq_len,
-        "batch_size": batch_size,
+        report("prune + evaluate", done + 1, len(cells))
+    shared = ("calib", "calib_samples", "seq_len", "batch_size", "eval_ppl", "eval_windows", "spsa_steps",
+              "spsa_eps", "seed", "head_mode", "structures", "compensation", "damping")
+    protocol = {  # the base recipe's settings every cell shared, in the order the report prints them
+        **{key: getattr(base, key, None) for key in shared},
         "eval_ppl": eval_ppl,
         "eval_windows": None if windows is None else int(windows.shape[0]),
-        "spsa_steps": spsa_steps,
-        "spsa_eps": spsa_eps,
-        "seed": seed,
-        "head_mode": head_mode,
-        "structures": structures,
-        "compensation": compensation,
-        "damping": damping,
         "layers": f"{layers[0]}-{layers[-1]}",
         "isolated": isolate,
         "memory": "CUDA max allocated" if torch.cuda.is_available() else "peak RSS (VmHWM) during scoring",
@@ -374,35 +346,13 @@ def compare(
     return result
 
 
-def _prune_copy(
-    model: nn.Module,
-    adapter: Any,
-    scores: MethodScores,
-    ratio: float,
-    allocation: str,
-    head_mode: str,
-    structures: str,
-    plan_from_scores: Callable,
-    calibration: Any,
-    method: str,
-    compensation: str,
-    damping: float,
-) -> None:
-    """Plan, compensate and cut ``model`` (a copy) exactly as ``prune`` does with the same settings."""
-    from minillm.compensation.bias import express_biases, expressible_biases
-    from minillm.compensation.layer import CompensationOptions
-    from minillm.compensation.sequential import compensate_sequential
+def _prune_copy(model: nn.Module, adapter: Any, scores: MethodScores, cell: Recipe, calibration: Any) -> None:
+    """Plan and cut ``model`` (a copy) for one matrix cell, by the functions ``prune`` uses."""
+    from minillm.api import cut_as, plan_for
     from minillm.scoring import ScoreResult
-    from minillm.surgery import apply_plan
 
-    result = ScoreResult(scores=scores.scores, compensation=scores.compensation)
-    plan = plan_from_scores(model, result, ratio, allocation, head_mode, structures)
-    if compensation != "none" or method == "obs":
-        options = CompensationOptions(mode=compensation, damping=damping,  # type: ignore[arg-type]
-                                      select="obs" if method == "obs" else "plan")
-        plan = compensate_sequential(model, adapter, plan, calibration, options).plan
-    express_biases(model, adapter, expressible_biases(model, adapter))
-    apply_plan(model, adapter, plan)
+    plan = plan_for(model, ScoreResult(scores=scores.scores), cell)
+    cut_as(cell, model, adapter, plan, calibration)
 
 
 def _evaluate(
@@ -426,9 +376,3 @@ def _evaluate(
         ppl = float("inf")
     return ppl, accuracy
 
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        _worker(sys.argv[2])
-    else:
-        sys.exit("internal entry point of minillm compare; use `minillm compare`")

@@ -28,7 +28,6 @@ import torch
 from torch import nn
 from torch.func import jvp
 
-from minillm.calibration.blocks import resident
 from minillm.calibration.forward import input_device
 from minillm.calibration.spsa import frozen
 from minillm.scoring.base import ScoreResult, ScoringContext
@@ -70,9 +69,28 @@ def directional_derivatives(model: nn.Module, holder: GateHolder, batch: torch.T
     return directional
 
 
+def _walked_derivatives(ctx: ScoringContext, holder: GateHolder, tangents: list[torch.Tensor],
+                        mode: str) -> list[torch.Tensor]:
+    """:func:`directional_derivatives` for every batch by one forward-mode walk through the blocks
+    (:meth:`~minillm.calibration.sequential.Sequential.forward_mode`): one resident block at a time."""
+
+    def bind(gates: torch.Tensor | None) -> None:
+        holder.value = gates if gates is not None else torch.ones(1)
+
+    def losses(ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        per_token = token_losses(ctx.model, ids, save_memory=False, last_hidden=last)
+        return per_token.sum(1) if mode == "sequence" else per_token
+
+    return ctx.run.forward_mode(bind, [torch.ones_like(t) for t in tangents], tangents, losses,
+                                "forward-mode walk")
+
+
 def forward_gradient(ctx: ScoringContext, layout: GateLayout, passes: int, mode: str = "sequence",
                      on_pass: object = None) -> list[torch.Tensor]:
-    """Running estimates of ∂L/∂gates after each pass (float64, CPU): ``result[k-1]`` uses k passes."""
+    """Running estimates of ∂L/∂gates after each pass (float64, CPU): ``result[k-1]`` uses k passes.
+
+    A resident model takes one jvp through the whole model per batch; an offloaded one walks its blocks
+    in forward mode (same tangents, same numbers), one resident block at a time."""
     if mode not in ("sequence", "token"):
         raise ValueError(f"fwd-grad mode must be 'sequence' or 'token', got {mode!r}")
     model = ctx.model
@@ -86,14 +104,19 @@ def forward_gradient(ctx: ScoringContext, layout: GateLayout, passes: int, mode:
     with frozen(list(model.parameters())), torch.inference_mode(False), torch.no_grad(), \
             gated(ctx, layout, holder), eager_attention(model):
         for step in range(passes):
-            for b, batch in enumerate(ctx.calibration.batches()):
-                batch = batch.to(device)
-                lead = (batch.shape[0],) if mode == "sequence" else (batch.shape[0], batch.shape[1])
-                tangent = _tangent((*lead, layout.size), ctx.seed, step, b, dtype, device)
-                directional = directional_derivatives(model, holder, batch, tangent, mode)
+            batches = [batch.to(device) for batch in ctx.calibration.batches()]
+            leads = [(b.shape[0],) if mode == "sequence" else (b.shape[0], b.shape[1]) for b in batches]
+            tangents = [_tangent((*lead, layout.size), ctx.seed, step, b, dtype, device)
+                        for b, lead in enumerate(leads)]
+            if ctx.run.offloaded:
+                found = _walked_derivatives(ctx, holder, tangents, mode)
+            else:
+                found = [directional_derivatives(model, holder, batch, tangent, mode)
+                         for batch, tangent in zip(batches, tangents, strict=True)]
+            for directional, tangent in zip(found, tangents, strict=True):
                 if mode == "token":
                     tangent = tangent[:, :-1]  # the last position predicts nothing
-                weighted = directional.double()[..., None] * tangent.double()
+                weighted = directional.double()[..., None] * tangent.to(directional.device).double()
                 weighted = weighted.reshape(-1, layout.size).sum(0)
                 running += weighted.cpu() / total_tokens
             history.append(running / (step + 1))
@@ -114,12 +137,11 @@ class FwdGradOptions:
 
 
 def score_fwd_grad(ctx: ScoringContext) -> ScoreResult:
-    """Forward mode runs through the whole model at once; an offloaded model is made resident for it
-    (its memory is then that of the whole model: no per-block forward-mode stream yet)."""
+    """Forward mode needs no backward pass, so an offloaded model streams: (hidden, tangent) pairs walk
+    the blocks one resident block at a time (activations twice, one block's weights)."""
     layout = GateLayout.from_context(ctx)
     mode = ctx.options_as(FwdGradOptions).mode
-    with resident(ctx.model):
-        history = forward_gradient(ctx, layout, ctx.spsa.steps, mode)
+    history = forward_gradient(ctx, layout, ctx.spsa.steps, mode)
     return ScoreResult(scores=layout.layer_scores(history[-1].abs()), forward_passes=ctx.spsa.steps,
                        notes={"jvp_passes": ctx.spsa.steps, "mode": mode, "gates": layout.size,
                               "directions_per_pass": ctx.calibration.input_ids.shape[0]

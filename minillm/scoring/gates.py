@@ -141,14 +141,16 @@ def checkpointed_blocks(ctx: ScoringContext, enabled: bool = True) -> Iterator[N
                 block.forward = old
 
 
-def token_losses(model: nn.Module, input_ids: torch.Tensor, chunk: int = 32, save_memory: bool = True
-                 ) -> torch.Tensor:
+def token_losses(model: nn.Module, input_ids: torch.Tensor, chunk: int = 32, save_memory: bool = True,
+                 last_hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token NLL of every position ``(B, T-1)``, computing logits a few positions at a time.
 
     With ``save_memory`` each chunk's logits are recomputed in the backward pass instead of being kept,
-    so back-propagating through the loss never holds a ``tokens × vocabulary`` tensor.
+    so back-propagating through the loss never holds a ``tokens × vocabulary`` tensor. ``last_hidden``:
+    the base model's output when it is already known (a block-by-block walk), else the model runs.
     """
-    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state \
+        if last_hidden is None else last_hidden
     head = model.get_output_embeddings()
     targets = input_ids[:, 1:]
     hidden = hidden[:, :-1]
