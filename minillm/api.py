@@ -23,6 +23,7 @@ from minillm.calibration.blocks import is_offloaded
 from minillm.calibration.data import CalibrationSet, calibration_set
 from minillm.calibration.spsa import SpsaConfig
 from minillm.card import render_card
+from minillm.defaults import DEFAULT_DAMPING
 from minillm.errors import UsageError
 from minillm.export import check_output_dir, needs_remote_code, save_pruned
 from minillm.groups import layer_costs, prunable_layers
@@ -97,9 +98,12 @@ def score_model(model: nn.Module, criterion: str, calibration: CalibrationSet, l
 
 def plan_from_scores(model: nn.Module, result: ScoreResult, ratio: float, allocation: Allocation = "uniform",
                      head_mode: HeadMode = "kv", structures: Structures | str = "both", round_to: int = 1,
-                     hidden_scores: Any = None, layer_scores: dict[int, float] | None = None) -> PrunePlan:
+                     hidden_scores: Any = None, layer_scores: dict[int, float] | None = None,
+                     calibration: CalibrationSet | None = None, damping: float = DEFAULT_DAMPING,
+                     progress: Progress | None = None) -> PrunePlan:
     """The plan for ``structures``: heads/channels as before, or (with hidden, layers or ``round_to``)
-    the uniform all-axes planner of :mod:`minillm.plan_axes`."""
+    the uniform all-axes planner of :mod:`minillm.plan_axes`. ``allocation="error"`` walks
+    ``calibration`` once for each layer's refit-error curves (damped with ``damping``)."""
     adapter = adapter_for(model.config)
     shapes = layer_shapes(model, adapter)
     names = parse_structures(structures)
@@ -112,9 +116,16 @@ def plan_from_scores(model: nn.Module, result: ScoreResult, ratio: float, alloca
     layers = adapter.decoder_layers(model)
     costs = {i: layer_costs(adapter, layers[i], shapes[i]) for i in shapes}
     config = model.config
+    curves = None
+    if allocation == "error" and calibration is not None:
+        from minillm.compensation.curves import reconstruction_curves
+
+        def curves(groups: dict) -> dict:
+            return reconstruction_curves(model, adapter, calibration, groups, damping, progress)
     return build_plan(shapes, costs, result.scores, count_parameters(model), ratio, allocation, head_mode,
                       structures_label(names),  # type: ignore[arg-type]
-                      expressible=lambda shape: adapter.uniform_config_update(config, shape) is not None)
+                      expressible=lambda shape: adapter.uniform_config_update(config, shape) is not None,
+                      curves=curves)
 
 
 def check_axes_options(names: frozenset[str], allocation: str, round_to: int,
@@ -247,7 +258,8 @@ def prune(
                                                  run["layer_score"], progress)
     timeline.mark("scored", count_parameters(model))
     plan = plan_from_scores(model, score, ratio, run["allocation"], run["head_mode"], run["structures"],
-                            run["round_to"], hidden_scores, layer_scores)
+                            run["round_to"], hidden_scores, layer_scores, calibration=calibration,
+                            damping=run["damping"], progress=progress)
     plan.extra = {"criterion": criterion, "layers_scored": layers, "structures": structures_label(names),
                   **plan.extra}
     if layer_scores is not None:

@@ -130,7 +130,8 @@ def prune(
     ratio: float = typer.Option(0.2, help="Fraction of the model's total parameters to remove."),
     out: str = typer.Option(None, "--out", "-o", help="Export folder (required unless --dry-run)."),
     criterion: str = typer.Option(DEFAULT_CRITERION, help="Scoring criterion (see `minillm criteria`)."),
-    allocation: str = typer.Option("uniform", help="uniform (same widths everywhere) or global."),
+    allocation: str = typer.Option("uniform", help="uniform (same widths everywhere, stock config) or "
+                                   "per-layer (remote code): global, log (SlimGPT) or error (refit error)."),
     head_mode: str = options.head_mode(),
     structures: str = options.structures(),
     round_to: int = options.round_to(),

@@ -50,8 +50,9 @@ class Recipe(BaseModel):
     )
     out: str | None = Field(None, description="Export folder (required unless dry_run).")
     criterion: str = Field(DEFAULT_CRITERION, description="Scoring criterion (see `minillm criteria`).")
-    allocation: Literal["uniform", "global"] = Field(
-        "uniform", description="uniform widths or global ranking."
+    allocation: Literal["uniform", "global", "log", "error"] = Field(
+        "uniform", description="uniform widths (stock config), or per-layer widths (remote code): global "
+        "ranking, log (SlimGPT's log-increasing ratios) or error (least refit error per parameter)."
     )
     head_mode: Literal["auto", "kv", "query"] = Field(
         DEFAULT_HEAD_MODE, description="kv: whole key/value groups; query: query heads evenly per kv group; "

@@ -6,6 +6,7 @@ import typer
 
 from minillm.cli import console, friendly_errors, progress_bars
 from minillm.commands import options
+from minillm.defaults import DEFAULT_COMPENSATION
 from minillm.errors import UsageError
 
 DEFAULT_METHODS = "fms,taylor-gate,taylor-lowmem,taylor,flap,wanda-sp,magnitude,random"
@@ -25,7 +26,7 @@ def compare_command(
     model: str = typer.Option(..., "--model", "-m", help="Hub id, local HF folder, or .gguf file."),
     methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated criteria (see `minillm criteria`)."),
     ratio: str = typer.Option("0.2", help="Ratio(s) of parameters to remove, comma-separated: 0.1,0.2,0.3."),
-    allocation: str = typer.Option("uniform,global", help="uniform and/or global, comma-separated."),
+    allocation: str = typer.Option("uniform,global", help="Comma list of uniform, global, log, error."),
     calib: str = options.calib(),
     calib_samples: int = options.calib_samples(),
     seq_len: int = typer.Option(128, help="Tokens per calibration and perplexity window."),
@@ -43,7 +44,9 @@ def compare_command(
     seed: int = typer.Option(0, help="Seed of calibration sampling and random estimators."),
     spsa_steps: int = typer.Option(16, help="SPSA perturbations (fms, fms-gate) / passes (fwd-grad)."),
     spsa_eps: float = options.spsa_eps(),
-    compensation: str = options.compensation(),
+    compensation: str = typer.Option(
+        DEFAULT_COMPENSATION, "--compensation", "--compensations",
+        help="Comma list of none, bias, refit: each is a row (the cut compensated block by block)."),
     damping: float = options.damping(),
     device_map: str = options.device_map(),
     dtype: str = options.dtype(),

@@ -1,7 +1,8 @@
 """``compare``: prune one model with several criteria and put the results side by side.
 
-Why it is shaped like this: a criterion's scores do not depend on the ratio or the allocation, so each
-method is scored **once** and every (ratio, allocation) plan is made from those scores. Scoring runs in
+Why it is shaped like this: a criterion's scores do not depend on the ratio, the allocation or the
+compensation, so each method is scored **once** and every (ratio, allocation, compensation) cut is made
+from those scores. Scoring runs in
 a fresh subprocess per method (``isolate=True``, the default for a model given by path) so that on CPU
 each method's peak resident memory is its own; the peak is reset after the model is loaded
 (``/proc/self/clear_refs``) and read back as ``VmHWM``, so it is the peak *during scoring*, model
@@ -27,8 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from minillm.compensation import COMPENSATIONS
 from minillm.defaults import DEFAULT_COMPENSATION, DEFAULT_DAMPING, DEFAULT_HEAD_MODE
 from minillm.errors import UsageError
+from minillm.plan import ALLOCATIONS
 
 FORWARD = "forward"  # the reference "method": one plain forward pass over the calibration set
 
@@ -61,6 +64,7 @@ class CompareRow:
     forward_passes: int
     backward_passes: int
     accuracy: dict[str, float] = field(default_factory=dict)
+    compensation: str | None = None  # None: a compare.json written before compensation was an axis
 
 
 @dataclass
@@ -215,7 +219,7 @@ def compare(
     spsa_steps: int = 16,
     spsa_eps: float = 1e-3,
     criterion_options: dict[str, Any] | None = None,
-    compensation: str = DEFAULT_COMPENSATION,
+    compensation: str | list[str] = DEFAULT_COMPENSATION,
     damping: float = DEFAULT_DAMPING,
     tokenizer: Any = None,
     device_map: str | None = "auto",
@@ -225,7 +229,8 @@ def compare(
     progress: Callable[[str, int, int], None] | None = None,
     trust_remote_code: bool = False,
 ) -> CompareResult:
-    """Score ``model`` with every method once, then plan, prune and evaluate every (ratio, allocation)."""
+    """Score ``model`` with every method once, then plan, prune and evaluate every (ratio, allocation,
+    compensation); ``compensation`` is one mode or several (a list, or a comma-separated string)."""
     from minillm.api import count_parameters, plan_from_scores
     from minillm.arch import adapter_for
     from minillm.calibration.data import calibration_set, evaluation_windows
@@ -242,10 +247,15 @@ def compare(
         if not 0.0 < ratio < 1.0:
             raise UsageError(f"every --ratio must be strictly between 0 and 1 (got {ratio})")
     for allocation in allocations:
-        if allocation not in ("uniform", "global"):
-            raise UsageError(f"--allocations must be uniform and/or global (got {allocation!r})")
-    if compensation not in ("none", "bias", "refit"):
-        raise UsageError(f"--compensation must be none, bias or refit (got {compensation!r})")
+        if allocation not in ALLOCATIONS:
+            raise UsageError(f"--allocation takes a comma list of {', '.join(ALLOCATIONS)} "
+                             f"(got {allocation!r})")
+    compensations = [c.strip() for c in (compensation.split(",") if isinstance(compensation, str)
+                                         else compensation) if c.strip()]
+    for mode in compensations or [""]:
+        if mode not in COMPENSATIONS:
+            raise UsageError(f"--compensation takes a comma list of {', '.join(COMPENSATIONS)} "
+                             f"(got {mode!r})")
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise UsageError(f"--out {str(out_dir)!r} is a file; give a folder path")
     if out_dir is not None:
@@ -312,12 +322,12 @@ def compare(
     dense_ppl = _evaluate(model, tokenizer, windows, None, batch_size, {})[0] if windows is not None else None
     reference = all_scores[FORWARD]
     rows = []
-    jobs = [(m, r, a) for m in methods for r in ratios for a in allocations]
-    for done, (method, ratio, allocation) in enumerate(jobs):
+    jobs = [(m, r, a, c) for m in methods for r in ratios for a in allocations for c in compensations]
+    for done, (method, ratio, allocation, mode) in enumerate(jobs):
         scores = all_scores[method]
         pruned = copy.deepcopy(model)
         _prune_copy(pruned, adapter, scores, ratio, allocation, head_mode, structures, plan_from_scores,
-                    calibration, method, compensation, damping)
+                    calibration, method, mode, damping)
         ppl, accuracy = _evaluate(
             pruned,
             tokenizer,
@@ -345,6 +355,7 @@ def compare(
                 scores.forward_passes,
                 scores.backward_passes,
                 accuracy,
+                mode,
             )
         )
         report("prune + evaluate", done + 1, len(jobs))
@@ -360,7 +371,7 @@ def compare(
         "seed": seed,
         "head_mode": head_mode,
         "structures": structures,
-        "compensation": compensation,
+        "compensation": ",".join(compensations),
         "damping": damping,
         "layers": f"{layers[0]}-{layers[-1]}",
         "isolated": isolate,
@@ -396,7 +407,8 @@ def _prune_copy(
     from minillm.surgery import apply_plan
 
     result = ScoreResult(scores=scores.scores, compensation=scores.compensation)
-    plan = plan_from_scores(model, result, ratio, allocation, head_mode, structures)
+    plan = plan_from_scores(model, result, ratio, allocation, head_mode, structures, calibration=calibration,
+                            damping=damping)
     if compensation != "none" or method == "obs":
         options = CompensationOptions(mode=compensation, damping=damping,  # type: ignore[arg-type]
                                       select="obs" if method == "obs" else "plan")

@@ -90,3 +90,33 @@ def obs_order(weight: torch.Tensor, gram: torch.Tensor, groups: Sequence[Sequenc
             family.difference_update(chosen)
         done += take
     return ObsOrder(order, costs)
+
+
+@torch.no_grad()
+def removal_curve(weight: torch.Tensor, gram: torch.Tensor, groups: Sequence[Sequence[int]], damping: float,
+                  step: int = 1) -> torch.Tensor:
+    """Output error after removing the first ``k`` of ``groups`` (in the given order) and refitting the rest.
+
+    Entry ``k`` (``k = 0 … len(groups)``) is ``min Σ ‖W x − W' x‖²`` over calibration tokens with the
+    first ``k`` groups' inputs cut — the exact refit's residual, since successive OBS removals with their
+    updates end at the least-squares solution of the survivors. The order is the caller's (e.g. the
+    criterion's lowest scores first), not OBS's own choice. ``step`` removes that many groups jointly
+    per round: entries between rounds are interpolated linearly (exact at every ``step``-th entry and the
+    last). Cost: one inverse of ``H`` and one rank-``step·size`` downdate per round.
+    """
+    index = torch.tensor([list(g) for g in groups], dtype=torch.long, device=gram.device)
+    b = weight.detach().to(gram.device).double().T.clone()
+    hinv = _inverse(gram, damping)
+    curve = torch.zeros(len(groups) + 1, dtype=torch.float64)
+    done, total = 0, 0.0
+    while done < len(groups):
+        take = min(step, len(groups) - done)
+        rows = index[done:done + take].reshape(-1)
+        h_gg = hinv[rows][:, rows]
+        b_g = b[rows]
+        total += float((b_g * torch.linalg.solve(h_gg, b_g)).sum())
+        _remove(b, hinv, rows)
+        ends = torch.arange(1, take + 1, dtype=torch.float64) / take
+        curve[done + 1:done + take + 1] = curve[done] + ends * (total - float(curve[done]))
+        done += take
+    return curve
