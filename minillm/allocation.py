@@ -171,6 +171,7 @@ def error_allocation(head_units: dict[int, list[_Unit]], channel_units: dict[int
     budget = math.ceil(target / quantum - 1e-9)
     best = torch.full((budget + 1,), math.inf, dtype=torch.float64)
     best[0] = 0.0
+    sources = torch.arange(budget + 1)
     choices = []  # per family: (options, chosen option index per reached budget, previous budget)
     for _, units, curve in families:
         options = _options(units, curve)
@@ -180,16 +181,14 @@ def error_allocation(head_units: dict[int, list[_Unit]], channel_units: dict[int
         previous = torch.zeros(budget + 1, dtype=torch.long)
         for o, count in enumerate(options):
             size, error = min(count * step, budget), float(curve[count])
-            moved = best[: budget + 1 - size] + error  # lands on size … budget (the last slot: ≥ budget)
-            place = torch.arange(size, budget + 1)
-            source = torch.arange(0, budget + 1 - size)
-            over = best[budget - size:] + error  # everything from budget - size on reaches the budget
-            lowest, at = over.min(0)
-            moved[-1], source[-1] = lowest, budget - size + at
-            better = moved < new[place]
-            new[place] = torch.where(better, moved, new[place])
-            pick[place] = torch.where(better, torch.full_like(place, o), pick[place])
-            previous[place] = torch.where(better, source, previous[place])
+            moved = best[: budget + 1 - size] + error  # reaches size … budget (the last slot: ≥ budget)
+            source = sources[: budget + 1 - size].clone()
+            lowest, at = best[budget - size:].min(0)  # from budget - size on, everything reaches the budget
+            moved[-1], source[-1] = lowest + error, budget - size + at
+            better = moved < new[size:]
+            new[size:] = torch.where(better, moved, new[size:])
+            pick[size:].masked_fill_(better, o)
+            previous[size:] = torch.where(better, source, previous[size:])
         best = new
         choices.append((options, pick, previous))
     if not math.isfinite(float(best[budget])):

@@ -76,18 +76,17 @@ def test_removal_curve_is_the_refit_residual() -> None:
     weight = torch.randn(5, 12, dtype=torch.float64, generator=generator)
     gram = x.T @ x
     groups = [[3, 4], [0, 1], [7, 8], [10, 11]]
-    for step in (1, 2):
-        curve = removal_curve(weight, gram, groups, damping=0.0, step=step)
-        for k in (0, 2, 4):
-            removed = {c for g in groups[:k] for c in g}
-            keep = torch.tensor([c for c in range(12) if c not in removed])
-            refit = torch.zeros_like(weight)
-            if k:
-                refit[:, keep] = solve_kept(weight.T, gram, keep, 0.0).T
-            else:
-                refit = weight
-            residual = float((x @ (weight - refit).T).pow(2).sum())
-            assert float(curve[k]) == pytest.approx(residual, rel=1e-8, abs=1e-9)
+    curve = removal_curve(weight, gram, groups, damping=0.0)
+    for k in range(len(groups) + 1):
+        removed = {c for g in groups[:k] for c in g}
+        keep = torch.tensor([c for c in range(12) if c not in removed])
+        refit = torch.zeros_like(weight)
+        if k:
+            refit[:, keep] = solve_kept(weight.T, gram, keep, 0.0).T
+        else:
+            refit = weight
+        residual = float((x @ (weight - refit).T).pow(2).sum())
+        assert float(curve[k]) == pytest.approx(residual, rel=1e-8, abs=1e-9)
 
 
 def _unequal_model() -> torch.nn.Module:

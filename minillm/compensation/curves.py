@@ -9,15 +9,15 @@ barely writes to the residual stream is not thereby cheap to cut: both are relat
 One walk of the **dense** model through the executor (:class:`~minillm.calibration.sequential.Sequential`):
 per block one forward gathers the input moments ``H`` of o_proj and the MLP's closing projection (it is
 also the pass that feeds the next block), then :func:`~minillm.compensation.obs.removal_curve` turns each
-``H`` into a curve and ``H`` is dropped — only one block's moments are alive at a time (19 MB for
-SmolLM2's down_proj, 0.97 GB for a 7B Llama's). The curves are measured on dense inputs, before the
+``H`` into a curve (one Cholesky factorisation gives every width's residual exactly) and ``H`` is
+dropped — only one block's moments are alive at a time (19 MB for SmolLM2's down_proj, 0.97 GB for a
+7B Llama's). The curves are measured on dense inputs, before the
 sequential compensation pass re-fits each block on the pruned prefix: an estimate of each layer's
 sensitivity, not the pass's exact result.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -34,8 +34,6 @@ Progress = Callable[[str, int, int], None]
 Removal = dict[int, dict[str, Sequence[Sequence[int]]]]
 #: normalised error curves: ``{layer: {"attn" | "mlp": tensor of len(groups) + 1}}``
 Curves = dict[int, dict[str, torch.Tensor]]
-#: channel curves are exact at about this many widths per layer (linear in between)
-CURVE_POINTS = 64
 
 
 def normalised_curve(linear: nn.Linear, gram: torch.Tensor, groups: Sequence[Sequence[int]],
@@ -43,8 +41,7 @@ def normalised_curve(linear: nn.Linear, gram: torch.Tensor, groups: Sequence[Seq
     """:func:`removal_curve` divided by the output energy ``Σ ‖W x‖² = tr(W H Wᵀ)`` (undamped ``H``)."""
     weight = linear.weight.detach().to(gram.device).double()
     energy = float(torch.einsum("oi,ij,oj->", weight, gram, weight))
-    step = max(1, math.ceil(len(groups) / CURVE_POINTS))
-    curve = removal_curve(weight, gram, groups, damping, step=step)
+    curve = removal_curve(weight, gram, groups, damping)
     return curve / energy if energy > 0 else curve
 
 

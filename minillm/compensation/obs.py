@@ -93,30 +93,33 @@ def obs_order(weight: torch.Tensor, gram: torch.Tensor, groups: Sequence[Sequenc
 
 
 @torch.no_grad()
-def removal_curve(weight: torch.Tensor, gram: torch.Tensor, groups: Sequence[Sequence[int]], damping: float,
-                  step: int = 1) -> torch.Tensor:
+def removal_curve(weight: torch.Tensor, gram: torch.Tensor, groups: Sequence[Sequence[int]], damping: float
+                  ) -> torch.Tensor:
     """Output error after removing the first ``k`` of ``groups`` (in the given order) and refitting the rest.
 
-    Entry ``k`` (``k = 0 … len(groups)``) is ``min Σ ‖W x − W' x‖²`` over calibration tokens with the
-    first ``k`` groups' inputs cut — the exact refit's residual, since successive OBS removals with their
-    updates end at the least-squares solution of the survivors. The order is the caller's (e.g. the
-    criterion's lowest scores first), not OBS's own choice. ``step`` removes that many groups jointly
-    per round: entries between rounds are interpolated linearly (exact at every ``step``-th entry and the
-    last). Cost: one inverse of ``H`` and one rank-``step·size`` downdate per round.
+    Entry ``k`` (``k = 0 … len(groups)``) is the exact refit's residual with the first ``k`` groups' inputs
+    cut, in the damped metric the refit minimises: ``tr(Bᵀ H B) − tr(G_Kᵀ H_KK⁻¹ G_K)`` with ``G = H B``,
+    ``B = Wᵀ`` — the same total the OBS removals above add up. The order is the caller's (e.g. the
+    criterion's lowest scores first), not OBS's own choice.
+
+    One Cholesky factor gives every ``k``: with the inputs ordered so that the groups removed *last* come
+    first, every kept set is a leading block, whose Cholesky factor is the leading block of ``L``; and
+    ``L_KK⁻¹ G_K`` is the leading rows of ``Z = L⁻¹ G``, so the explained part is a cumulative sum of the
+    squared row norms of ``Z``. Cost: one factorisation and one triangular solve of ``in × out``.
     """
-    index = torch.tensor([list(g) for g in groups], dtype=torch.long, device=gram.device)
-    b = weight.detach().to(gram.device).double().T.clone()
-    hinv = _inverse(gram, damping)
-    curve = torch.zeros(len(groups) + 1, dtype=torch.float64)
-    done, total = 0, 0.0
-    while done < len(groups):
-        take = min(step, len(groups) - done)
-        rows = index[done:done + take].reshape(-1)
-        h_gg = hinv[rows][:, rows]
-        b_g = b[rows]
-        total += float((b_g * torch.linalg.solve(h_gg, b_g)).sum())
-        _remove(b, hinv, rows)
-        ends = torch.arange(1, take + 1, dtype=torch.float64) / take
-        curve[done + 1:done + take + 1] = curve[done] + ends * (total - float(curve[done]))
-        done += take
-    return curve
+    width = gram.shape[0]
+    grouped = [c for g in reversed(groups) for c in g]
+    members = set(grouped)
+    order = torch.tensor([c for c in range(width) if c not in members] + grouped, dtype=torch.long,
+                         device=gram.device)
+    h = damped(gram.double(), damping).index_select(0, order).index_select(1, order)
+    b = weight.detach().to(gram.device).double().T.index_select(0, order)
+    g = h @ b
+    factor = torch.linalg.cholesky(h)
+    z = torch.linalg.solve_triangular(factor, g, upper=False)
+    explained = torch.cat([z.new_zeros(1), (z * z).sum(1).cumsum(0)])
+    total = float((b * g).sum())
+    size = len(groups[0]) if groups else 0
+    kept = torch.tensor([width - k * size for k in range(len(groups) + 1)], dtype=torch.long,
+                        device=gram.device)
+    return (total - explained[kept]).clamp_min(0.0).cpu()
