@@ -279,16 +279,16 @@ def prune(
     result = PruneResult(
         plan=plan, model=model, score=score, scoring=scoring, total_seconds=0.0, timeline=timeline
     )
-    if dry_run:
-        if run["compensation"] == "bias":  # count the biases bias folding adds, as the export will have them
-            from minillm.streaming_export import pruned_skeleton
+    if run["compensation"] == "bias":  # count the biases bias folding will add, as the export will have
+        from minillm.streaming_export import pruned_skeleton  # them: a plan they keep from shrinking is
 
-            _count_export(plan, count_parameters(pruned_skeleton(model, adapter, plan, _bias_markers(plan))))
-        check_shrinks(plan)
+        markers = _bias_markers(model, adapter, plan)  # refused before compensation edits the model
+        _count_export(plan, count_parameters(pruned_skeleton(model, adapter, plan, markers)))
+    check_shrinks(plan)  # before compensation or surgery changes the caller's model
+    if dry_run:
         result.total_seconds = time.perf_counter() - start
         _write_report(result, report)
         return result
-    check_shrinks(plan)  # before compensation or surgery changes the caller's model
     updates: dict[int, Any] = {}
     compensation, damping = run["compensation"], run["damping"]
     if compensation != "none" or criterion == "obs":  # obs re-chooses its groups on the pruned prefix
@@ -371,13 +371,19 @@ def check_plan_from_shapes(model: nn.Module, layers: list[int], ratio: float, al
     plan_from_scores(model, ScoreResult(scores=flat), ratio, allocation, head_mode, structures)
 
 
-def _bias_markers(plan: PrunePlan) -> dict[int, dict[str, Any]]:
-    """Stand-ins for the closings ``--compensation bias`` will produce: every planned layer's closing
-    projections get a bias; on the meta skeleton only the bias's existence matters."""
+def _bias_markers(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan) -> dict[int, dict[str, Any]]:
+    """Stand-ins for the closings ``--compensation bias`` will produce: the closing projection of every
+    family that loses groups gets a bias; on the meta skeleton only the bias's existence matters."""
     from minillm.compensation.layer import ClosingUpdate
 
     marker = ClosingUpdate(weight=torch.empty(0), bias=torch.empty(0))
-    return {layer.index: {"attn": marker, "mlp": marker} for layer in plan.layers}
+    markers: dict[int, dict[str, Any]] = {}
+    for layer in plan.layers:
+        shape = adapter.layer_shape(model, layer.index)
+        families = {"attn": len(layer.heads) < shape.num_heads,
+                    "mlp": len(layer.channels) < shape.intermediate}
+        markers[layer.index] = {name: marker for name, cut in families.items() if cut}
+    return markers
 
 
 def _count_export(plan: PrunePlan, exported: int) -> None:

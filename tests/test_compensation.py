@@ -123,3 +123,17 @@ def test_cli_compensation_flag_reaches_the_export(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "config.json").read_text())["mlp_bias"] is True
     bad = CliRunner().invoke(app, [*args[:-3], "--compensation", "refti", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and not (tmp_path / "x").exists()
+
+
+def test_a_plan_that_bias_folding_keeps_from_shrinking_is_refused_before_compensation() -> None:
+    from minillm.api import prune
+    from minillm.errors import UsageError
+
+    model = tiny_model("llama")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    # two MLP channels go (384 parameters); the MLP biases bias folding adds are 508
+    with pytest.raises(UsageError, match="does not shrink"):
+        prune(model, ratio=0.002, criterion="magnitude", compensation="bias", calib=_calibration())
+    after = dict(model.named_parameters())
+    assert before.keys() == after.keys()  # no bias was added, no weight refitted: compensation never ran
+    assert all(torch.equal(before[name], after[name]) for name in before)
