@@ -290,16 +290,18 @@ def prune(
         _write_report(result, report)
         return result
     updates: dict[int, Any] = {}
+    spill = None
     compensation, damping = run["compensation"], run["damping"]
     if compensation != "none" or criterion == "obs":  # obs re-chooses its groups on the pruned prefix
         from minillm.compensation.layer import CompensationOptions
-        from minillm.compensation.sequential import compensate_sequential
+        from minillm.compensation.sequential import compensate_sequential, spill_folder
 
         chosen = CompensationOptions(mode=compensation, damping=damping,
                                      select="obs" if criterion == "obs" else "plan")
+        spill = spill_folder(offload_dir) if offloaded else None  # closings wait on disk for the export
         with measure() as compensating:
             outcome = compensate_sequential(model, adapter, plan, calibration, chosen, progress,
-                                            in_place=not offloaded)
+                                            in_place=not offloaded, spill=spill)
         plan = result.plan = outcome.plan
         updates = outcome.updates
         result.compensation = compensating
@@ -339,6 +341,10 @@ def prune(
                                         max_shard_size=run["max_shard_size"], skeleton=pruned,
                                         updates=updates, force=force, inputs=inputs)
         result.out = written if out is not None else None
+        if spill is not None:
+            import shutil
+
+            shutil.rmtree(spill, ignore_errors=True)
         timeline.mark("exported", plan.params_after)
         # the pruned model, offloaded like the dense one was (its weights are read from the export)
         result.model = load_model(str(written), device_map=device_map, max_memory=max_memory, dtype=dtype,
