@@ -362,10 +362,10 @@ def prune(
 
 def check_plan_from_shapes(model: nn.Module, layers: list[int], ratio: float, allocation: Allocation,
                            head_mode: HeadMode, structures: Structures) -> None:
-    """Plan once with equal scores, before calibration and scoring: uniform widths depend only on the
-    shapes, so a ratio that would empty a layer is refused in a second instead of after scoring.
+    """Plan once with equal scores, before calibration and scoring: uniform and log widths depend only on
+    the shapes, so a ratio that would empty a layer is refused in a second instead of after scoring.
     Plans that cut hidden size or layers need their own scores; their planner checks its bounds itself."""
-    if allocation != "uniform" or parse_structures(structures) & {"hidden", "layers"}:
+    if allocation not in ("uniform", "log") or parse_structures(structures) & {"hidden", "layers"}:
         return
     import torch
 
