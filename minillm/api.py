@@ -24,6 +24,7 @@ from minillm.calibration.data import CalibrationSet, calibration_set
 from minillm.calibration.spsa import SpsaConfig
 from minillm.card import render_card
 from minillm.cut import CutResult, cut
+from minillm.defaults import DEFAULT_DAMPING
 from minillm.errors import UsageError
 from minillm.export import check_output_dir, export, needs_remote_code
 from minillm.groups import layer_costs, prunable_layers
@@ -97,9 +98,12 @@ def score_model(model: nn.Module, criterion: str, calibration: CalibrationSet, l
 
 def plan_from_scores(model: nn.Module, result: ScoreResult, ratio: float, allocation: Allocation = "uniform",
                      head_mode: HeadMode = "kv", structures: Structures | str = "both", round_to: int = 1,
-                     hidden_scores: Any = None, layer_scores: dict[int, float] | None = None) -> PrunePlan:
+                     hidden_scores: Any = None, layer_scores: dict[int, float] | None = None,
+                     calibration: CalibrationSet | None = None, damping: float = DEFAULT_DAMPING,
+                     progress: Progress | None = None) -> PrunePlan:
     """The plan for ``structures``: heads/channels as before, or (with hidden, layers or ``round_to``)
-    the uniform all-axes planner of :mod:`minillm.plan_axes`."""
+    the uniform all-axes planner of :mod:`minillm.plan_axes`. ``allocation="error"`` walks
+    ``calibration`` once for each layer's refit-error curves (damped with ``damping``)."""
     adapter = adapter_for(model.config)
     shapes = layer_shapes(model, adapter)
     names = parse_structures(structures)
@@ -112,9 +116,16 @@ def plan_from_scores(model: nn.Module, result: ScoreResult, ratio: float, alloca
     layers = adapter.decoder_layers(model)
     costs = {i: layer_costs(adapter, layers[i], shapes[i]) for i in shapes}
     config = model.config
+    curves = None
+    if allocation == "error" and calibration is not None:
+        from minillm.compensation.curves import reconstruction_curves
+
+        def curves(groups: dict) -> dict:
+            return reconstruction_curves(model, adapter, calibration, groups, damping, progress)
     return build_plan(shapes, costs, result.scores, count_parameters(model), ratio, allocation, head_mode,
                       structures_label(names),  # type: ignore[arg-type]
-                      expressible=lambda shape: adapter.uniform_config_update(config, shape) is not None)
+                      expressible=lambda shape: adapter.uniform_config_update(config, shape) is not None,
+                      curves=curves)
 
 
 def check_axes_options(names: frozenset[str], allocation: str, round_to: int,
@@ -246,7 +257,7 @@ def prune(
         hidden_scores, layer_scores = score_axes(model, adapter, calibration, names, layers,
                                                  run["layer_score"], progress)
     timeline.mark("scored", count_parameters(model))
-    plan = plan_for(model, score, settings, hidden_scores, layer_scores)
+    plan = plan_for(model, score, settings, hidden_scores, layer_scores, calibration, progress)
     if plan.extra.get("uniform_note"):
         import logging
 
@@ -261,20 +272,20 @@ def prune(
     result = PruneResult(
         plan=plan, model=model, score=score, scoring=scoring, total_seconds=0.0, timeline=timeline
     )
-    if dry_run:
-        if run["compensation"] == "bias":  # count the biases bias folding adds, as the export will have them
-            from minillm.cut import apply_cut, meta_skeleton
+    if run["compensation"] == "bias":  # count the biases bias folding will add, as the export will have
+        from minillm.cut import apply_cut, meta_skeleton  # them: a plan they keep from shrinking is refused
 
-            skeleton = meta_skeleton(model)
-            apply_cut(skeleton, adapter, plan, _bias_markers(plan))
-            _count_export(plan, count_parameters(skeleton))
-        check_shrinks(plan)
+        skeleton = meta_skeleton(model)  # before compensation edits the caller's model
+        apply_cut(skeleton, adapter, plan, _bias_markers(model, adapter, plan))
+        _count_export(plan, count_parameters(skeleton))
+    check_shrinks(plan)  # before compensation or surgery changes the caller's model
+    if dry_run:
         result.total_seconds = time.perf_counter() - start
         _write_report(result, report)
         return result
-    check_shrinks(plan)  # before compensation or surgery changes the caller's model
     done = cut_as(settings, model, adapter, plan, calibration, progress,  # offloaded: a meta skeleton
-                  compensated=lambda: timeline.mark("compensated", count_parameters(model)))
+                  compensated=lambda: timeline.mark("compensated", count_parameters(model)),
+                  spill_dir=offload_dir)
     plan = result.plan = done.plan
     if done.compensation is not None:
         result.compensation = done.compensation
@@ -300,9 +311,12 @@ def prune(
 
         folder = out if out is not None else default_offload_dir()
     if folder is not None:
-        written = export(model, done, tokenizer, adapter, folder, result.metadata,
-                         render_card(result.metadata), overwrite=overwrite or out is None,
-                         max_shard_size=run["max_shard_size"], force=force, inputs=inputs)
+        try:
+            written = export(model, done, tokenizer, adapter, folder, result.metadata,
+                             render_card(result.metadata), overwrite=overwrite or out is None,
+                             max_shard_size=run["max_shard_size"], force=force, inputs=inputs)
+        finally:
+            done.release()  # offloaded: the compensated closings waited on disk for the export
         result.out = written if out is not None else None
         timeline.mark("exported", plan.params_after)
     if done.offloaded:
@@ -318,12 +332,15 @@ def prune(
 
 
 def plan_for(model: nn.Module, score: ScoreResult, recipe: Recipe, hidden_scores: Any = None,
-             layer_scores: dict[int, float] | None = None) -> PrunePlan:
+             layer_scores: dict[int, float] | None = None, calibration: CalibrationSet | None = None,
+             progress: Progress | None = None) -> PrunePlan:
     """The plan ``recipe`` asks for (ratio, allocation, head mode, structures, rounding) from ``score``:
-    what ``prune`` cuts, and what every ``compare`` cell cuts."""
+    what ``prune`` cuts, and what every ``compare`` cell cuts (``allocation="error"`` walks
+    ``calibration`` for its refit-error curves)."""
     names = parse_structures(recipe.structures)
     plan = plan_from_scores(model, score, recipe.ratio, recipe.allocation, recipe.head_mode,
-                            recipe.structures, recipe.round_to, hidden_scores, layer_scores)
+                            recipe.structures, recipe.round_to, hidden_scores, layer_scores,
+                            calibration=calibration, damping=recipe.damping, progress=progress)
     count = len(adapter_for(model.config).decoder_layers(model))
     plan.extra = {"criterion": recipe.criterion,
                   "layers_scored": prunable_layers(count, recipe.skip_first, recipe.skip_last),
@@ -336,19 +353,20 @@ def plan_for(model: nn.Module, score: ScoreResult, recipe: Recipe, hidden_scores
 
 def cut_as(recipe: Recipe, model: nn.Module, adapter: ArchAdapter, plan: PrunePlan,
            calibration: CalibrationSet | None, progress: Progress | None = None,
-           compensated: Callable[[], None] | None = None) -> CutResult:
-    """The cut stage with ``recipe``'s compensation (``obs`` re-chooses its groups on the pruned prefix)."""
+           compensated: Callable[[], None] | None = None, spill_dir: str | None = None) -> CutResult:
+    """The cut stage with ``recipe``'s compensation (``obs`` re-chooses its groups on the pruned prefix);
+    offloaded, the compensated closings wait on disk under ``spill_dir`` until the export reads them."""
     return cut(model, adapter, plan, calibration, recipe.compensation, recipe.damping,
                select="obs" if recipe.criterion == "obs" else "plan", progress=progress,
-               compensated=compensated)
+               compensated=compensated, spill_dir=spill_dir)
 
 
 def check_plan_from_shapes(model: nn.Module, layers: list[int], ratio: float, allocation: Allocation,
                            head_mode: HeadMode, structures: Structures) -> None:
-    """Plan once with equal scores, before calibration and scoring: uniform widths depend only on the
-    shapes, so a ratio that would empty a layer is refused in a second instead of after scoring.
+    """Plan once with equal scores, before calibration and scoring: uniform and log widths depend only on
+    the shapes, so a ratio that would empty a layer is refused in a second instead of after scoring.
     Plans that cut hidden size or layers need their own scores; their planner checks its bounds itself."""
-    if allocation != "uniform" or parse_structures(structures) & {"hidden", "layers"}:
+    if allocation not in ("uniform", "log") or parse_structures(structures) & {"hidden", "layers"}:
         return
     import torch
 
@@ -360,13 +378,19 @@ def check_plan_from_shapes(model: nn.Module, layers: list[int], ratio: float, al
     plan_from_scores(model, ScoreResult(scores=flat), ratio, allocation, head_mode, structures)
 
 
-def _bias_markers(plan: PrunePlan) -> dict[int, dict[str, Any]]:
-    """Stand-ins for the closings ``--compensation bias`` will produce: every planned layer's closing
-    projections get a bias; on the meta skeleton only the bias's existence matters."""
+def _bias_markers(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan) -> dict[int, dict[str, Any]]:
+    """Stand-ins for the closings ``--compensation bias`` will produce: the closing projection of every
+    family that loses groups gets a bias; on the meta skeleton only the bias's existence matters."""
     from minillm.compensation.layer import ClosingUpdate
 
     marker = ClosingUpdate(weight=torch.empty(0), bias=torch.empty(0))
-    return {layer.index: {"attn": marker, "mlp": marker} for layer in plan.layers}
+    markers: dict[int, dict[str, Any]] = {}
+    for layer in plan.layers:
+        shape = adapter.layer_shape(model, layer.index)
+        families = {"attn": len(layer.heads) < shape.num_heads,
+                    "mlp": len(layer.channels) < shape.intermediate}
+        markers[layer.index] = {name: marker for name, cut in families.items() if cut}
+    return markers
 
 
 def _count_export(plan: PrunePlan, exported: int) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -48,6 +49,16 @@ class CutResult:
     updates: dict[int, dict[str, Any]] = field(default_factory=dict)
     compensation: Measurement | None = None  # the sequential compensation pass (None: not run)
     forward_passes: int = 0
+    #: offloaded: the folder the compensated closings wait in until the shard writer reads them
+    spill: Path | None = None
+
+    def release(self) -> None:
+        """Remove the spilled closings (after the export has read them)."""
+        if self.spill is not None:
+            import shutil
+
+            shutil.rmtree(self.spill, ignore_errors=True)
+            self.spill = None
 
 
 def meta_skeleton(model: nn.Module) -> nn.Module:
@@ -77,24 +88,28 @@ def apply_cut(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan,
 
 def cut(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan, calibration: CalibrationSet | None = None,
         compensation: str = "none", damping: float | None = None, select: str = "plan",
-        progress: Progress | None = None, compensated: Callable[[], None] | None = None) -> CutResult:
+        progress: Progress | None = None, compensated: Callable[[], None] | None = None,
+        spill_dir: str | Path | None = None) -> CutResult:
     """Compensate (``compensation``: none, bias, refit; ``select="obs"`` re-chooses the groups on the
     pruned prefix) and cut ``model`` as ``plan`` says; where the weights live decides only whether the
     slicing happens now (resident) or block by block in the export (offloaded). ``compensated()`` is
-    called between the two steps when a compensation pass ran (the report's stage marks)."""
+    called between the two steps when a compensation pass ran (the report's stage marks). Offloaded, the
+    compensated closings wait on disk in a fresh folder under ``spill_dir`` (the offload folder; default
+    the system's temporary folder) until the export reads them: :meth:`CutResult.release` removes it."""
     offloaded = is_offloaded(model)
     result = CutResult(plan=plan, model=model, offloaded=offloaded)
     if compensation != "none" or select == "obs":
         from minillm.compensation.layer import CompensationOptions
-        from minillm.compensation.sequential import compensate_sequential
+        from minillm.compensation.sequential import compensate_sequential, spill_folder
 
         if calibration is None:
             raise ValueError("compensation and obs re-selection need the calibration set")
         extra = {} if damping is None else {"damping": damping}
         options = CompensationOptions(mode=compensation, select=select, **extra)  # type: ignore[arg-type]
+        result.spill = spill_folder(spill_dir) if offloaded else None
         with measure() as compensating:
             outcome = compensate_sequential(model, adapter, plan, calibration, options, progress,
-                                            in_place=not offloaded)
+                                            in_place=not offloaded, spill=result.spill)
         result.plan, result.updates = outcome.plan, outcome.updates
         result.compensation, result.forward_passes = compensating, outcome.forward_passes
         if compensated is not None:

@@ -16,7 +16,9 @@ Head granularity with grouped-query attention (GQA):
 
 ``--ratio`` is the fraction of the model's total parameters removed (the LLM-Pruner convention).
 ``uniform`` allocation removes the same number of units from every pruned layer (a standard config can
-express the result); ``global`` ranks units of all pruned layers together by score per parameter.
+express the result); ``global`` ranks units of all pruned layers together by score per parameter;
+``log`` (SlimGPT's log-increasing ratios) and ``error`` (per-layer refit errors) are in
+:mod:`minillm.allocation`.
 """
 
 from __future__ import annotations
@@ -33,9 +35,12 @@ from minillm.arch.base import LayerShape
 from minillm.errors import UsageError
 
 HeadMode = Literal["auto", "kv", "query"]
-Allocation = Literal["uniform", "global"]
+Allocation = Literal["uniform", "global", "log", "error"]
+ALLOCATIONS = ("uniform", "global", "log", "error")
 Structures = Literal["both", "mlp", "attn"]
 PLAN_FORMAT = "minillm-prune-plan/1"
+#: ``allocation="error"``'s measurement: removal orders (input columns per unit) → normalised error curves
+CurveFunction = Callable[[dict[int, dict[str, list[list[int]]]]], dict[int, dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -228,6 +233,7 @@ def build_plan(
     head_mode: HeadMode = "auto",
     structures: Structures = "both",
     expressible: Callable[[LayerShape], bool] | None = None,
+    curves: CurveFunction | None = None,
 ) -> PrunePlan:
     """Turn group scores into a plan removing ``ratio`` of ``total_params`` from the scored layers.
 
@@ -235,11 +241,13 @@ def build_plan(
     plan still lists them, so it describes the complete architecture). ``expressible``: whether the
     stock config class can describe every layer having a shape (e.g. transformers refuses
     ``hidden_size % num_attention_heads != 0``); ``uniform`` then only keeps head counts it can, and
-    the plan's ``extra["uniform_note"]`` says where the rest of the budget went.
+    the plan's ``extra["uniform_note"]`` says where the rest of the budget went. ``curves``: for
+    ``allocation="error"``, maps each layer's removal order (closing-projection input columns per unit,
+    :func:`minillm.allocation.removal_groups`) to its normalised refit-error curves.
     """
     check_ratio(ratio)
-    if allocation not in ("uniform", "global"):
-        raise UsageError(f"--allocation must be 'uniform' or 'global' (got {allocation!r})")
+    if allocation not in ALLOCATIONS:
+        raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)} (got {allocation!r})")
     if head_mode not in ("auto", "kv", "query"):
         raise UsageError(f"--head-mode must be 'auto', 'kv' or 'query' (got {head_mode!r})")
     if structures not in ("both", "mlp", "attn"):
@@ -257,8 +265,20 @@ def build_plan(
     if allocation == "uniform":
         removed, note = _uniform(head_units, channel_units, target, len(scored), total_params,
                                  shapes[scored[0]], expressible)
-    else:
+    elif allocation == "global":
         removed = _global(head_units, channel_units, target)
+    elif allocation == "log":
+        from minillm.allocation import log_allocation
+
+        removed = log_allocation(head_units, channel_units, target)
+    else:
+        from minillm.allocation import error_allocation, removal_groups
+
+        if curves is None:
+            raise UsageError("--allocation error measures per-layer errors on calibration data; "
+                             "plan it through prune (or pass curves=…)")
+        groups = removal_groups(head_units, channel_units, lambda i: shapes[i].head_dim)
+        removed = error_allocation(head_units, channel_units, target, curves(groups))
     layers = [_layer_plan(i, shapes[i], removed.get(i, set())) for i in sorted(shapes)]
     removed_params = sum(u.cost for units in removed.values() for u in units)
     return PrunePlan(

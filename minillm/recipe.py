@@ -55,8 +55,9 @@ class Recipe(BaseModel):
     out: str | None = Field(None, description="Export folder (required unless --dry-run).",
                             json_schema_extra={"flags": ["--out", "-o"]})
     criterion: str = Field(DEFAULT_CRITERION, description="Scoring criterion (see `minillm criteria`).")
-    allocation: Literal["uniform", "global"] = Field(
-        "uniform", description="uniform (same widths everywhere) or global (one ranking over all layers)."
+    allocation: Literal["uniform", "global", "log", "error"] = Field(
+        "uniform", description="uniform widths (stock config), or per-layer widths (remote code): global "
+        "ranking, log (SlimGPT's log-increasing ratios) or error (least refit error per parameter)."
     )
     head_mode: Literal["auto", "kv", "query"] = Field(
         DEFAULT_HEAD_MODE, description="kv: remove whole key/value groups; query: query heads evenly in "

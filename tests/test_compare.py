@@ -170,12 +170,43 @@ def test_cli_isolated_subprocess_per_method(tmp_path: Path, text: Path) -> None:
             str(out / "compare.html"),
             "--spsa-steps",
             "2",
+            "--compensations",
+            "bias",
         ],
     )
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader((out / "compare.csv").open()))
     assert [r["method"] for r in rows] == ["dense", "random", "taylor-gate", "fms-local"]
+    assert [r["compensation"] for r in rows] == ["", "bias", "bias", "bias"]
     page = (out / "compare.html").read_text()
     assert "fms-local" in page and "<img" in page and (out / "compare.metrics.png").is_file()
     assert all(int(r["peak_bytes"]) > 0 for r in rows)
     assert torch.isfinite(torch.tensor([float(r["perplexity"]) for r in rows])).all()
+
+
+def test_compensation_is_an_axis_of_the_table(tmp_path: Path, text: Path) -> None:
+    from minillm.errors import UsageError
+
+    model = tiny_model("llama")
+    dense = copy.deepcopy(model)
+    result = compare(model, methods=["magnitude"], ratios=[0.2], allocations=["uniform", "log"],
+                     compensation="none,refit", calib=str(text), calib_samples=4, seq_len=16, batch_size=2,
+                     eval_ppl=str(text), eval_windows=8, tokenizer=tiny_tokenizer(), isolate=False,
+                     out_dir=tmp_path / "out")
+    assert {(r.allocation, r.compensation) for r in result.rows} == {
+        (a, c) for a in ("uniform", "log") for c in ("none", "refit")}
+    ppl = {(r.allocation, r.compensation): r.perplexity for r in result.rows}
+    assert ppl[("log", "none")] != ppl[("log", "refit")]
+    assert result.protocol["compensation"] == "none,refit"
+    rows = list(csv.DictReader((tmp_path / "out" / "compare.csv").open()))
+    assert {r["compensation"] for r in rows[1:]} == {"none", "refit"}
+    assert "| comp |" in (tmp_path / "out" / "compare.md").read_text()
+    # a row is what `prune` with the same settings produces
+    calibration = calibration_set(tiny_tokenizer(), str(text), 4, 16, 0, 2)
+    pruned = prune(dense, ratio=0.2, criterion="magnitude", allocation="log", compensation="refit",
+                   calib=calibration).model
+    windows = evaluation_windows(tiny_tokenizer(), str(text), 16)[:8]
+    assert ppl[("log", "refit")] == pytest.approx(perplexity(pruned, windows, 2).perplexity, rel=1e-6)
+    with pytest.raises(UsageError, match="--compensation takes a comma list"):
+        compare(dense, methods=["magnitude"], compensation="none,refti", calib=str(text),
+                tokenizer=tiny_tokenizer(), isolate=False)

@@ -123,3 +123,40 @@ def test_cli_compensation_flag_reaches_the_export(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "config.json").read_text())["mlp_bias"] is True
     bad = CliRunner().invoke(app, [*args[:-3], "--compensation", "refti", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and not (tmp_path / "x").exists()
+
+
+def test_a_plan_that_bias_folding_keeps_from_shrinking_is_refused_before_compensation() -> None:
+    from minillm.api import prune
+    from minillm.errors import UsageError
+
+    model = tiny_model("llama")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    # two MLP channels go (384 parameters); the MLP biases bias folding adds are 508
+    with pytest.raises(UsageError, match="does not shrink"):
+        prune(model, ratio=0.002, criterion="magnitude", compensation="bias", calib=_calibration())
+    after = dict(model.named_parameters())
+    assert before.keys() == after.keys()  # no bias was added, no weight refitted: compensation never ran
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_offloaded_closings_spill_to_disk_and_read_back_the_same(tmp_path: Path) -> None:
+    from minillm.compensation.sequential import SpilledClosing
+
+    model = tiny_model("llama")
+    adapter = adapter_for(model.config)
+    plan = _plan(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    disk = load_model(str(tmp_path / "ckpt"), device_map="auto", max_memory={"cpu": "30KB"}, dtype="float32",
+                      offload_dir=str(tmp_path / "offload"))
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    options = CompensationOptions(mode="bias")
+    spilled = compensate_sequential(disk, adapter, plan, _calibration(), options, spill=spill)
+    held = compensate_sequential(disk, adapter, plan, _calibration(), options)
+    assert sorted(p.name for p in spill.iterdir()) == ["0.attn.safetensors", "0.mlp.safetensors",
+                                                       "1.attn.safetensors", "1.mlp.safetensors"]
+    for index, families in held.updates.items():
+        for name, update in families.items():
+            on_disk = spilled.updates[index][name]
+            assert isinstance(on_disk, SpilledClosing)
+            assert torch.equal(on_disk.weight, update.weight) and torch.equal(on_disk.bias, update.bias)

@@ -13,8 +13,9 @@ peak of a plain forward pass over the same calibration set (its own subprocess, 
         --jsonl docs/bench/compensation.jsonl
     python tools/bench_compensation.py table --jsonl docs/bench/compensation.jsonl
 
-A row is ``criterion:compensation:head_mode``; criterion ``obs`` means OBS selection in the sequential
-pass (the plan's counts from the uniform allocation, groups chosen on the pruned prefix's moments).
+A row is ``criterion:compensation:head_mode[:allocation]`` (allocation ``uniform`` when left out, or
+``global``, ``log``, ``error``); criterion ``obs`` means OBS selection in the sequential pass (the plan's
+counts from the allocation, groups chosen on the pruned prefix's moments).
 """
 
 from __future__ import annotations
@@ -63,12 +64,13 @@ def _one_row(args: argparse.Namespace, first: bool) -> None:
         row.update(peak=peak_rss_bytes(), seconds=round(time.perf_counter() - start, 1))
         print(json.dumps(row), flush=True)
         return
-    criterion, mode, head_mode = args.row.split(":")
+    criterion, mode, head_mode, allocation = _fields(args.row)
     model = model if first else load_model(args.model, device_map="cpu", dtype="float32")
     adapter = adapter_for(model.config)
     layers = list(range(len(adapter.decoder_layers(model))))
     score = score_model(model, "magnitude" if criterion == "obs" else criterion, calibration, layers)
-    plan = plan_from_scores(model, score, args.ratio, "uniform", head_mode)
+    plan = plan_from_scores(model, score, args.ratio, allocation, head_mode, calibration=calibration,
+                            damping=args.damping)
     scored = time.perf_counter()
     if mode == "flap-bias":  # today's FLAP bias: dense-model means, folded before the cut
         compensate(model, adapter, plan, score.compensation)
@@ -83,13 +85,30 @@ def _one_row(args: argparse.Namespace, first: bool) -> None:
                compensation_seconds=round(time.perf_counter() - scored, 1), passes=passes,
                achieved_ratio=round(1 - count_parameters(model) / plan.params_before, 4),
                heads=len(plan.layers[0].heads), kv_heads=len(plan.layers[0].kv_heads),
-               channels=len(plan.layers[0].channels))
+               channels=len(plan.layers[0].channels),
+               widths=[[len(p.heads), len(p.kv_heads), len(p.channels)] for p in plan.layers])
     windows = evaluation_windows(tokenizer, args.test, 128)
     row["ppl64"] = round(perplexity(model, windows[:64], 8).perplexity, 3)
     if args.all_windows:
         row["ppl_all"] = round(perplexity(model, windows, 8).perplexity, 3)
         row["windows"] = int(windows.shape[0])
     print(json.dumps(row), flush=True)
+
+
+def _fields(row: str) -> tuple[str, str, str, str]:
+    """``criterion:compensation:head_mode[:allocation]`` (rows written before allocations: uniform)."""
+    parts = row.split(":")
+    return (*parts[:3], parts[3] if len(parts) > 3 else "uniform")  # type: ignore[return-value]
+
+
+def _widths(r: dict) -> str:
+    """First-layer widths for uniform plans; first → last layer for per-layer ones."""
+    first = f"{r['heads']}/{r['kv_heads']}/{r['channels']}"
+    every = r.get("widths")
+    if not every or len({tuple(w) for w in every}) == 1:
+        return first
+    return f"{first} → {'/'.join(str(x) for x in every[-1])} (MLP {min(w[2] for w in every)}–" \
+           f"{max(w[2] for w in every)})"
 
 
 def _dense(args: argparse.Namespace) -> None:
@@ -127,22 +146,23 @@ def _table(args: argparse.Namespace) -> None:
     rows = [json.loads(line) for line in Path(args.jsonl).read_text().splitlines() if line.strip()]
     dense = next((r for r in rows if r["row"] == "dense"), None)
     forward = {r["calib_samples"]: r for r in rows if r["row"] == "forward"}
-    print("| criterion | compensation | head mode | ratio | calib | ppl (64 win) | × dense | ppl (all) "
-          "| × dense | peak RSS GB | peak × forward | scoring s | compensation s | widths (q/kv/mlp) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| criterion | compensation | head mode | allocation | ratio | calib | ppl (64 win) | × dense "
+          "| ppl (all) | × dense | peak RSS GB | peak × forward | scoring s | compensation s "
+          "| widths (q/kv/mlp) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["row"] in ("dense", "forward"):
             continue
-        criterion, mode, head_mode = r["row"].split(":")
+        criterion, mode, head_mode, allocation = _fields(r["row"])
         x64 = f"{r['ppl64'] / dense['ppl64']:.2f}" if dense else "-"
         ppl_all = r.get("ppl_all")
         x_all = f"{ppl_all / dense['ppl_all']:.2f}" if ppl_all and dense and dense.get("ppl_all") else "-"
         probe = forward.get(r["calib_samples"])
         peak = f"{r['peak'] / 1e9:.2f}" if r.get("peak") else "-"
         ratio = f"{r['peak'] / probe['peak']:.2f}" if probe and r.get("peak") else "-"
-        cells = [criterion, mode, head_mode, r["ratio"], r["calib_samples"], f"{r['ppl64']:.2f}", x64,
-                 ppl_all or "-", x_all, peak, ratio, r["scoring_seconds"], r["compensation_seconds"],
-                 f"{r['heads']}/{r['kv_heads']}/{r['channels']}"]
+        cells = [criterion, mode, head_mode, allocation, r["ratio"], r["calib_samples"], f"{r['ppl64']:.2f}",
+                 x64, ppl_all or "-", x_all, peak, ratio, r["scoring_seconds"], r["compensation_seconds"],
+                 _widths(r)]
         print("| " + " | ".join(str(c) for c in cells) + " |")
     if dense:
         every = f", {dense['ppl_all']} (all {dense['windows']})" if dense.get("ppl_all") else ""

@@ -9,6 +9,7 @@ import typer
 from minillm.cli import console, friendly_errors, progress_bars
 from minillm.commands import options
 from minillm.commands.recipe import with_recipe_options
+from minillm.defaults import DEFAULT_COMPENSATION
 from minillm.errors import UsageError
 
 DEFAULT_METHODS = "fms,taylor-gate,taylor-lowmem,taylor,flap,wanda-sp,magnitude,random"
@@ -24,10 +25,11 @@ def _floats(spec: str, option: str) -> list[float]:
 
 
 #: Recipe fields ``compare`` does not take from the Recipe's declaration: its matrix axes (``--methods``,
-#: ``--ratio`` and ``--allocation`` as lists), its own outputs (``--out`` is the folder of the tables,
-#: ``--report`` and ``--overwrite`` are about those files) and what only an export needs.
-NOT_SHARED = ("criterion", "ratio", "allocation", "out", "report", "overwrite", "force", "dry_run",
-              "max_shard_size", "streaming", "offload_dir", "max_memory")
+#: ``--ratio``, ``--allocation`` and ``--compensation`` as lists), its own outputs (``--out`` is the
+#: folder of the tables, ``--report`` and ``--overwrite`` are about those files) and what only an export
+#: needs.
+NOT_SHARED = ("criterion", "ratio", "allocation", "compensation", "out", "report", "overwrite", "force",
+              "dry_run", "max_shard_size", "streaming", "offload_dir", "max_memory")
 
 
 @friendly_errors
@@ -39,7 +41,10 @@ def compare_command(
                                "it."),
     methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated criteria (see `minillm criteria`)."),
     ratio: str = typer.Option("0.2", help="Ratio(s) of parameters to remove, comma-separated: 0.1,0.2,0.3."),
-    allocation: str = typer.Option("uniform,global", help="uniform and/or global, comma-separated."),
+    allocation: str = typer.Option("uniform,global", help="Comma list of uniform, global, log, error."),
+    compensation: str = typer.Option(
+        DEFAULT_COMPENSATION, "--compensation", "--compensations",
+        help="Comma list of none, bias, refit: each is a row (the cut compensated block by block)."),
     eval_ppl: str = typer.Option(None, help="Perplexity text (file or dataset name)."),
     eval_windows: int = typer.Option(None, help="Only the first N perplexity windows (faster; say so)."),
     tasks: str = typer.Option(None, help="lm-eval tasks, comma-separated (zero-shot accuracy)."),
@@ -78,6 +83,7 @@ def compare_command(
             methods=methods.split(","),
             ratios=_floats(ratio, "--ratio"),
             allocations=[a.strip() for a in allocation.split(",") if a.strip()],
+            compensation=compensation,
             eval_ppl=eval_ppl,
             eval_windows=eval_windows,
             tasks=tasks,

@@ -1,7 +1,8 @@
 """``compare``: prune one model with several criteria and put the results side by side.
 
-Why it is shaped like this: a criterion's scores do not depend on the ratio or the allocation, so each
-method is scored **once** and every (ratio, allocation) plan is made from those scores. Scoring runs in
+Why it is shaped like this: a criterion's scores do not depend on the ratio, the allocation or the
+compensation, so each method is scored **once** and every (ratio, allocation, compensation) cut is made
+from those scores. Scoring runs in
 a fresh subprocess per method (``isolate=True``, the default for a model given by path) so that on CPU
 each method's peak resident memory is its own; the peak is reset after the model is loaded
 (``/proc/self/clear_refs``) and read back as ``VmHWM``, so it is the peak *during scoring*, model
@@ -27,7 +28,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from minillm.compensation import COMPENSATIONS
 from minillm.errors import UsageError
+from minillm.plan import ALLOCATIONS
 
 if TYPE_CHECKING:
     from minillm.recipe import Recipe
@@ -62,6 +65,7 @@ class CompareRow:
     forward_passes: int
     backward_passes: int
     accuracy: dict[str, float] = field(default_factory=dict)
+    compensation: str | None = None  # None: a compare.json written before compensation was an axis
 
 
 @dataclass
@@ -203,12 +207,14 @@ def compare(
     progress: Callable[[str, int, int], None] | None = None,
     **overrides: Any,
 ) -> CompareResult:
-    """Score ``model`` with every method once, then plan, prune and evaluate every (ratio, allocation).
+    """Score ``model`` with every method once, then plan, prune and evaluate every (ratio, allocation,
+    compensation); the ``compensation`` override may name several modes (a list or a comma list).
 
     The settings shared by every cell are a :class:`~minillm.recipe.Recipe` (``recipe``, with its
     fields as keyword ``overrides`` on top, as :func:`minillm.api.prune` takes them); each cell of the
-    matrix is that recipe with the method as ``criterion``, the ratio and the allocation, planned and
-    cut by the same functions as ``prune`` (:func:`minillm.api.plan_for`, :func:`minillm.api.cut_as`).
+    matrix is that recipe with the method as ``criterion``, the ratio, allocation and compensation,
+    planned and cut by the same functions as ``prune`` (:func:`minillm.api.plan_for`,
+    :func:`minillm.api.cut_as`).
     """
     from minillm.api import count_parameters
     from minillm.arch import adapter_for
@@ -219,6 +225,7 @@ def compare(
 
     if isinstance(model, str):
         overrides["model"] = model
+    modes = overrides.pop("compensation", None)  # an axis of the matrix: one mode or several
     base = (recipe or Recipe()).merged(overrides, source="compare()")
     model = base.model if model is None else model
     if model is None:
@@ -233,10 +240,18 @@ def compare(
         if not 0.0 < ratio < 1.0:
             raise UsageError(f"every --ratio must be strictly between 0 and 1 (got {ratio})")
     for allocation in allocations:
-        if allocation not in ("uniform", "global"):
-            raise UsageError(f"--allocations must be uniform and/or global (got {allocation!r})")
-    cells = {(m, r, a): base.merged({"criterion": m, "ratio": r, "allocation": a}, source="compare()")
-             for m in methods for r in ratios for a in allocations}
+        if allocation not in ALLOCATIONS:
+            raise UsageError(f"--allocation takes a comma list of {', '.join(ALLOCATIONS)} "
+                             f"(got {allocation!r})")
+    modes = base.compensation if modes is None else modes
+    compensations = [c.strip() for c in (modes.split(",") if isinstance(modes, str) else modes) if c.strip()]
+    for mode in compensations or [""]:
+        if mode not in COMPENSATIONS:
+            raise UsageError(f"--compensation takes a comma list of {', '.join(COMPENSATIONS)} "
+                             f"(got {mode!r})")
+    cells = {(m, r, a, c): base.merged({"criterion": m, "ratio": r, "allocation": a, "compensation": c},
+                                       source="compare()")
+             for m in methods for r in ratios for a in allocations for c in compensations}
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise UsageError(f"--out {str(out_dir)!r} is a file; give a folder path")
     if out_dir is not None:
@@ -294,7 +309,7 @@ def compare(
     dense_ppl = _evaluate(model, tokenizer, windows, None, batch_size, {})[0] if windows is not None else None
     reference = all_scores[FORWARD]
     rows = []
-    for done, ((method, ratio, allocation), cell) in enumerate(cells.items()):
+    for done, ((method, ratio, allocation, mode), cell) in enumerate(cells.items()):
         scores = all_scores[method]
         pruned = copy.deepcopy(model)
         _prune_copy(pruned, adapter, scores, cell, calibration)
@@ -325,6 +340,7 @@ def compare(
                 scores.forward_passes,
                 scores.backward_passes,
                 accuracy,
+                mode,
             )
         )
         report("prune + evaluate", done + 1, len(cells))
@@ -332,6 +348,7 @@ def compare(
               "spsa_eps", "seed", "head_mode", "structures", "compensation", "damping")
     protocol = {  # the base recipe's settings every cell shared, in the order the report prints them
         **{key: getattr(base, key, None) for key in shared},
+        "compensation": ",".join(compensations),
         "eval_ppl": eval_ppl,
         "eval_windows": None if windows is None else int(windows.shape[0]),
         "layers": f"{layers[0]}-{layers[-1]}",
@@ -351,7 +368,7 @@ def _prune_copy(model: nn.Module, adapter: Any, scores: MethodScores, cell: Reci
     from minillm.api import cut_as, plan_for
     from minillm.scoring import ScoreResult
 
-    plan = plan_for(model, ScoreResult(scores=scores.scores), cell)
+    plan = plan_for(model, ScoreResult(scores=scores.scores), cell, calibration=calibration)
     cut_as(cell, model, adapter, plan, calibration)
 
 

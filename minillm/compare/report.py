@@ -24,6 +24,7 @@ from minillm.memory import human_bytes
 COLUMNS = (
     "method",
     "allocation",
+    "compensation",
     "ratio",
     "achieved_ratio",
     "params",
@@ -41,11 +42,13 @@ def _tasks(result: Any) -> list[str]:
 
 
 def markdown_table(result: Any) -> str:
-    """The compare table, one row per (method, ratio, allocation), plus the dense and forward references."""
+    """The compare table, one row per (method, ratio, allocation, compensation), plus the dense and forward
+    references."""
     tasks = _tasks(result)
     head = [
         "method",
         "alloc",
+        "comp",
         "ratio",
         "achieved",
         "params",
@@ -60,7 +63,7 @@ def markdown_table(result: Any) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     dense_ppl = "-" if result.dense_perplexity is None else f"{result.dense_perplexity:.2f}"
     lines.append(
-        "| dense | - | 0 | 0 | "
+        "| dense | - | - | 0 | 0 | "
         + f"{result.dense_params:,} | {dense_ppl} | "
         + " | ".join(
             ["-"] * len(tasks)
@@ -68,12 +71,14 @@ def markdown_table(result: Any) -> str:
         )
         + " |"
     )
-    for row in sorted(result.rows, key=lambda r: (r.ratio, r.allocation, r.perplexity or float("inf"))):
+    for row in sorted(result.rows, key=lambda r: (r.ratio, r.allocation, r.compensation or "",
+                                                  r.perplexity or float("inf"))):
         ppl = "-" if row.perplexity is None else f"{row.perplexity:.2f}"
         ratio_vs = "-" if row.peak_vs_forward is None else f"{row.peak_vs_forward:.2f}"
         cells = [
             row.method,
             row.allocation,
+            row.compensation or "-",
             f"{row.ratio:g}",
             f"{row.achieved_ratio:.3f}",
             f"{row.params:,}",
@@ -97,6 +102,7 @@ def write_csv(result: Any, path: Path) -> None:
         writer.writerow(
             [
                 "dense",
+                "",
                 "",
                 0,
                 0,
@@ -124,17 +130,21 @@ def plot(result: Any, path: Path) -> bool:
     except ImportError:
         return False
     allocations = sorted({r.allocation for r in result.rows}, key=lambda a: a != "uniform")
-    methods = sorted({r.method for r in result.rows})
-    colours = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
+    # one line (and colour, in every panel) per method, or per method and compensation when both vary
+    series = sorted({(r.method, r.compensation or "") for r in result.rows})
+    several = len({c for _, c in series}) > 1
+    colours = plt.get_cmap("tab20" if len(series) > 10 else "tab10")
     fig, axes = plt.subplots(1, len(allocations), figsize=(4.2 * len(allocations) + 2.2, 4.5), sharey=True,
                              squeeze=False)
     for ax, allocation in zip(axes[0], allocations, strict=True):
-        for number, method in enumerate(methods):  # one colour per method in every panel
-            rows = sorted((r for r in result.rows if (r.method, r.allocation) == (method, allocation)),
+        for number, (method, mode) in enumerate(series):
+            rows = sorted((r for r in result.rows
+                           if (r.method, r.compensation or "", r.allocation) == (method, mode, allocation)),
                           key=lambda r: r.ratio)
             points = [(r.achieved_ratio, r.perplexity) for r in rows if r.perplexity is not None]
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", color=colours(number), label=method)
+                label = f"{method} ({mode})" if several else method
+                ax.plot(*zip(*points, strict=True), marker="o", color=colours(number), label=label)
         if result.dense_perplexity is not None:
             ax.axhline(result.dense_perplexity, color="grey", linewidth=0.8, label="dense")
         ax.set_yscale("log")
@@ -206,7 +216,7 @@ def row_labels(rows: list[dict[str, Any]], label: str) -> list[str]:
         return labels
     extra = [
         k
-        for k in ("allocation", "ratio", "head_mode", "structures")
+        for k in ("allocation", "compensation", "ratio", "head_mode", "structures")
         if len({str(r.get(k)) for r in rows}) > 1
     ]
     return [" ".join([labels[i], *(str(rows[i].get(k)) for k in extra)]) for i in range(len(rows))]

@@ -90,3 +90,36 @@ def obs_order(weight: torch.Tensor, gram: torch.Tensor, groups: Sequence[Sequenc
             family.difference_update(chosen)
         done += take
     return ObsOrder(order, costs)
+
+
+@torch.no_grad()
+def removal_curve(weight: torch.Tensor, gram: torch.Tensor, groups: Sequence[Sequence[int]], damping: float
+                  ) -> torch.Tensor:
+    """Output error after removing the first ``k`` of ``groups`` (in the given order) and refitting the rest.
+
+    Entry ``k`` (``k = 0 … len(groups)``) is the exact refit's residual with the first ``k`` groups' inputs
+    cut, in the damped metric the refit minimises: ``tr(Bᵀ H B) − tr(G_Kᵀ H_KK⁻¹ G_K)`` with ``G = H B``,
+    ``B = Wᵀ`` — the same total the OBS removals above add up. The order is the caller's (e.g. the
+    criterion's lowest scores first), not OBS's own choice.
+
+    One Cholesky factor gives every ``k``: with the inputs ordered so that the groups removed *last* come
+    first, every kept set is a leading block, whose Cholesky factor is the leading block of ``L``; and
+    ``L_KK⁻¹ G_K`` is the leading rows of ``Z = L⁻¹ G``, so the explained part is a cumulative sum of the
+    squared row norms of ``Z``. Cost: one factorisation and one triangular solve of ``in × out``.
+    """
+    width = gram.shape[0]
+    grouped = [c for g in reversed(groups) for c in g]
+    members = set(grouped)
+    order = torch.tensor([c for c in range(width) if c not in members] + grouped, dtype=torch.long,
+                         device=gram.device)
+    h = damped(gram.double(), damping).index_select(0, order).index_select(1, order)
+    b = weight.detach().to(gram.device).double().T.index_select(0, order)
+    g = h @ b
+    factor = torch.linalg.cholesky(h)
+    z = torch.linalg.solve_triangular(factor, g, upper=False)
+    explained = torch.cat([z.new_zeros(1), (z * z).sum(1).cumsum(0)])
+    total = float((b * g).sum())
+    size = len(groups[0]) if groups else 0
+    kept = torch.tensor([width - k * size for k in range(len(groups) + 1)], dtype=torch.long,
+                        device=gram.device)
+    return (total - explained[kept]).clamp_min(0.0).cpu()
