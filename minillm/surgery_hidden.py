@@ -16,7 +16,8 @@ closed form — the reloaded heads would change size — and their adapters refu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -133,3 +134,45 @@ def slice_hidden(model: nn.Module, adapter: ArchAdapter, kept: Sequence[int],
     slice_outer_hidden(model, adapter, index)
     for key, value in hidden_config_update(model, adapter, int(index.numel())).items():
         setattr(model.config, key, value)
+
+
+def _kept_norm(module: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``module``'s own forward on the kept channels of ``x`` with its per-channel parameters sliced the
+    same way (nothing is copied into the module; its hooks are not re-entered), zero elsewhere."""
+    saved = dict(module._parameters)
+    shape = getattr(module, "normalized_shape", None)
+    keep = keep.to(x.device)
+    try:
+        for name, param in saved.items():
+            if param is not None and param.dim() == 1:
+                module._parameters[name] = param.index_select(0, keep.to(param.device))  # type: ignore[assignment]
+        if isinstance(shape, tuple):
+            module.normalized_shape = (int(keep.numel()),)
+        small = type(module).forward(module, x.index_select(-1, keep))
+    finally:
+        module._parameters.update(saved)
+        if isinstance(shape, tuple):
+            module.normalized_shape = shape
+    out = small.new_zeros((*x.shape[:-1], x.shape[-1]))
+    out[..., keep] = small
+    return out
+
+
+@contextmanager
+def kept_channels_only(model: nn.Module, adapter: ArchAdapter, kept: Sequence[int]) -> Iterator[None]:
+    """Run the dense model as the hidden cut to ``kept`` will compute, without changing a weight: every
+    residual-stream norm normalises the kept channels only and passes nothing on the removed ones.
+
+    Exact because nothing reads the residual stream except through those norms: the removed channels'
+    values never reach a reader, and the kept ones are what the sliced model carries (Gemma's embedding
+    normaliser included: the dense √h·e equals the rescaled √h'·e'). Used by the compensation walk
+    (offloaded blocks too: the norms' weights are resident while their block runs).
+    """
+    keep = torch.tensor(sorted(set(int(i) for i in kept)), dtype=torch.long)
+    handles = [norm.register_forward_hook(lambda module, args, output: _kept_norm(module, args[0], keep))
+               for norm in adapter.hidden_norms(model)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
