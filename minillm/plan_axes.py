@@ -61,7 +61,9 @@ class ParamCounter:
         norms = {id(p) for n in adapter.hidden_norms(model) for p in n.parameters(recurse=False)}
         embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
         self.vocab_columns = embedding.weight.shape[0]
-        tied = head is not None and head.weight is embedding.weight
+        tied = head is not None and (head.weight is embedding.weight or (  # accelerate's offload may
+            getattr(model.config, "tie_word_embeddings", False)          # hold a copy of the tied side
+            and head.weight.shape == embedding.weight.shape))
         if head is not None and not tied:
             self.vocab_columns += head.weight.shape[0]
         self.layers: list[tuple[list[tuple[str, int, int]], int]] = []
