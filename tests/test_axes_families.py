@@ -15,7 +15,7 @@ from minillm.surgery_hidden import slice_hidden
 
 #: families without an exact form for a smaller hidden size, and a word of the reason they give
 REFUSED = {"opt": "head_dim", "gpt_neox": "head_size", "stablelm": "head_dim", "phi": "qk_layernorm"}
-EXACT = [family for family in MATRIX if family not in REFUSED]
+EXACT = [family for family in MATRIX if family not in REFUSED] + ["phi-plain"]  # phi, qk_layernorm off
 
 
 def random_model(family: str, tied: bool | None = None) -> torch.nn.Module:
@@ -23,7 +23,9 @@ def random_model(family: str, tied: bool | None = None) -> torch.nn.Module:
     mistakes)."""
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(family)
+    config = tiny_config("phi" if family == "phi-plain" else family)
+    if family == "phi-plain":
+        config.qk_layernorm = False
     if tied is not None:
         config.tie_word_embeddings = tied
     torch.manual_seed(0)
