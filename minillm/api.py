@@ -128,8 +128,7 @@ def plan_from_scores(model: nn.Module, result: ScoreResult, ratio: float, alloca
                       curves=curves)
 
 
-def check_axes_options(names: frozenset[str], allocation: str, round_to: int,
-                       streaming: bool = False) -> None:
+def check_axes_options(names: frozenset[str], allocation: str, round_to: int) -> None:
     """Combinations the all-axes planner refuses, each in one line (checked before any work)."""
     if round_to < 1:
         raise UsageError(f"--round-to must be >= 1 (got {round_to})")
@@ -137,10 +136,6 @@ def check_axes_options(names: frozenset[str], allocation: str, round_to: int,
     if uses_axes and allocation != "uniform":
         raise UsageError("--structures hidden/layers and --round-to plan uniform widths only; "
                          "use --allocation uniform")
-    if streaming and names & {"hidden", "layers"}:
-        raise UsageError("--structures hidden/layers is not available with --streaming or offloaded "
-                         "models yet (the block-by-block export cuts heads and channels only); "
-                         "drop --streaming or prune attn,mlp")
 
 
 #: Recipe fields that are not settings of the pruning itself (where the result goes, replay text): they
@@ -198,7 +193,7 @@ def prune(
     check_loading(device_map, max_memory, run["seed"], run["max_shard_size"])
     check_criterion_options(criterion, run["criterion_options"])
     names = parse_structures(run["structures"])
-    check_axes_options(names, run["allocation"], run["round_to"], streaming)
+    check_axes_options(names, run["allocation"], run["round_to"])
     inputs = (model, calibration_source, *inputs)
     if out is not None and not dry_run:
         check_output_dir(out, overwrite, force, inputs)
@@ -230,7 +225,6 @@ def prune(
     if "hidden" in names and (blocker := adapter.hidden_pruning_blocker(model.config)):
         raise UsageError(blocker)
     offloaded = is_offloaded(model)  # decides only how the cut model is written, never how it is scored
-    check_axes_options(names, run["allocation"], run["round_to"], offloaded)
     if offloaded:
         from minillm.memory import return_large_frees_to_the_os
 

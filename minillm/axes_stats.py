@@ -7,8 +7,8 @@
 * Layer, ``influence`` (ShortGPT's block influence): ``1 - cos(h_in, h_out)`` of the layer's input and
   output hidden states, averaged over calibration tokens. A layer that barely turns the residual stream
   is the cheapest to drop. Pure reduction: :func:`block_influence`, accumulated in :class:`LayerStats`.
-* Layer, ``loss``: the calibration loss with the layer skipped minus the dense loss (one full pass per
-  candidate layer; more faithful, ``n_layers`` times the cost).
+* Layer, ``loss``: the calibration loss with the layer skipped minus the dense loss (the rest of the
+  model run once per candidate layer from the dense prefix: about ``n_layers / 2`` forward passes).
 
 Higher score = more important, as for every other group in minillm.
 """
@@ -126,24 +126,34 @@ def collect_axis_stats(model: nn.Module, adapter: ArchAdapter, calibration: Cali
 
 def layer_loss_scores(model: nn.Module, adapter: ArchAdapter, calibration: CalibrationSet,
                       layers: Sequence[int], progress: Progress | None = None) -> dict[int, float]:
-    """Calibration loss with each layer of ``layers`` skipped, minus the dense loss (one executor walk
-    per layer, the skipped block passing its input through)."""
-    from minillm.calibration.sequential import Sequential
-    from minillm.surgery_depth import skipped_layers
+    """Calibration loss with each layer of ``layers`` skipped, minus the dense loss.
+
+    One walk of the executor: at block ``i`` its inputs are the dense prefix's outputs, so the loss
+    without ``i`` is those inputs run through blocks ``i+1…`` (each made resident in turn) and the head;
+    then the walk advances through ``i``. Cost: ``Σ (L − 1 − i)`` block passes over the calibration set
+    (about ``L/2`` forward passes of the model for ``L`` candidate layers, e.g. 15 for SmolLM2's 30)
+    plus one head evaluation per layer; memory: two sets of block activations at a time.
+    """
+    from minillm.calibration.blocks import resident, run_block
+    from minillm.calibration.sequential import Block, Sequential
 
     executor = Sequential(model, adapter, calibration)
+    chosen = sorted(layers)
+    total = len(executor.layers)
 
-    def loss() -> float:
-        return executor.loss(executor.run(to_end=True).outputs or [])
-
-    base = loss()
-    scores = {}
-    for done, index in enumerate(layers, 1):
-        with skipped_layers(model, adapter, [index]):
-            scores[index] = loss() - base
+    def without(block: Block) -> float:
+        hidden = block.inputs
+        for j in range(block.index + 1, total):
+            with resident(executor.layers[j]):
+                hidden = run_block(executor.layers[j], hidden, executor.kinds[j], executor.store)
+        loss = executor.loss(hidden)
         if progress is not None:
-            progress("layer loss scores", done, len(layers))
-    return scores
+            progress("layer loss scores", chosen.index(block.index) + 1, len(chosen))
+        return loss
+
+    walk = executor.run(without, layers=chosen, to_end=True, task="layer loss scores (dense walk)")
+    base = executor.loss(walk.outputs or [])
+    return {index: walk.results[index] - base for index in chosen}
 
 
 def score_axes(model: nn.Module, adapter: ArchAdapter, calibration: CalibrationSet,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from minillm.arch.base import ArchAdapter, LayerShape
+from minillm.arch.base import ArchAdapter, LayerShape, holder
 from minillm.errors import UsageError
 from minillm.plan import (
     HeadMode,
@@ -61,36 +61,23 @@ class ParamCounter:
         norms = {id(p) for n in adapter.hidden_norms(model) for p in n.parameters(recurse=False)}
         embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
         self.vocab_columns = embedding.weight.shape[0]
-        tied = head is not None and head.weight is embedding.weight
+        tied = head is not None and (head.weight is embedding.weight or (  # accelerate's offload may
+            getattr(model.config, "tie_word_embeddings", False)          # hold a copy of the tied side
+            and head.weight.shape == embedding.weight.shape))
         if head is not None and not tied:
             self.vocab_columns += head.weight.shape[0]
-        self.layers: list[tuple[list[tuple[str, int]], int]] = []
+        self.layers: list[tuple[list[tuple[str, int, int]], int]] = []
         in_layers: set[int] = set()
         for layer in adapter.decoder_layers(model):
-            attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-            roles = {id(attn.q.weight): "q", id(attn.k.weight): "kv", id(attn.v.weight): "kv",
-                     id(attn.o.weight): "o", id(mlp.closing.weight): "closing"}
-            for lin in (attn.q,):
-                if lin.bias is not None:
-                    roles[id(lin.bias)] = "q_bias"
-            for lin in (attn.k, attn.v):
-                if lin.bias is not None:
-                    roles[id(lin.bias)] = "kv_bias"
-            for lin in (attn.o, mlp.closing):
-                if lin.bias is not None:
-                    roles[id(lin.bias)] = "hidden_vector"
-            for lin in mlp.expand:
-                roles[id(lin.weight)] = "expand"
-                if lin.bias is not None:
-                    roles[id(lin.bias)] = "channel_vector"
+            roles = _roles(adapter, layer, self.head_dim)
             entries, constant = [], 0
             for p in layer.parameters():
                 in_layers.add(id(p))
-                role = roles.get(id(p)) or ("hidden_vector" if id(p) in norms else None)
+                role = roles.get(id(p)) or (("hidden_vector", 1, 0) if id(p) in norms else None)
                 if role is None:
                     constant += p.numel()
                 else:
-                    entries.append((role, p.numel()))
+                    entries.append(role)
             self.layers.append((entries, constant))
         self._cache: dict[tuple, int] = {}
         self.outer_hidden_vectors = 0
@@ -112,16 +99,65 @@ class ParamCounter:
 
     def _layer(self, index: int, hidden: int, heads: int, kv_heads: int, channels: int) -> int:
         hd = self.head_dim
-        size = {"q": heads * hd * hidden, "kv": kv_heads * hd * hidden, "o": hidden * heads * hd,
-                "closing": hidden * channels, "expand": channels * hidden, "q_bias": heads * hd,
-                "kv_bias": kv_heads * hd, "hidden_vector": hidden, "channel_vector": channels}
         entries, constant = self.layers[index]
-        return constant + sum(size[role] for role, _ in entries)
+        total = constant
+        for role, a, b in entries:  # (role, multiplicities): see _roles
+            if role == "attn_in":
+                total += (a * heads + b * kv_heads) * hd * hidden
+            elif role == "attn_in_bias":
+                total += (a * heads + b * kv_heads) * hd
+            elif role == "o":
+                total += hidden * heads * hd
+            elif role == "expand":
+                total += a * channels * hidden
+            elif role == "channel_vector":
+                total += a * channels
+            elif role == "closing":
+                total += hidden * channels
+            elif role == "hidden_vector":
+                total += hidden
+            elif role == "head_norm":
+                total += (heads if a else kv_heads) * b
+        return total
 
     def total(self, hidden: int, shapes: dict[int, LayerShape]) -> int:
         body = sum(self.layer(i, hidden, s.num_heads, s.num_kv_heads, s.intermediate)
                    for i, s in shapes.items())
         return body + self.vocab_columns * hidden + self.outer_hidden_vectors * hidden + self.outer_constant
+
+
+def _roles(adapter: ArchAdapter, layer: nn.Module, head_dim: int) -> dict[int, tuple[str, int, int]]:
+    """How each width-dependent parameter of ``layer`` scales: ``{id: (role, a, b)}``. A fused holder
+    (phi3's qkv, gate_up) counts once with its parts as multiplicities (``attn_in``: ``a`` query and
+    ``b`` key/value parts); per-head norms scale with their heads (``head_norm``: ``a`` = 1 for query
+    heads, ``b`` entries per head)."""
+    attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+    roles: dict[int, tuple[str, int, int]] = {}
+    parts: dict[nn.Linear, list[int]] = {}
+    for projection, is_q in ((attn.q, 1), (attn.k, 0), (attn.v, 0)):
+        counts = parts.setdefault(holder(projection), [0, 0])
+        counts[0 if is_q else 1] += 1
+    for linear, (q_parts, kv_parts) in parts.items():
+        roles[id(linear.weight)] = ("attn_in", q_parts, kv_parts)
+        if linear.bias is not None:
+            roles[id(linear.bias)] = ("attn_in_bias", q_parts, kv_parts)
+    expand: dict[nn.Linear, int] = {}
+    for projection in mlp.expand:
+        expand[holder(projection)] = expand.get(holder(projection), 0) + 1
+    for linear, count in expand.items():
+        roles[id(linear.weight)] = ("expand", count, 0)
+        if linear.bias is not None:
+            roles[id(linear.bias)] = ("channel_vector", count, 0)
+    roles[id(attn.o.weight)] = ("o", 0, 0)
+    roles[id(mlp.closing.weight)] = ("closing", 0, 0)
+    for linear in (attn.o, mlp.closing):
+        if linear.bias is not None:
+            roles[id(linear.bias)] = ("hidden_vector", 1, 0)
+    for norm in attn.norms:
+        heads = (attn.q if norm.kind == "q" else attn.k).out_features // head_dim
+        for param in norm.module.parameters(recurse=False):
+            roles[id(param)] = ("head_norm", int(norm.kind == "q"), param.numel() // heads)
+    return roles
 
 
 def _uncut(w: Widths, structures: frozenset[str], first: LayerShape, hidden: int) -> int:

@@ -16,6 +16,12 @@ parameters + a weights map), and surgery on the live model would only change the
    block and written before the next is made; the index (``model.safetensors.index.json``) is the one
    ``save_pretrained`` writes, so vanilla ``from_pretrained`` loads the folder.
 
+Hidden size and depth (issue 17) go the same way: the export's block ``j`` is the source block
+``kept_layers[j]``; each block's hidden part is cut by :func:`~minillm.surgery_hidden.slice_block_hidden`
+on the workbench, and each other unit (embedding, final norm, untied head) by
+:func:`~minillm.surgery_hidden.slice_outer_hidden` on a fresh meta skeleton holding only that unit's
+weights (Gemma's normaliser factor depends on the config, not on the other units' values).
+
 Tied weights are dropped exactly as transformers does (``remove_tied_weights_from_state_dict``).
 """
 
@@ -34,6 +40,7 @@ from minillm.cut import apply_cut, meta_skeleton
 from minillm.output_guard import METADATA_FILE, atomic_output_dir
 from minillm.plan import PrunePlan
 from minillm.remote_code import add_remote_code
+from minillm.surgery_hidden import slice_block_hidden, slice_outer_hidden
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -71,7 +78,12 @@ class _Producer:
         self.bias_families = bias_families or {}
         self.workbench = meta_skeleton(model)
         names = {id(m): n for n, m in model.named_modules()}
-        self.blocks = {names[id(layer)]: i for i, layer in enumerate(adapter.decoder_layers(model))}
+        self.layers = adapter.decoder_layers(model)
+        #: export block name (the source's name at that position) → source block index
+        kept = plan.kept_layers if plan.kept_layers is not None else range(len(self.layers))
+        self.blocks = {names[id(self.layers[j])]: source for j, source in enumerate(kept)}
+        self.hidden_index = (None if plan.hidden is None
+                             else torch.tensor(sorted(plan.hidden), dtype=torch.long))
         self.unit_names = list(names.values())
         self.current: tuple[str, dict[str, torch.Tensor]] | None = None
 
@@ -98,8 +110,12 @@ class _Producer:
                     **dict(live.named_parameters(recurse=False)),
                     **dict(live.named_buffers(recurse=False)),
                 }
-                return {prefix + k: v.detach().to("cpu") for k, v in tensors.items()}
+                tensors = {k: v.detach().to("cpu") for k, v in tensors.items()}
+            if self.hidden_index is not None:
+                tensors = self._outer_hidden(unit, tensors)
+            return {prefix + k: v for k, v in tensors.items()}
         index = self.blocks[unit]
+        live = self.layers[index]
         bench = self.adapter.decoder_layers(self.workbench)[index]
         with resident(live):
             state = {k: v.detach().to("cpu") for k, v in live.state_dict().items()}
@@ -108,9 +124,25 @@ class _Producer:
         # the cut of minillm.cut, on this block: compensated closings, biases (every block), slicing
         apply_cut(self.workbench, self.adapter, _sub_plan(self.plan, index), self.updates, self.bias_families,
                   layers=[index])
+        if self.hidden_index is not None:
+            slice_block_hidden(bench, self.adapter, self.hidden_index, int(self.model.config.hidden_size))
         result = {prefix + k: v.contiguous() for k, v in bench.state_dict().items()}
         bench.to("meta")
         return result
+
+    def _outer_hidden(self, unit: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One non-block unit's tensors after the hidden cut: put into a fresh meta skeleton (ties kept),
+        cut there with every other unit still weightless, read back."""
+        fresh = meta_skeleton(self.model)
+        module = fresh.get_submodule(unit) if unit else fresh
+        embedding, head = fresh.get_input_embeddings(), fresh.get_output_embeddings()
+        tied = head is not None and head.weight is embedding.weight
+        module.load_state_dict(tensors, assign=True, strict=False)
+        if tied:
+            head.weight = embedding.weight
+        slice_outer_hidden(fresh, self.adapter, self.hidden_index)
+        return {k: v.detach().contiguous() for k, v in (*module.named_parameters(recurse=False),
+                                                       *module.named_buffers(recurse=False))}
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

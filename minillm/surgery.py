@@ -110,16 +110,17 @@ def apply_plan(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan) -> None:
                 cuts.setdefault(holder(projection), []).append(holder_rows(projection, channels))
             _cut_rows(cuts)
             slice_linear(mlp.closing, channels, 1)
+    if plan.hidden is not None:  # the other axes (issue 17): hidden size (before the config's head count
+        from minillm.surgery_hidden import slice_hidden  # is set: it must divide the new hidden size)
+
+        heads = {len(p.heads) for p in plan.layers}
+        slice_hidden(model, adapter, plan.hidden, heads.pop() if len(heads) == 1 else None)
     if plan.is_uniform() and plan.layers and len(plan.layers) == len(layers):
         update = adapter.uniform_config_update(model.config, adapter.layer_shape(model, plan.layers[0].index))
         if update is not None and stock_rebuilds(model, adapter, update):
             for key, value in update.items():
                 setattr(model.config, key, value)
-    if plan.hidden is not None:  # the other axes (issue 17): hidden size, then whole layers
-        from minillm.surgery_hidden import slice_hidden
-
-        slice_hidden(model, adapter, plan.hidden)
-    if plan.kept_layers is not None:
+    if plan.kept_layers is not None:  # then whole layers
         from minillm.surgery_depth import remove_layers
 
         remove_layers(model, adapter, plan.kept_layers)

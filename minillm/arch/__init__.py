@@ -2,9 +2,10 @@
 
 Most families are served by :class:`~minillm.arch.structural.StructuralAdapter`, which recognises a
 decoder block by its modules; families whose block differs (OPT's naming and config, GPT-NeoX's
-interleaved qkv, phi3's config-read head count) keep a small file of their own. A ``model_type`` in no
-list is still tried structurally: it is pruned if its blocks are recognised and pass a mask ≡ surgery
-self-check on a tiny copy (:mod:`minillm.arch.probe`), and refused with one line otherwise.
+interleaved qkv, phi3's config-read head count, Gemma's embedding normaliser) keep a small file of their
+own. A ``model_type`` in no list is still tried structurally: it is pruned if its blocks are recognised
+and pass a mask ≡ surgery self-check on a tiny copy (:mod:`minillm.arch.probe`), and refused with one
+line otherwise.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 from minillm.arch.base import ArchAdapter, AttentionLinears, LayerShape, MlpLinears
+from minillm.arch.gemma import GemmaAdapter
 from minillm.arch.gpt_neox import GptNeoxAdapter
 from minillm.arch.opt import OptAdapter
 from minillm.arch.phi3 import Phi3Adapter
 from minillm.arch.probe import self_check
 from minillm.arch.structural import StructuralAdapter
 
-_ADAPTERS: tuple[type[ArchAdapter], ...] = (OptAdapter, GptNeoxAdapter, Phi3Adapter, StructuralAdapter)
+_ADAPTERS: tuple[type[ArchAdapter], ...] = (OptAdapter, GptNeoxAdapter, Phi3Adapter, GemmaAdapter,
+                                            StructuralAdapter)
 
 
 def supported_model_types() -> list[str]:

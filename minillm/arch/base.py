@@ -227,30 +227,36 @@ class ArchAdapter:
     #: config keys holding one entry per decoder layer (sliced with the kept layers when layers go).
     per_layer_config_keys: ClassVar[tuple[str, ...]] = ("layer_types", "no_rope_layers")
     #: opt-in: the family's residual stream is written only by the embedding, ``o`` and the closing MLP
-    #: projection and read only through norms, and nothing else derives from ``hidden_size`` (Gemma's
-    #: embedding scale √hidden would change on reload, for example), so :mod:`minillm.surgery_hidden`
-    #: is exact for it.
+    #: projection and read only through norms, and whatever derives from ``hidden_size`` besides the
+    #: widths is restored by :meth:`hidden_size_changed`, so :mod:`minillm.surgery_hidden` is exact.
     hidden_pruning: ClassVar[bool] = False
 
     def hidden_pruning_blocker(self, config: Any) -> str | None:
         """Why this family's hidden size cannot be cut (one line), or ``None`` when it can."""
         if self.hidden_pruning:
             return None
-        return (f"--structures hidden is not supported for {getattr(config, 'model_type', '?')} yet (its "
-                "adapter does not declare hidden_pruning); prune attn, mlp or layers instead")
+        return (f"--structures hidden is not supported for {getattr(config, 'model_type', '?')} (its "
+                "adapter does not declare hidden pruning exact); prune attn, mlp or layers instead")
+
+    def block_hidden_norms(self, layer: nn.Module, hidden: int) -> list[nn.Module]:
+        """The norms of one decoder layer acting on the residual stream (weight of ``hidden``), attention-
+        internal norms (Qwen3's per-head_dim ``q_norm``/``k_norm``, OLMo 2's over all heads) excluded."""
+        inside_attention = {id(m) for m in self.attention(layer).module.modules()}
+        return [module for module in layer.modules() if id(module) not in inside_attention
+                and _is_hidden_norm(module, hidden)]
 
     def hidden_norms(self, model: nn.Module) -> list[nn.Module]:
-        """Every norm acting on the residual stream (weight of ``hidden_size``), attention-internal
-        norms (Qwen3's per-head_dim ``q_norm``/``k_norm``) excluded."""
+        """Every norm acting on the residual stream, in module order: the blocks' then the others
+        (the final norm)."""
         hidden = int(model.config.hidden_size)
-        inside_attention = {
-            id(m) for layer in self.decoder_layers(model) for m in self.attention(layer).module.modules()
-        }
-        return [
-            module for module in model.modules()
-            if type(module).__name__.endswith("Norm") and id(module) not in inside_attention
-            and getattr(module, "weight", None) is not None and tuple(module.weight.shape) == (hidden,)
-        ]
+        layers = self.decoder_layers(model)
+        inside = {id(m) for layer in layers for m in layer.modules()}
+        found = [norm for layer in layers for norm in self.block_hidden_norms(layer, hidden)]
+        return found + [m for m in model.modules() if id(m) not in inside and _is_hidden_norm(m, hidden)]
+
+    def hidden_size_changed(self, model: nn.Module, old: int, new: int) -> None:
+        """Restore what the family derives from ``hidden_size`` (besides widths) after the residual stream
+        was cut from ``old`` to ``new`` channels, before the config says ``new``; nothing by default."""
 
     def removed_layers_config_update(self, config: Any, kept: list[int]) -> dict[str, Any]:
         """Config fields after keeping only decoder layers ``kept`` (original indices, ascending)."""
@@ -260,3 +266,8 @@ class ArchAdapter:
             if isinstance(value, (list, tuple)) and len(value) == config.num_hidden_layers:
                 update[key] = [value[i] for i in kept]
         return update
+
+
+def _is_hidden_norm(module: nn.Module, hidden: int) -> bool:
+    weight = getattr(module, "weight", None)
+    return type(module).__name__.endswith("Norm") and weight is not None and tuple(weight.shape) == (hidden,)

@@ -27,6 +27,10 @@ class GptNeoxAdapter(StructuralAdapter):
         base = torch.arange(heads)[:, None] * 3 * head_dim + torch.arange(head_dim)[None, :]
         return tuple(RowBlock(fused, (base + part * head_dim).reshape(-1)) for part in range(3))
 
+    def hidden_pruning_blocker(self, config: Any) -> str | None:
+        return ("--structures hidden has no exact form for gpt_neox: its attention derives head_size = "
+                "hidden_size / num_attention_heads; prune attn, mlp or layers")
+
     def num_kv_heads(self, config: Any) -> int:
         return int(config.num_attention_heads)
 

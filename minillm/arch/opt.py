@@ -28,6 +28,10 @@ class OptAdapter(ArchAdapter):
     def mlp(self, layer: nn.Module) -> MlpLinears:
         return MlpLinears(module=layer, expand=(layer.fc1,), closing=layer.fc2)
 
+    def hidden_pruning_blocker(self, config: Any) -> str | None:
+        return ("--structures hidden has no exact form for opt: its attention derives head_dim = "
+                "hidden_size / num_attention_heads; prune attn, mlp or layers")
+
     def head_dim(self, config: Any) -> int:
         return config.hidden_size // config.num_attention_heads
 

@@ -54,7 +54,7 @@ class StructuralAdapter(ArchAdapter):
     """Serves any decoder whose blocks it recognises (see the module docstring)."""
 
     model_types = (
-        "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "olmo2", "olmo3",
+        "llama", "mistral", "qwen2", "qwen3", "granite", "olmo2", "olmo3",
         "smollm3", "cohere", "cohere2", "stablelm", "starcoder2", "phi", "ministral", "exaone4", "glm4",
         "internlm3",
     )
@@ -64,13 +64,31 @@ class StructuralAdapter(ArchAdapter):
         "qwen3": {"attn": "attention_bias"},
     }
 
-    #: families whose hidden size :mod:`minillm.surgery_hidden` cuts exactly (pre-norm RMSNorm blocks,
-    #: nothing else sized by ``hidden_size``; Gemma's embedding scale √hidden, for one, would change)
-    hidden_pruning_types: ClassVar[frozenset[str]] = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+    #: families whose hidden size :mod:`minillm.surgery_hidden` cuts exactly: nothing but the widths is
+    #: sized by ``hidden_size`` and ``head_dim`` is read from the config (tests/test_axes_families.py)
+    hidden_pruning_types: ClassVar[frozenset[str]] = frozenset({
+        "llama", "mistral", "ministral", "qwen2", "qwen3", "phi3", "phi", "granite", "olmo2", "olmo3",
+        "smollm3", "cohere", "cohere2", "starcoder2", "exaone4", "glm4", "internlm3",
+    })
+    #: families with no closed form for a smaller hidden size, and why
+    hidden_blockers: ClassVar[dict[str, str]] = {
+        "stablelm": "StableLM's attention derives head_dim = hidden_size / num_attention_heads, so its stock "
+                    "class cannot hold a smaller hidden size with the same heads",
+    }
 
     def __init__(self, model_type: str | None = None) -> None:
         self.model_type = model_type
         self.hidden_pruning = model_type in self.hidden_pruning_types  # type: ignore[misc]
+
+    def hidden_pruning_blocker(self, config: Any) -> str | None:
+        model_type = getattr(config, "model_type", None)
+        reason = self.hidden_blockers.get(model_type or "")
+        if model_type == "phi" and getattr(config, "qk_layernorm", False):
+            reason = "phi's q/k LayerNorms are sized hidden_size / num_attention_heads (qk_layernorm=True)"
+        if reason:
+            return (f"--structures hidden has no exact form for {model_type}: {reason}; "
+                    "prune attn, mlp or layers")
+        return super().hidden_pruning_blocker(config)
 
     def _refuse(self, part: str) -> UsageError:
         from minillm.arch import supported_model_types

@@ -5,6 +5,17 @@ blocks ``0…i−1`` *after* they were cut and compensated — so later blocks c
 left (SlimGPT, OSSCAR, ZipLM). For each block in order: :func:`~minillm.compensation.layer.compensate_block`
 (attention, then MLP), then the changed block runs once more to make the next block's inputs.
 
+On the model as it will be exported: a plan that also cuts the hidden size or whole layers is walked
+through :func:`as_exported` — removed layers pass their input through (and are not compensated), and
+every residual-stream norm sees only the kept hidden channels — so each closing's moments ``H`` are
+those of the exported model and the refit targets what remains.
+
+Where compensation has a closed form: removed heads and MLP channels (their closing projection's
+columns), by bias folding or the least-squares refit. Hidden channels and whole layers have none
+beyond that refit of the remaining closing projections on the cut model's inputs: the refit's target
+is each closing's own output, which is row-separable (removing hidden rows of ``o``/``down`` changes no
+other row's solution) and unchanged when no input column goes.
+
 Offloaded blocks (``--streaming``): their loaded weights are dropped when the walk leaves them, so the
 compensated closing projections are kept and handed to the export — the o_proj and down_proj of every
 pruned block, about a third of the block weights (3.9 GB for a 7B Llama in fp16). With ``spill`` (a
@@ -16,7 +27,7 @@ up in memory; without it they stay on CPU.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -60,9 +71,28 @@ def _stopping_after(module: nn.Module) -> Iterator[None]:
 
 
 def _changes(plan: PrunePlan, model: nn.Module, adapter: ArchAdapter) -> list[int]:
+    """Layers whose heads or channels are cut and that stay in the export."""
     shapes = {p.index: adapter.layer_shape(model, p.index) for p in plan.layers}
-    return [p.index for p in plan.layers
-            if len(p.heads) < shapes[p.index].num_heads or len(p.channels) < shapes[p.index].intermediate]
+    kept = None if plan.kept_layers is None else set(plan.kept_layers)
+    return [p.index for p in plan.layers if (kept is None or p.index in kept) and (
+            len(p.heads) < shapes[p.index].num_heads or len(p.channels) < shapes[p.index].intermediate)]
+
+
+@contextmanager
+def as_exported(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan) -> Iterator[None]:
+    """Run the dense model as ``plan``'s export will, for its hidden size and depth: the layers it
+    removes pass their input through, the hidden channels it removes are never read (heads and
+    channels stay as the caller has them)."""
+    from minillm.surgery_depth import skipped_layers
+    from minillm.surgery_hidden import kept_channels_only
+
+    with ExitStack() as stack:
+        if plan.hidden is not None:
+            stack.enter_context(kept_channels_only(model, adapter, plan.hidden))
+        if plan.kept_layers is not None:
+            removed = sorted(set(range(len(adapter.decoder_layers(model)))) - set(plan.kept_layers))
+            stack.enter_context(skipped_layers(model, adapter, removed))
+        yield
 
 
 def _to_cpu(update: ClosingUpdate) -> ClosingUpdate:
@@ -166,8 +196,9 @@ def compensate_sequential(model: nn.Module, adapter: ArchAdapter, plan: PrunePla
                 else:
                     closings[name].bias.data.copy_(bias)
 
-    Sequential(model, adapter, calibration, progress=progress).run(per_block, layers=changed,
-                                                                   task="compensation")
+    with as_exported(model, adapter, plan):
+        Sequential(model, adapter, calibration, progress=progress).run(per_block, layers=changed,
+                                                                       task="compensation")
     result.plan = replace(plan, layers=[layer_plans[p.index] for p in plan.layers])
     result.forward_passes = passes + max(changed) + 1 - len(changed)
     return result
