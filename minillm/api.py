@@ -40,6 +40,7 @@ from minillm.plan import (
 from minillm.recipe import export_recipe
 from minillm.report.timeline import Timeline
 from minillm.scoring import CRITERIA, ScoreResult, ScoringContext
+from minillm.search import check_search_options
 from minillm.surgery import apply_plan, pruned_widths
 
 if TYPE_CHECKING:
@@ -188,6 +189,7 @@ def prune(
     check_criterion_options(criterion, run["criterion_options"])
     names = parse_structures(run["structures"])
     check_axes_options(names, run["allocation"], run["round_to"], streaming)
+    check_search_options(run["search"], run["architecture"], criterion, run["allocation"], streaming)
     inputs = (model, calibration_source, *inputs)
     if out is not None and not dry_run:
         check_output_dir(out, overwrite, force, inputs)
@@ -220,13 +222,15 @@ def prune(
         raise UsageError(blocker)
     offloaded = is_offloaded(model)  # decides only how the cut model is written, never how it is scored
     check_axes_options(names, run["allocation"], run["round_to"], offloaded)
+    check_search_options(run["search"], run["architecture"], criterion, run["allocation"], offloaded)
     if offloaded:
         from minillm.memory import return_large_frees_to_the_os
 
         return_large_frees_to_the_os()  # block-sized tensors come and go: keep them off the heap
     timeline.mark("loaded", count_parameters(model))
     layers = prunable_layers(len(adapter.decoder_layers(model)), run["skip_first"], run["skip_last"])
-    check_plan_from_shapes(model, layers, ratio, run["allocation"], run["head_mode"], run["structures"])
+    if not (run["search"] or run["architecture"]):  # (those plans check their own bounds)
+        check_plan_from_shapes(model, layers, ratio, run["allocation"], run["head_mode"], run["structures"])
     if isinstance(calibration_source, CalibrationSet):
         calibration = calibration_source
     else:
@@ -246,8 +250,14 @@ def prune(
         hidden_scores, layer_scores = score_axes(model, adapter, calibration, names, layers,
                                                  run["layer_score"], progress)
     timeline.mark("scored", count_parameters(model))
-    plan = plan_from_scores(model, score, ratio, run["allocation"], run["head_mode"], run["structures"],
-                            run["round_to"], hidden_scores, layer_scores)
+    if run["search"] or run["architecture"]:  # a chosen uniform architecture (minillm.search)
+        from minillm.search import plan_from_run
+
+        plan = plan_from_run(model, adapter, layer_shapes(model, adapter), score.scores, hidden_scores,
+                             layer_scores, count_parameters(model), calibration, run, names, progress)
+    else:
+        plan = plan_from_scores(model, score, ratio, run["allocation"], run["head_mode"], run["structures"],
+                                run["round_to"], hidden_scores, layer_scores)
     plan.extra = {"criterion": criterion, "layers_scored": layers, "structures": structures_label(names),
                   **plan.extra}
     if layer_scores is not None:
@@ -264,6 +274,8 @@ def prune(
         "calib_samples": calibration.input_ids.shape[0], "seq_len": calibration.input_ids.shape[1],
         "batch_size": calibration.batch_size, "structures": structures_label(names),
     }
+    if "search" in plan.extra:  # the export replays the chosen architecture, not the search
+        options.update(search=False, architecture=plan.extra["architecture"])
     result = PruneResult(
         plan=plan, model=model, score=score, scoring=scoring, total_seconds=0.0, timeline=timeline
     )

@@ -90,6 +90,24 @@ def print_prune_summary(result: Any) -> None:
     for row in _widths_rows(pruned_widths(plan)):
         widths.add_row(*map(str, row))
     console.print(widths)
+    if plan.extra.get("search"):
+        print_search_table(plan.extra["search"])
+
+
+def print_search_table(record: dict[str, Any]) -> None:
+    """The candidates of ``--search``, best first (unranked ones last, without a loss)."""
+    title = (f"architecture search: {record['ranked']} of {record['enumerated']} candidates ranked by "
+             f"held-out loss ({record['held_out']}; compensated on the first {record['fit_windows']}) "
+             f"in {record['seconds']:.0f} s")
+    table = Table(title=title)
+    for column in ("rank", "layers", "heads/kv", "hidden", "MLP", "parameters", "ratio", "held-out loss"):
+        table.add_column(column, justify="right")
+    for row in record["candidates"]:
+        loss = "-" if row["loss"] is None else f"{row['loss']:.4f}"
+        table.add_row("-" if row["rank"] is None else str(row["rank"]), str(row["layers"]),
+                      f"{row['heads']}/{row['kv_heads']}", str(row["hidden"]), str(row["mlp"]),
+                      f"{row['params']:,}", f"{row['ratio']:.2%}", loss)
+    console.print(table)
 
 
 #: prune options about the invocation, not the run: everything else is a recipe field.
@@ -135,6 +153,14 @@ def prune(
     structures: str = options.structures(),
     round_to: int = options.round_to(),
     layer_score: str = options.layer_score(),
+    search: bool = typer.Option(False, "--search", help="Rank the uniform architectures within ±2 % of "
+                                "--ratio (layers, heads per kv group, kv groups, hidden; MLP solved) by "
+                                "held-out calibration loss after compensation; prune to the best."),
+    search_calib_samples: int = typer.Option(32, help="--search: windows per candidate (the last quarter, "
+                                             "from the end of the calibration set, held out for the loss)."),
+    max_candidates: int = typer.Option(12, help="--search: most candidates compensated and ranked."),
+    architecture: str = typer.Option(None, help="Prune to this uniform architecture, e.g. layers=28,"
+                                     "heads=6,kv_heads=3,hidden=576,mlp=1280 (what --search chose)."),
     skip_first: int = options.skip_first(),
     skip_last: int = options.skip_last(),
     calib: str = options.calib(),
