@@ -216,6 +216,8 @@ def prune(
             console.print(f"report: {settings.report}", highlight=False)
     else:
         saved = f"; saved to {result.out}" if result.out is not None else ""
+        if result.plan.extra.get("search"):
+            saved = f"; searched: {result.plan.extra['architecture']}{saved}"
         console.print(f"pruned {result.plan.params_before:,} → {result.plan.params_after:,} parameters "
                       f"({result.plan.achieved_ratio:.2%}) in {result.total_seconds:.1f} s{saved}",
                       highlight=False)
