@@ -41,6 +41,7 @@ from minillm.plan import (
 )
 from minillm.report.timeline import Timeline
 from minillm.scoring import CRITERIA, ScoreResult, ScoringContext
+from minillm.search import check_search_options
 from minillm.surgery import pruned_widths
 
 if TYPE_CHECKING:
@@ -194,6 +195,7 @@ def prune(
     check_criterion_options(criterion, run["criterion_options"])
     names = parse_structures(run["structures"])
     check_axes_options(names, run["allocation"], run["round_to"])
+    check_search_options(run["search"], run["architecture"], criterion, run["allocation"], streaming)
     inputs = (model, calibration_source, *inputs)
     if out is not None and not dry_run:
         check_output_dir(out, overwrite, force, inputs)
@@ -225,13 +227,15 @@ def prune(
     if "hidden" in names and (blocker := adapter.hidden_pruning_blocker(model.config)):
         raise UsageError(blocker)
     offloaded = is_offloaded(model)  # decides only how the cut model is written, never how it is scored
+    check_search_options(run["search"], run["architecture"], criterion, run["allocation"], offloaded)
     if offloaded:
         from minillm.memory import return_large_frees_to_the_os
 
         return_large_frees_to_the_os()  # block-sized tensors come and go: keep them off the heap
     timeline.mark("loaded", count_parameters(model))
     layers = prunable_layers(len(adapter.decoder_layers(model)), run["skip_first"], run["skip_last"])
-    check_plan_from_shapes(model, layers, ratio, run["allocation"], run["head_mode"], run["structures"])
+    if not (run["search"] or run["architecture"]):  # (those plans check their own bounds)
+        check_plan_from_shapes(model, layers, ratio, run["allocation"], run["head_mode"], run["structures"])
     if isinstance(calibration_source, CalibrationSet):
         calibration = calibration_source
     else:
@@ -263,6 +267,8 @@ def prune(
         "calib_samples": calibration.input_ids.shape[0], "seq_len": calibration.input_ids.shape[1],
         "batch_size": calibration.batch_size, "structures": structures_label(names),
     }
+    if "search" in plan.extra:  # the export replays the chosen architecture, not the search
+        options.update(search=False, architecture=plan.extra["architecture"])
     result = PruneResult(
         plan=plan, model=model, score=score, scoring=scoring, total_seconds=0.0, timeline=timeline
     )
@@ -297,7 +303,9 @@ def prune(
         {"model": source, "out": None if out is None else str(out), "overwrite": False, "force": False,
          "trust_remote_code": False, "dry_run": False, "report": None if report is None else str(report),
          "offload_dir": offload_dir,
-         **{k: options[k] for k in ("calib", "calib_samples", "seq_len", "batch_size", "structures")}},
+         **{k: options[k] for k in ("calib", "calib_samples", "seq_len", "batch_size", "structures")},
+         # the export replays the chosen architecture, not the search
+         **({"search": False, "architecture": plan.extra["architecture"]} if "search" in plan.extra else {})},
         source="resolved recipe").to_dict()
     folder = out
     if done.offloaded:  # cut while written: the Python API without --out writes to a temporary folder
@@ -332,9 +340,17 @@ def plan_for(model: nn.Module, score: ScoreResult, recipe: Recipe, hidden_scores
     what ``prune`` cuts, and what every ``compare`` cell cuts (``allocation="error"`` walks
     ``calibration`` for its refit-error curves)."""
     names = parse_structures(recipe.structures)
-    plan = plan_from_scores(model, score, recipe.ratio, recipe.allocation, recipe.head_mode,
-                            recipe.structures, recipe.round_to, hidden_scores, layer_scores,
-                            calibration=calibration, damping=recipe.damping, progress=progress)
+    if recipe.search or recipe.architecture:  # a chosen uniform architecture (minillm.search)
+        from minillm.search import plan_from_run
+
+        adapter = adapter_for(model.config)
+        plan = plan_from_run(model, adapter, layer_shapes(model, adapter), score.scores, hidden_scores,
+                             layer_scores, count_parameters(model), calibration, recipe.model_dump(), names,
+                             progress)
+    else:
+        plan = plan_from_scores(model, score, recipe.ratio, recipe.allocation, recipe.head_mode,
+                                recipe.structures, recipe.round_to, hidden_scores, layer_scores,
+                                calibration=calibration, damping=recipe.damping, progress=progress)
     count = len(adapter_for(model.config).decoder_layers(model))
     plan.extra = {"criterion": recipe.criterion,
                   "layers_scored": prunable_layers(count, recipe.skip_first, recipe.skip_last),

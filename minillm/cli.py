@@ -90,6 +90,24 @@ def print_prune_summary(result: Any) -> None:
     for row in _widths_rows(pruned_widths(plan)):
         widths.add_row(*map(str, row))
     console.print(widths)
+    if plan.extra.get("search"):
+        print_search_table(plan.extra["search"])
+
+
+def print_search_table(record: dict[str, Any]) -> None:
+    """The candidates of ``--search``, best first (unranked ones last, without a loss)."""
+    title = (f"architecture search: {record['ranked']} of {record['enumerated']} candidates ranked by "
+             f"held-out loss ({record['held_out']}; compensated on the first {record['fit_windows']}) "
+             f"in {record['seconds']:.0f} s")
+    table = Table(title=title)
+    for column in ("rank", "layers", "heads/kv", "hidden", "MLP", "parameters", "ratio", "held-out loss"):
+        table.add_column(column, justify="right")
+    for row in record["candidates"]:
+        loss = "-" if row["loss"] is None else f"{row['loss']:.4f}"
+        table.add_row("-" if row["rank"] is None else str(row["rank"]), str(row["layers"]),
+                      f"{row['heads']}/{row['kv_heads']}", str(row["hidden"]), str(row["mlp"]),
+                      f"{row['params']:,}", f"{row['ratio']:.2%}", loss)
+    console.print(table)
 
 
 #: prune options about the invocation, not the run: everything else is a recipe field.
@@ -158,6 +176,8 @@ def prune(
             console.print(f"report: {settings.report}", highlight=False)
     else:
         saved = f"; saved to {result.out}" if result.out is not None else ""
+        if result.plan.extra.get("search"):
+            saved = f"; searched: {result.plan.extra['architecture']}{saved}"
         console.print(f"pruned {result.plan.params_before:,} → {result.plan.params_after:,} parameters "
                       f"({result.plan.achieved_ratio:.2%}) in {result.total_seconds:.1f} s{saved}",
                       highlight=False)

@@ -75,6 +75,21 @@ class Recipe(BaseModel):
         "influence", description="Layer score for --structures layers: influence (ShortGPT 1 - cos(h_in, "
         "h_out)) or loss (calibration loss change when skipped)."
     )
+    search: bool = Field(
+        False, description="Rank the uniform architectures within ±2 % of --ratio (layers kept, heads per kv "
+        "group, kv groups, hidden size; MLP width solved) by held-out calibration loss after compensation "
+        "and prune to the best; --structures names the axes it may cut."
+    )
+    search_calib_samples: int = Field(
+        32, ge=2, description="--search: windows per candidate; the last quarter of them (taken from the end "
+        "of the calibration set) is held out for the loss, the rest is compensated on."
+    )
+    max_candidates: int = Field(12, ge=1, description="--search: most candidates ranked (each one "
+                                "compensated and evaluated on a copy of the model).")
+    architecture: str | None = Field(
+        None, description="Prune to this uniform architecture, e.g. layers=28,heads=6,kv_heads=3,hidden=576,"
+        "mlp=1280 (what --search chose; its export's recipe records it)."
+    )
     skip_first: int = Field(0, ge=0, description="Keep the first N decoder layers whole.")
     skip_last: int = Field(0, ge=0, description="Keep the last N decoder layers whole.")
     calib: str = Field("wikitext2", description="Calibration text: .txt/.jsonl/.json file or dataset name.")

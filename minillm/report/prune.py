@@ -88,6 +88,20 @@ def _collapsed(rows: list[dict[str, int]]) -> list[tuple[str, str, str, str]]:
     return out
 
 
+def search_section(record: dict[str, Any]) -> str:
+    """The ``--search`` candidate table (best first; unranked candidates have no loss)."""
+    rows = [("-" if r["rank"] is None else r["rank"], r["layers"], f"{r['heads']}/{r['kv_heads']}",
+             r["hidden"], r["mlp"], r["params"], f"{r['ratio']:.2%}", r["loss"], r["seconds"])
+            for r in record["candidates"]]
+    intro = (f"<p>{record['enumerated']} uniform architectures within ±{record['tolerance']:.0%} of the "
+             f"target; {record['ranked']} ranked by mean loss on the {html.esc(record['held_out'])} after "
+             f"compensation on the first {record['fit_windows']} (disjoint); search time "
+             f"{record['seconds']:.0f} s. "
+             f"Chosen: <code>{html.esc(record['best'])}</code>.</p>")
+    return intro + html.table(["rank", "layers", "heads/kv", "hidden", "MLP", "parameters", "ratio removed",
+                               "held-out loss", "seconds"], rows)
+
+
 def write_prune_report(result: Any, path: str | Path) -> list[Path]:
     from minillm.report import require_matplotlib
 
@@ -115,6 +129,8 @@ def write_prune_report(result: Any, path: str | Path) -> list[Path]:
             ),
         ),
     ]
+    if result.plan.extra.get("search"):
+        sections.append(("Architecture search", search_section(result.plan.extra["search"])))
     if "scores" in pngs:
         sections.append(
             (
