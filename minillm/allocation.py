@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from minillm.errors import UsageError
-from minillm.plan import _capacity, _remove_lowest, _Unit
+from minillm.plan_units import Unit, layer_capacity, remove_lowest
 
 #: SlimGPT's default r_min / r_max (0.06 / 0.30): the first pruned layer's share of the last one's ratio
 LOG_MIN_SHARE = 0.2
@@ -46,8 +46,8 @@ def log_shares(n: int) -> list[float]:
     return [LOG_MIN_SHARE + (1 - LOG_MIN_SHARE) * math.log(1 + i) / math.log(n) for i in range(n)]
 
 
-def removal_order(units: list[_Unit]) -> list[_Unit]:
-    """The order in which :func:`~minillm.plan._remove_lowest` takes ``units`` (lowest score first)."""
+def removal_order(units: list[Unit]) -> list[Unit]:
+    """The order in which :func:`~minillm.plan.remove_lowest` takes ``units`` (lowest score first)."""
     return [units[i] for i in sorted(range(len(units)), key=lambda i: (units[i].score, i))]
 
 
@@ -74,7 +74,7 @@ def _layer_budgets(totals: list[int], caps: list[int], shares: list[float], targ
     return budgets(high)
 
 
-def _split(budget: float, heads: list[_Unit], channels: list[_Unit]) -> tuple[int, int, float]:
+def _split(budget: float, heads: list[Unit], channels: list[Unit]) -> tuple[int, int, float]:
     """Head units and whole channels for one layer's budget, plus the fraction of a channel left over."""
     head_cost = heads[0].cost if heads else 0
     channel_cost = channels[0].cost if channels else 0
@@ -96,12 +96,12 @@ def _split(budget: float, heads: list[_Unit], channels: list[_Unit]) -> tuple[in
     return n_heads, n_channels, rest - n_channels
 
 
-def log_allocation(head_units: dict[int, list[_Unit]], channel_units: dict[int, list[_Unit]], target: float
-                   ) -> dict[int, set[_Unit]]:
+def log_allocation(head_units: dict[int, list[Unit]], channel_units: dict[int, list[Unit]], target: float
+                   ) -> dict[int, set[Unit]]:
     """SlimGPT's log-increasing per-layer ratios, scaled to ``target`` parameters (see the module)."""
     layers = sorted(head_units)
     totals = [sum(u.cost for u in head_units[i]) + sum(u.cost for u in channel_units[i]) for i in layers]
-    caps = [_capacity(head_units[i], channel_units[i]) for i in layers]
+    caps = [layer_capacity(head_units[i], channel_units[i]) for i in layers]
     budgets = _layer_budgets(totals, caps, log_shares(len(layers)), target)
     counts = {i: _split(b, head_units[i], channel_units[i]) for i, b in zip(layers, budgets, strict=True)}
     n_heads = {i: c[0] for i, c in counts.items()}
@@ -123,12 +123,12 @@ def log_allocation(head_units: dict[int, list[_Unit]], channel_units: dict[int, 
         if not grow:
             raise _refuse(target)
         n_heads[grow[0]] += 1
-    return {i: _remove_lowest(head_units[i], n_heads[i]) | _remove_lowest(channel_units[i], n_channels[i])
+    return {i: remove_lowest(head_units[i], n_heads[i]) | remove_lowest(channel_units[i], n_channels[i])
             for i in layers}
 
 
 # ---------------------------------------------------------------------------------------------- error
-def removal_groups(head_units: dict[int, list[_Unit]], channel_units: dict[int, list[_Unit]],
+def removal_groups(head_units: dict[int, list[Unit]], channel_units: dict[int, list[Unit]],
                    head_dim: Callable[[int], int]) -> dict[int, dict[str, list[list[int]]]]:
     """For each layer, the closing projections' input columns of every unit, in removal order."""
     groups: dict[int, dict[str, list[list[int]]]] = {}
@@ -142,7 +142,7 @@ def removal_groups(head_units: dict[int, list[_Unit]], channel_units: dict[int, 
     return groups
 
 
-def _options(units: list[_Unit], curve: torch.Tensor) -> list[int]:
+def _options(units: list[Unit], curve: torch.Tensor) -> list[int]:
     """Candidate unit counts of one family: every count for heads and small layers, else about 128
     evenly spaced channel counts (the fix-up afterwards moves single channels)."""
     largest = curve.numel() - 1
@@ -150,8 +150,8 @@ def _options(units: list[_Unit], curve: torch.Tensor) -> list[int]:
     return sorted({*range(0, largest + 1, step), largest})
 
 
-def error_allocation(head_units: dict[int, list[_Unit]], channel_units: dict[int, list[_Unit]],
-                     target: float, curves: Curves) -> dict[int, set[_Unit]]:
+def error_allocation(head_units: dict[int, list[Unit]], channel_units: dict[int, list[Unit]],
+                     target: float, curves: Curves) -> dict[int, set[Unit]]:
     """Widths minimising the sum of normalised refit errors for at least ``target`` parameters removed.
 
     A knapsack over families (each layer's attention and MLP): dynamic programming over the removed
@@ -160,7 +160,7 @@ def error_allocation(head_units: dict[int, list[_Unit]], channel_units: dict[int
     ``target``. Greedy by marginal error per parameter is not enough: it spends the budget on many
     small channels before it sees that one whole head unit would have cost less error.
     """
-    families: list[tuple[int, list[_Unit], torch.Tensor]] = []
+    families: list[tuple[int, list[Unit], torch.Tensor]] = []
     for i in sorted(head_units):
         for kind, units in (("attn", head_units[i]), ("mlp", channel_units[i])):
             if len(units) > 1:
@@ -199,13 +199,13 @@ def error_allocation(head_units: dict[int, list[_Unit]], channel_units: dict[int
         taken[f] = options[int(pick[reached])]
         reached = int(previous[reached])
     _fix_up(families, taken, target)
-    removed: dict[int, set[_Unit]] = {i: set() for i in head_units}
+    removed: dict[int, set[Unit]] = {i: set() for i in head_units}
     for (i, units, _), count in zip(families, taken, strict=True):
-        removed[i] |= _remove_lowest(units, count)
+        removed[i] |= remove_lowest(units, count)
     return removed
 
 
-def _fix_up(families: list[tuple[int, list[_Unit], torch.Tensor]], taken: list[int], target: float) -> None:
+def _fix_up(families: list[tuple[int, list[Unit], torch.Tensor]], taken: list[int], target: float) -> None:
     """Single channels in or out (least error change first) until target ≤ removed < target + a channel."""
     channels = [f for f, (_, units, _) in enumerate(families) if units[0].kind == "channel"]
     if not channels:

@@ -27,7 +27,7 @@ from minillm.cut import CutResult, cut
 from minillm.defaults import DEFAULT_DAMPING
 from minillm.errors import UsageError
 from minillm.export import check_output_dir, export, needs_remote_code
-from minillm.groups import layer_costs, prunable_layers
+from minillm.groups import count_parameters, layer_costs, prunable_layers
 from minillm.memory import Measurement, measure
 from minillm.plan import (
     Allocation,
@@ -63,18 +63,6 @@ class PruneResult:
     metadata: dict[str, Any] = field(default_factory=dict)
     timeline: Timeline | None = None  # memory/params per stage (reports, closing timings)
     compensation: Measurement | None = None  # the sequential compensation pass (None: not run)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (tied embeddings counted once, also after accelerate's offload hooks have
-    replaced one side of the tie by a copy during a forward pass)."""
-    total = sum(p.numel() for p in model.parameters())
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
-    if getattr(config, "tie_word_embeddings", False) and outputs is not None and inputs is not None \
-            and outputs.weight is not inputs.weight and outputs.weight.shape == inputs.weight.shape:
-        total -= outputs.weight.numel()
-    return total
 
 
 def layer_shapes(model: nn.Module, adapter: ArchAdapter) -> dict[int, LayerShape]:

@@ -81,3 +81,15 @@ def sum_by_group(adapter: ArchAdapter, layer: nn.Module, shape: LayerShape,
     for projection in mlp.expand:
         channels = channels + rows(projection).sum(1)
     return LayerScores(heads=heads.float().cpu(), kv_heads=kv.float().cpu(), channels=channels.float().cpu())
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once, also after accelerate's offload hooks have
+    replaced one side of the tie by a copy during a forward pass)."""
+    total = sum(p.numel() for p in model.parameters())
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if getattr(config, "tie_word_embeddings", False) and outputs is not None and inputs is not None \
+            and outputs.weight is not inputs.weight and outputs.weight.shape == inputs.weight.shape:
+        total -= outputs.weight.numel()
+    return total

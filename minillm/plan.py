@@ -33,6 +33,7 @@ import torch
 
 from minillm.arch.base import LayerShape
 from minillm.errors import UsageError
+from minillm.plan_units import Unit, layer_capacity, remove_lowest
 
 HeadMode = Literal["auto", "kv", "query"]
 Allocation = Literal["uniform", "global", "log", "error"]
@@ -152,20 +153,8 @@ def check_ratio(ratio: float) -> None:
         raise UsageError(f"--ratio must be strictly between 0 and 1 (got {ratio}); e.g. --ratio 0.2")
 
 
-@dataclass(frozen=True)
-class _Unit:
-    """One removable unit of the allocation: a kv group, a query-head slot, or a channel."""
-
-    layer: int
-    kind: Literal["head", "channel"]
-    members: tuple[int, ...]  # query heads (kv mode: plus the kv head in kv_member) or channels
-    kv_member: int | None
-    score: float
-    cost: int
-
-
 def _head_units(layer: int, shape: LayerShape, scores: LayerScores, costs: LayerCosts, mode: HeadMode
-                ) -> list[_Unit]:
+                ) -> list[Unit]:
     group = shape.heads_per_kv
     heads = scores.heads.double()
     if mode == "kv" or shape.num_kv_heads == shape.num_heads:
@@ -173,7 +162,7 @@ def _head_units(layer: int, shape: LayerShape, scores: LayerScores, costs: Layer
         for kv in range(shape.num_kv_heads):
             members = tuple(range(kv * group, (kv + 1) * group))
             score = float(heads[list(members)].sum() + scores.kv_heads.double()[kv])
-            units.append(_Unit(layer, "head", members, kv, score, group * costs.query_head + costs.kv_head))
+            units.append(Unit(layer, "head", members, kv, score, group * costs.query_head + costs.kv_head))
         return units
     # query mode: slot j holds the j-th least important query head of every kv group
     per_group = heads.view(shape.num_kv_heads, group)
@@ -182,21 +171,16 @@ def _head_units(layer: int, shape: LayerShape, scores: LayerScores, costs: Layer
     for slot in range(group):
         members = tuple(int(kv * group + order[kv, slot]) for kv in range(shape.num_kv_heads))
         score = float(heads[list(members)].sum())
-        units.append(_Unit(layer, "head", members, None, score, shape.num_kv_heads * costs.query_head))
+        units.append(Unit(layer, "head", members, None, score, shape.num_kv_heads * costs.query_head))
     return units
 
 
-def _channel_units(layer: int, scores: LayerScores, costs: LayerCosts) -> list[_Unit]:
+def _channel_units(layer: int, scores: LayerScores, costs: LayerCosts) -> list[Unit]:
     values = scores.channels.double().tolist()
-    return [_Unit(layer, "channel", (c,), None, v, costs.channel) for c, v in enumerate(values)]
+    return [Unit(layer, "channel", (c,), None, v, costs.channel) for c, v in enumerate(values)]
 
 
-def _remove_lowest(units: list[_Unit], count: int) -> set[_Unit]:
-    order = sorted(range(len(units)), key=lambda i: (units[i].score, i))
-    return {units[i] for i in order[:count]}
-
-
-def _layer_plan(layer: int, shape: LayerShape, removed: set[_Unit]) -> LayerPlan:
+def _layer_plan(layer: int, shape: LayerShape, removed: set[Unit]) -> LayerPlan:
     gone_heads = {m for u in removed if u.kind == "head" for m in u.members}
     gone_kv = {u.kv_member for u in removed if u.kind == "head" and u.kv_member is not None}
     gone_channels = {m for u in removed if u.kind == "channel" for m in u.members}
@@ -292,14 +276,7 @@ def build_plan(
     )
 
 
-def _capacity(head_units: list[_Unit], channel_units: list[_Unit]) -> int:
-    """Most parameters one layer can lose while keeping at least one head unit and one channel."""
-    heads = sum(u.cost for u in head_units[:-1]) if head_units else 0
-    channels = sum(u.cost for u in channel_units[:-1]) if channel_units else 0
-    return heads + channels
-
-
-def _kept_shape(shape: LayerShape, heads: list[_Unit], n_heads: int) -> LayerShape:
+def _kept_shape(shape: LayerShape, heads: list[Unit], n_heads: int) -> LayerShape:
     """The layer's shape after removing ``n_heads`` head units (channels do not matter here)."""
     if not heads or not n_heads:
         return shape
@@ -308,13 +285,13 @@ def _kept_shape(shape: LayerShape, heads: list[_Unit], n_heads: int) -> LayerSha
                       shape.head_dim, shape.intermediate)
 
 
-def _uniform(head_units: dict[int, list[_Unit]], channel_units: dict[int, list[_Unit]], target: float,
+def _uniform(head_units: dict[int, list[Unit]], channel_units: dict[int, list[Unit]], target: float,
              n_layers: int, total_params: int, shape: LayerShape,
-             expressible: Callable[[LayerShape], bool] | None = None) -> tuple[dict[int, set[_Unit]], str]:
+             expressible: Callable[[LayerShape], bool] | None = None) -> tuple[dict[int, set[Unit]], str]:
     first = min(head_units)
     heads, channels = head_units[first], channel_units[first]
     per_layer = target / n_layers
-    capacity = _capacity(heads, channels)
+    capacity = layer_capacity(heads, channels)
     if per_layer > capacity:
         reachable = capacity * n_layers / total_params
         raise UsageError(
@@ -352,23 +329,23 @@ def _uniform(head_units: dict[int, list[_Unit]], channel_units: dict[int, list[_
                 f"{_kept_shape(shape, heads, ideal).num_heads}, which the stock config cannot express); "
                 f"{abs(moved):,} parameters per layer moved {where} ({n_channels} channels removed)")
     removed = {
-        i: _remove_lowest(head_units[i], n_heads) | _remove_lowest(channel_units[i], n_channels)
+        i: remove_lowest(head_units[i], n_heads) | remove_lowest(channel_units[i], n_channels)
         for i in head_units
     }
     return removed, note
 
 
-def _global(head_units: dict[int, list[_Unit]], channel_units: dict[int, list[_Unit]], target: float
-            ) -> dict[int, set[_Unit]]:
+def _global(head_units: dict[int, list[Unit]], channel_units: dict[int, list[Unit]], target: float
+            ) -> dict[int, set[Unit]]:
     pool = [u for units in (*head_units.values(), *channel_units.values()) for u in units]
     pool.sort(key=lambda u: (u.score / u.cost, u.layer, u.kind, u.members))
     left_heads = {i: len(units) for i, units in head_units.items()}
     left_channels = {i: len(units) for i, units in channel_units.items()}
-    removed: dict[int, set[_Unit]] = {i: set() for i in head_units}
+    removed: dict[int, set[Unit]] = {i: set() for i in head_units}
     done = 0
-    skipped: list[_Unit] = []
+    skipped: list[Unit] = []
 
-    def take(unit: _Unit) -> bool:
+    def take(unit: Unit) -> bool:
         nonlocal done
         left = left_heads if unit.kind == "head" else left_channels
         if left[unit.layer] <= 1:

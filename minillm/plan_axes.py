@@ -31,10 +31,9 @@ from minillm.plan import (
     PrunePlan,
     _head_units,
     _layer_plan,
-    _remove_lowest,
-    _Unit,
     check_ratio,
 )
+from minillm.plan_units import Unit, remove_lowest
 
 #: how far the achieved ratio may miss the target before --round-to is refused as incompatible
 ROUND_TO_TOLERANCE = 0.02
@@ -312,14 +311,14 @@ def build_axes_plan(
 
 
 def _assemble(w: Widths, shapes: dict[int, LayerShape], after_shapes: dict[int, LayerShape],
-              units: dict[int, list[_Unit]], scores: dict[int, LayerScores], width_layers: Sequence[int],
+              units: dict[int, list[Unit]], scores: dict[int, LayerScores], width_layers: Sequence[int],
               hidden_scores: torch.Tensor | None, removed: list[int], head_mode: HeadMode,
               total_params: int, params_after: int, ratio: float) -> PrunePlan:
     layers: list[LayerPlan] = []
     for i, shape in shapes.items():
-        gone: set[_Unit] = set()
+        gone: set[Unit] = set()
         if i in units:
-            gone |= _remove_lowest(units[i], w.head_units)
+            gone |= remove_lowest(units[i], w.head_units)
         plan = _layer_plan(i, shape, gone)
         if i in width_layers and after_shapes[i].intermediate < shape.intermediate:
             order = torch.argsort(scores[i].channels.double(), descending=True, stable=True)

@@ -143,8 +143,8 @@ def _stock(space: Space, arch: Architecture, counter: ParamCounter, cache: dict[
 
 
 def _builds(space: Space, arch: Architecture, counter: ParamCounter) -> bool:
-    from minillm.api import count_parameters
     from minillm.arch.rebuild import stock_class
+    from minillm.groups import count_parameters
 
     if arch.hidden % arch.heads:
         return False  # transformers validates hidden_size % num_attention_heads

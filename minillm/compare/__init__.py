@@ -216,10 +216,9 @@ def compare(
     planned and cut by the same functions as ``prune`` (:func:`minillm.api.plan_for`,
     :func:`minillm.api.cut_as`).
     """
-    from minillm.api import count_parameters
     from minillm.arch import adapter_for
     from minillm.calibration.data import calibration_set, evaluation_windows
-    from minillm.groups import prunable_layers
+    from minillm.groups import count_parameters, prunable_layers
     from minillm.recipe import Recipe
     from minillm.scoring import CRITERIA
 

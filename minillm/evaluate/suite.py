@@ -71,7 +71,7 @@ def evaluate_model(
     trust_remote_code: bool = False,
 ) -> EvalReport:
     """Perplexity on non-overlapping windows of ``ppl`` and/or zero-shot ``tasks`` through lm-eval."""
-    from minillm.api import count_parameters
+    from minillm.groups import count_parameters
 
     if ppl is None and not tasks:
         raise UsageError(
