@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _structure_tool():
-    spec = importlib.util.spec_from_file_location("package_structure", ROOT / "tools" / "package_structure.py")
+    path = ROOT / "tools" / "package_structure.py"
+    spec = importlib.util.spec_from_file_location("package_structure", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
