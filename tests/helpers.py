@@ -58,3 +58,24 @@ def pattern_text(path: Path, vocab: int, words: int = 1200) -> Path:
     tokens = [cycle[i % len(cycle)] for i in range(words)]
     path.write_text("\n".join(" ".join(tokens[k : k + 20]) for k in range(0, words, 20)) + "\n")
     return path
+
+
+def four_layer_model(family: str, random_biases: bool = False) -> torch.nn.Module:
+    """A 4-layer tiny model of ``family`` whose norms are not the identity (so cutting hidden channels or
+    layers changes what they compute); ``random_biases`` also draws every bias (zero at init)."""
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family)
+    config.num_hidden_layers = 4
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i % 2] for i in range(4)]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(-0.3, 0.3) if "gemma" in family else param.uniform_(0.7, 1.3)
+            elif random_biases and name.endswith("bias"):
+                param.normal_(0, 0.02)
+    return model

@@ -9,7 +9,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import random_ids, tiny_config
+from conftest import random_ids
+from helpers import four_layer_model
 
 from minillm.api import plan_from_scores, score_model
 from minillm.arch import adapter_for
@@ -24,22 +25,6 @@ from minillm.surgery_hidden import slice_hidden
 
 KEPT_LAYERS = [0, 2, 3]
 KEPT_HIDDEN = sorted(torch.randperm(64, generator=torch.Generator().manual_seed(3))[:48].tolist())
-
-
-def four_layer_model(family: str) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    config = tiny_config(family)
-    config.num_hidden_layers = 4
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [config.layer_types[i % 2] for i in range(4)]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(-0.3, 0.3) if "gemma" in family else param.uniform_(0.7, 1.3)
-    return model
 
 
 def calibration() -> CalibrationSet:

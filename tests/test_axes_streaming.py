@@ -7,29 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import random_ids, tiny_config
-from helpers import offloaded
+from conftest import random_ids
+from helpers import four_layer_model, offloaded
 
 from minillm.api import prune
 from minillm.calibration.data import CalibrationSet
-
-
-def four_layer_model(family: str) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    config = tiny_config(family)
-    config.num_hidden_layers = 4
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [config.layer_types[i % 2] for i in range(4)]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(-0.3, 0.3) if "gemma" in family else param.uniform_(0.7, 1.3)
-            elif name.endswith("bias"):
-                param.normal_(0, 0.02)
-    return model
 
 
 @pytest.mark.parametrize(("family", "structures", "layer_score"), [
@@ -44,8 +26,8 @@ def test_streaming_hidden_and_layers_equal_in_memory(family: str, structures: st
     calibration = CalibrationSet(random_ids(4, 12, seed=1), batch_size=2)
     kwargs = dict(ratio=0.35, calib=calibration, structures=structures, layer_score=layer_score,
                   criterion="magnitude", max_shard_size="30KB")
-    memory = prune(four_layer_model(family), out=tmp_path / "a", **kwargs)
-    disk = offloaded(four_layer_model(family), tmp_path / "ckpt")
+    memory = prune(four_layer_model(family, random_biases=True), out=tmp_path / "a", **kwargs)
+    disk = offloaded(four_layer_model(family, random_biases=True), tmp_path / "ckpt")
     streamed = prune(disk, out=tmp_path / "b", **kwargs)
     assert streamed.plan.to_dict() == memory.plan.to_dict()
     plan = memory.plan
