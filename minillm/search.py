@@ -347,26 +347,18 @@ def split_windows(calibration: CalibrationSet, samples: int) -> tuple[Calibratio
             CalibrationSet(ids[n - held:], calibration.batch_size))
 
 
-def cut_in_place(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan, calibration: CalibrationSet,
-                 compensation: str, damping: float) -> None:
-    """Compensate (block by block on the pruned prefix) and cut a resident model: the same steps, in the
-    same order, as :func:`minillm.api.prune` takes for a resident model: :func:`minillm.cut.cut`."""
-    from minillm.cut import cut
-
-    cut(model, adapter, plan, calibration, compensation, damping)
-
-
 def rank(space: Space, candidates: Sequence[Candidate], calibration: CalibrationSet, search_samples: int,
          compensation: str, damping: float, ratio: float, progress: Progress | None = None) -> None:
     """Fill in every candidate's held-out loss and rank (1 = lowest loss; ties by the table's order)."""
     from minillm.calibration.forward import mean_loss
+    from minillm.cut import cut
 
     fit, held = split_windows(calibration, search_samples)
     for done, candidate in enumerate(candidates, 1):
         start = time.perf_counter()
         pruned = copy.deepcopy(space.model)
-        cut_in_place(pruned, space.adapter, plan_for(space, candidate.architecture, ratio), fit,
-                     compensation, damping)
+        # compensated and cut exactly as prune cuts a resident model
+        cut(pruned, space.adapter, plan_for(space, candidate.architecture, ratio), fit, compensation, damping)
         candidate.loss = mean_loss(pruned, held)
         del pruned
         candidate.seconds = time.perf_counter() - start
