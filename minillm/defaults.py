@@ -19,6 +19,9 @@ DEFAULT_HEAD_MODE: Literal["kv", "query"] = "query"
 #: ``refit`` (least squares on the closing projections, block by block on the pruned prefix) — the best
 #: measured (docs/benchmarks.md, "Error compensation").
 Compensation = Literal["none", "bias", "refit"]
+#: How widths are spread over the layers (:func:`minillm.plan.build_plan`): ``uniform`` (a stock config) or
+#: per-layer ``global``, ``log`` (SlimGPT) and ``error`` (:mod:`minillm.allocation`).
+Allocation = Literal["uniform", "global", "log", "error"]
 DEFAULT_COMPENSATION: Compensation = "refit"
 #: λ of ``H + λ·mean(diag H)·I`` in every compensation solve.
 DEFAULT_DAMPING = 0.01

@@ -27,17 +27,17 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
 from minillm.arch.base import LayerShape
+from minillm.defaults import Allocation
 from minillm.errors import UsageError
 from minillm.plan_units import Unit, layer_capacity, remove_lowest
 
 HeadMode = Literal["auto", "kv", "query"]
-Allocation = Literal["uniform", "global", "log", "error"]
-ALLOCATIONS = ("uniform", "global", "log", "error")
+ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
 Structures = Literal["both", "mlp", "attn"]
 PLAN_FORMAT = "minillm-prune-plan/1"
 #: ``allocation="error"``'s measurement: removal orders (input columns per unit) → normalised error curves

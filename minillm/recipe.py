@@ -33,6 +33,7 @@ from minillm.defaults import (
     DEFAULT_CRITERION,
     DEFAULT_DAMPING,
     DEFAULT_HEAD_MODE,
+    Allocation,
     Compensation,
 )
 from minillm.errors import UsageError
@@ -55,7 +56,7 @@ class Recipe(BaseModel):
     out: str | None = Field(None, description="Export folder (required unless --dry-run).",
                             json_schema_extra={"flags": ["--out", "-o"]})
     criterion: str = Field(DEFAULT_CRITERION, description="Scoring criterion (see `minillm criteria`).")
-    allocation: Literal["uniform", "global", "log", "error"] = Field(
+    allocation: Allocation = Field(
         "uniform", description="uniform widths (stock config), or per-layer widths (remote code): global "
         "ranking, log (SlimGPT's log-increasing ratios) or error (least refit error per parameter)."
     )

@@ -15,4 +15,8 @@ uses the same ``H``.
 
 from __future__ import annotations
 
-COMPENSATIONS = ("none", "bias", "refit")
+from typing import get_args
+
+from minillm.defaults import Compensation
+
+COMPENSATIONS: tuple[str, ...] = get_args(Compensation)
