@@ -203,14 +203,25 @@ def prune(
         if streaming:  # --max-memory becomes the process budget: reserve one block + activations first
             from minillm.streaming import prepare_streaming_load
 
-            load_memory, load_offload = prepare_streaming_load(
+            load_memory, load_offload, precision = prepare_streaming_load(
                 criterion, model, max_memory, offload_dir, dtype, run["batch_size"], run["seq_len"],
-                run["calib_samples"])
+                run["calib_samples"], gram=run["compensation"] == "refit" or criterion == "obs",
+                precision=run["compensation_precision"])
+            if precision == "float32" and run["compensation_precision"] == "auto":
+                import logging
+
+                logging.getLogger("minillm").warning(
+                    "compensation moments in float32: float64 would leave under half of --max-memory "
+                    "for the weights (--compensation-precision float64 to insist)")
+            run["compensation_precision"] = precision
         else:
             load_memory, load_offload = max_memory, offload_dir
         model = load_model(model, device_map=device_map, max_memory=load_memory, dtype=dtype,
                            offload_dir=load_offload, trust_remote_code=trust_remote_code,
                            seq_len=None if isinstance(calibration_source, CalibrationSet) else run["seq_len"])
+    if run["compensation_precision"] == "auto":  # in memory: float64 (streaming resolved it above)
+        run["compensation_precision"] = "float64"
+    settings = settings.merged({"compensation_precision": run["compensation_precision"]})  # recorded
     adapter = adapter_for(model.config)
     if "hidden" in names and (blocker := adapter.hidden_pruning_blocker(model.config)):
         raise UsageError(blocker)
@@ -354,9 +365,10 @@ def cut_as(recipe: Recipe, model: nn.Module, adapter: ArchAdapter, plan: PrunePl
            compensated: Callable[[], None] | None = None, spill_dir: str | None = None) -> CutResult:
     """The cut stage with ``recipe``'s compensation (``obs`` re-chooses its groups on the pruned prefix);
     offloaded, the compensated closings wait on disk under ``spill_dir`` until the export reads them."""
+    precision = "float64" if recipe.compensation_precision == "auto" else recipe.compensation_precision
     return cut(model, adapter, plan, calibration, recipe.compensation, recipe.damping,
                select="obs" if recipe.criterion == "obs" else "plan", progress=progress,
-               compensated=compensated, spill_dir=spill_dir)
+               compensated=compensated, spill_dir=spill_dir, precision=precision)
 
 
 def check_plan_from_shapes(model: nn.Module, layers: list[int], ratio: float, allocation: Allocation,

@@ -23,5 +23,8 @@ Compensation = Literal["none", "bias", "refit"]
 #: per-layer ``global``, ``log`` (SlimGPT) and ``error`` (:mod:`minillm.allocation`).
 Allocation = Literal["uniform", "global", "log", "error"]
 DEFAULT_COMPENSATION: Compensation = "refit"
+#: dtype of the compensation's moments ``H``: ``auto`` is float64 unless ``--streaming`` under a memory cap
+#: would leave less than half of it for the weights (:func:`minillm.streaming.choose_precision`).
+Precision = Literal["auto", "float64", "float32"]
 #: λ of ``H + λ·mean(diag H)·I`` in every compensation solve.
 DEFAULT_DAMPING = 0.01

@@ -35,6 +35,7 @@ from minillm.defaults import (
     DEFAULT_HEAD_MODE,
     Allocation,
     Compensation,
+    Precision,
 )
 from minillm.errors import UsageError
 
@@ -116,6 +117,12 @@ class Recipe(BaseModel):
     )
     damping: float = Field(
         DEFAULT_DAMPING, ge=0.0, description="λ of the compensation's H + λ·mean(diag H)·I."
+    )
+    compensation_precision: Precision = Field(
+        "auto",
+        description="dtype of the compensation's moments H: float64, float32 (half the memory of the "
+        "solve) or auto (float64, unless --streaming under --max-memory would leave under half the cap "
+        "for weights). The export's recipe records the dtype used.",
     )
     device_map: str | dict[str, Any] | None = Field(
         "auto", description="accelerate device map: auto, balanced, cpu, cuda:0, …"

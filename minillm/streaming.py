@@ -9,6 +9,12 @@ In streaming mode ``--max-memory`` is the budget of the whole process on the com
 loading, minillm reserves room for one loaded block, a loaded copy of the embeddings / LM head, the
 calibration activations and (on CPU) the Python runtime itself, and gives accelerate the rest for the
 weights it may keep resident. A cap that cannot hold that reserve is refused with the figure it needs.
+
+The compensation pass (``--compensation refit``) needs the moments ``H`` of the widest closing
+projection's inputs and their solve (:func:`compensation_bytes`); it runs after scoring and before the
+export, so it shares the room reserved for the embeddings / LM head and adds to the reserve only what
+exceeds it. When float64 moments would leave less than half the cap for weights, ``H`` is kept in float32
+(half the memory; :func:`choose_precision`), and the export's recipe records it.
 """
 
 from __future__ import annotations
@@ -44,18 +50,57 @@ class BlockBudget:
     head: int
     activations: int
     runtime: int
+    compensation: int = 0  # the refit's working set, in ``precision``
+    precision: str = "float64"
 
     @property
     def reserve(self) -> int:
-        return self.block + self.head + self.activations + self.runtime
+        """The compensation pass and the head's phases (scoring with the loss, export) never overlap."""
+        return self.block + max(self.head, self.compensation) + self.activations + self.runtime
 
     def describe(self) -> str:
         from minillm.memory import human_bytes
 
+        shared = f"embeddings/LM head {human_bytes(self.head)}"
+        if self.compensation:
+            shared = f"max(embeddings/LM head {human_bytes(self.head)}, compensation " \
+                     f"{human_bytes(self.compensation)})"
         return (
-            f"one decoder block {human_bytes(self.block)} + embeddings/LM head {human_bytes(self.head)} + "
+            f"one decoder block {human_bytes(self.block)} + {shared} + "
             f"calibration activations {human_bytes(self.activations)} + runtime {human_bytes(self.runtime)}"
         )
+
+
+def compensation_bytes(config: Any, precision: str, tokens: int) -> int:
+    """Peak working set of the refit of the widest closing projection (``in`` = MLP or attention width,
+    ``out`` = hidden size): ``H`` and then its kept block with the solve's ``K × out`` blocks, bounded
+    by ``(2·in² + 3·in·out)`` elements of ``precision`` (measured 0.94 GB vs 1.19 GB bounded for a
+    6,912-wide float64 down_proj; :func:`minillm.compensation.refit.refit_weight`), plus one batch's
+    inputs in float64 while ``H`` accumulates."""
+    from minillm.arch import adapter_for
+
+    adapter = adapter_for(config)
+    out = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or out // heads)
+    width = max(adapter.intermediate_size(config), heads * head_dim)
+    size = 4 if precision == "float32" else 8
+    return (2 * width * width + 3 * width * out) * size + tokens * width * 8
+
+
+def choose_precision(budget: BlockBudget, config: Any, precision: str, tokens: int,
+                     max_memory: dict[Any, Any] | None) -> BlockBudget:
+    """``budget`` with the compensation's working set in the requested ``precision``; for ``auto``,
+    float64 unless its reserve would exceed half of the compute device's cap (then float32: room for
+    the weights beats the last bits of ``H``, which the damping dominates)."""
+    from dataclasses import replace
+
+    found = _device_cap(max_memory)
+    for choice in ("float64", "float32") if precision == "auto" else (precision,):
+        chosen = replace(budget, compensation=compensation_bytes(config, choice, tokens), precision=choice)
+        if found is None or _reserve_on(found[0], chosen) <= found[1] // 2:
+            break
+    return chosen
 
 
 def block_budget(
@@ -115,24 +160,34 @@ def _compute_key(max_memory: dict[Any, Any]) -> Any:
     return gpus[0] if gpus and torch.cuda.is_available() else "cpu"
 
 
+def _device_cap(max_memory: dict[Any, Any] | None) -> tuple[Any, int] | None:
+    """The compute device's key in ``max_memory`` and its cap in bytes (``None``: no cap for it)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    if not max_memory:
+        return None
+    key = _compute_key(max_memory)
+    if key not in max_memory:
+        return None
+    value = max_memory[key]
+    return key, convert_file_size_to_int(value) if isinstance(value, str) else int(value)
+
+
+def _reserve_on(key: Any, budget: BlockBudget) -> int:
+    """The reserve on the compute device (the Python runtime lives in CPU memory only)."""
+    return budget.reserve if key == "cpu" else budget.reserve - budget.runtime
+
+
 def streaming_max_memory(max_memory: dict[Any, Any] | None, budget: BlockBudget) -> dict[Any, Any] | None:
     """``max_memory`` for accelerate: the compute device's cap minus the streaming reserve.
 
     Raises a :class:`UsageError` naming the smallest workable cap when one block does not fit.
     """
-    from accelerate.utils import convert_file_size_to_int
-
-    if not max_memory:
+    found = _device_cap(max_memory)
+    if found is None:
         return max_memory
-    key = _compute_key(max_memory)
-    if key not in max_memory:
-        return max_memory
-    cap = (
-        convert_file_size_to_int(max_memory[key])
-        if isinstance(max_memory[key], str)
-        else int(max_memory[key])
-    )
-    reserve = budget.reserve if key == "cpu" else budget.reserve - budget.runtime
+    key, cap = found
+    reserve = _reserve_on(key, budget)
     if cap <= reserve:
         need = (reserve + 256 * 1024**2) / GiB
         raise UsageError(
@@ -173,8 +228,12 @@ def prepare_streaming_load(
     batch_size: int,
     seq_len: int,
     samples: int,
-) -> tuple[dict | None, str]:
-    """``max_memory`` and offload folder for ``load_model`` in streaming mode (checks the cap first)."""
+    gram: bool = False,
+    precision: str = "auto",
+) -> tuple[dict | None, str, str]:
+    """``max_memory`` and offload folder for ``load_model`` in streaming mode (checks the cap first),
+    and the dtype of the compensation's moments (``gram``: the compensation solves against ``H``;
+    ``precision``: the recipe's ``compensation_precision``)."""
     from transformers import AutoConfig
 
     from minillm.memory import rss_bytes
@@ -199,5 +258,8 @@ def prepare_streaming_load(
             keeps_block_inputs=criterion in KEEPS_BLOCK_INPUTS,
             forward_mode=criterion in FORWARD_MODE,
         )
+        if gram:
+            budget = choose_precision(budget, config, precision, batch_size * seq_len, memory)
+            precision = budget.precision
         memory = streaming_max_memory(memory, budget)
-    return memory, offload_dir or default_offload_dir()
+    return memory, offload_dir or default_offload_dir(), "float64" if precision == "auto" else precision

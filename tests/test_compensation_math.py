@@ -146,3 +146,39 @@ def test_collect_moments_hooks_a_linear() -> None:
     flat = x.reshape(-1, 6)
     torch.testing.assert_close(moments[linear].gram, flat.T @ flat)
     assert not linear._forward_pre_hooks
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_released_moments_give_the_same_refit_and_free_h(with_bias: bool) -> None:
+    x, w = _data()
+    keep = torch.tensor([0, 2, 3, 5, 7, 8, 11])
+    kept, released = _moments(x), _moments(x)
+    expected = refit_weight(w, kept, keep, 0.01, with_bias=with_bias)
+    got = refit_weight(w, released, keep, 0.01, with_bias=with_bias, release=True)
+    assert torch.equal(got[0], expected[0]) and (got[1] is None or torch.equal(got[1], expected[1]))
+    assert released.gram.numel() == 0 and kept.gram.shape == (12, 12)  # H freed; the mean stays
+    torch.testing.assert_close(released.mean, x.mean(0))
+
+
+def test_solve_kept_equals_solving_against_the_damped_h() -> None:
+    x, w = _data()
+    gram, keep = _moments(x).gram, torch.tensor([1, 4, 6, 9, 10])
+    removed = torch.tensor([0, 2, 3, 5, 7, 8, 11])
+    h = damped(gram, 0.05)
+    b = w.T
+    expected = b[keep] + torch.linalg.solve(h[keep][:, keep], h[keep][:, removed] @ b[removed])
+    torch.testing.assert_close(solve_kept(b, gram, keep, 0.05), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_moments_refit_close_to_float64() -> None:
+    """``--compensation-precision float32`` (streaming under a tight cap): the damped solve in float32
+    stays within float32 rounding of the float64 refit on well-conditioned data."""
+    x, w = _data()
+    keep = torch.tensor([0, 2, 3, 5, 7, 8, 11])
+    narrow = InputMoments.zeros(12, dtype=torch.float32)
+    for chunk in x.split(64):
+        narrow.add(chunk)
+    assert narrow.gram.dtype == torch.float32
+    wide, _ = refit_weight(w, _moments(x), keep, 0.01)
+    close, _ = refit_weight(w, narrow, keep, 0.01)
+    torch.testing.assert_close(close, wide, rtol=1e-3, atol=1e-3)

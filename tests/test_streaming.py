@@ -23,7 +23,13 @@ from minillm.compensation.sequential import compensate_sequential
 from minillm.errors import UsageError
 from minillm.loading import load_model
 from minillm.scoring.base import ScoringContext
-from minillm.streaming import block_budget, prepare_streaming_load, streaming_max_memory
+from minillm.streaming import (
+    block_budget,
+    choose_precision,
+    compensation_bytes,
+    prepare_streaming_load,
+    streaming_max_memory,
+)
 from minillm.surgery import mask_plan
 
 SPSA = SpsaConfig(steps=3, eps=1e-3, seed=0)
@@ -165,6 +171,38 @@ def test_reserve_is_taken_from_the_cap() -> None:
     assert budget.block == sum(p.numel() * 4 for p in model.model.layers[0].parameters())
     capped = streaming_max_memory({"cpu": 10 * 1024**2}, budget)
     assert capped == {"cpu": 10 * 1024**2 - budget.reserve}
+
+
+def test_compensation_shares_the_heads_room_and_narrows_h_under_a_tight_cap() -> None:
+    """The refit's working set (H of the widest closing and its solve) counts against the cap: in the
+    room the embeddings / head use in the other phases, float32 when float64 would take over half."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=2560, num_hidden_layers=32, num_attention_heads=20,
+                         num_key_value_heads=10, intermediate_size=6912, vocab_size=49152)  # the 3B bench
+    budget = block_budget(config, torch.float32, 8, 128, 8, runtime_bytes=300 * 1024**2, with_loss=False)
+    wide = compensation_bytes(config, "float64", 1024)
+    assert wide == (2 * 6912**2 + 3 * 6912 * 2560) * 8 + 1024 * 6912 * 8
+    assert compensation_bytes(config, "float32", 1024) < wide / 1.9
+    tight = choose_precision(budget, config, "auto", 1024, {"cpu": "2GiB"})
+    roomy = choose_precision(budget, config, "auto", 1024, {"cpu": "64GiB"})
+    forced = choose_precision(budget, config, "float64", 1024, {"cpu": "2GiB"})
+    assert (tight.precision, roomy.precision, forced.precision) == ("float32", "float64", "float64")
+    assert tight.reserve == budget.reserve - budget.head + tight.compensation  # max(head, compensation)
+    assert "compensation" in tight.describe()
+    assert choose_precision(budget, config, "auto", 1024, None).precision == "float64"  # no cap
+
+
+def test_streaming_prune_records_the_compensation_precision(tmp_path: Path) -> None:
+    source = _write_checkpoint(tiny_model("llama"), tmp_path / "src")
+    memory, _, precision = prepare_streaming_load("flap", str(source), "cpu=4GiB", str(tmp_path / "off"),
+                                                  "float32", 2, 16, 4, gram=True)
+    assert precision == "float64" and memory["cpu"] < 4 * 1024**3
+    result = prune(str(source), ratio=0.2, streaming=True, max_memory="cpu=4GiB", calib=calibration(),
+                   compensation_precision="float32", out=tmp_path / "out", offload_dir=str(tmp_path / "off"))
+    assert result.metadata["recipe"]["compensation_precision"] == "float32"
+    resident = prune(tiny_model("llama"), ratio=0.2, calib=calibration(), out=tmp_path / "resident")
+    assert resident.metadata["recipe"]["compensation_precision"] == "float64"  # auto, resolved and recorded
 
 
 def test_cli_too_small_max_memory_is_one_line_and_exit_2(tmp_path: Path) -> None:

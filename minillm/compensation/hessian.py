@@ -3,8 +3,11 @@
 Why float64 on the weights' device: ``H`` is solved against (refit, OBS), and float32 sums of tens of
 thousands of tokens lose the small eigen-directions the solve depends on. Size: ``in_features²`` × 8 B
 — 2.7 MB for SmolLM2-135M's o_proj (576 wide), 19 MB for its down_proj (1,536), 0.97 GB for a 7B
-Llama's down_proj (11,008); the solve adds about two more of these (the kept block and its Cholesky
-factor; OBS: ``H⁻¹``). Only one closing projection's are alive at a time.
+Llama's down_proj (11,008); the refit's solve adds the kept block, factored in place
+(:func:`~minillm.compensation.refit.solve_kept`; OBS: ``H⁻¹``). Only one closing projection's are alive
+at a time. ``dtype=float32`` halves all of it: ``--streaming`` falls back to it when the float64 working
+set does not fit the memory cap (:func:`minillm.streaming.compensation_bytes`); the damping then keeps
+the solve well posed, as in SparseGPT, which accumulates ``H`` in float32.
 
 Damping: solves use ``H + λ · mean(diag H) · I`` (:func:`damped`), the SparseGPT / SlimGPT convention;
 λ (``DEFAULT_DAMPING`` = 0.01) keeps directions calibration never excited close to the original weights.
@@ -21,7 +24,7 @@ from torch import nn
 from minillm.calibration.hooks import input_hooks
 from minillm.defaults import DEFAULT_DAMPING
 
-__all__ = ["DEFAULT_DAMPING", "InputMoments", "collect_moments", "damped"]
+__all__ = ["DEFAULT_DAMPING", "InputMoments", "collect_moments", "damped", "damping_shift"]
 
 
 @dataclass
@@ -33,35 +36,51 @@ class InputMoments:
     count: int = 0
 
     @classmethod
-    def zeros(cls, width: int, device: torch.device | str = "cpu", gram: bool = True) -> InputMoments:
-        """``gram=False``: only the mean is kept (bias folding needs no ``H``; ``gram`` is then 0 × 0)."""
+    def zeros(cls, width: int, device: torch.device | str = "cpu", gram: bool = True,
+              dtype: torch.dtype = torch.float64) -> InputMoments:
+        """``gram=False``: only the mean is kept (bias folding needs no ``H``; ``gram`` is then 0 × 0).
+        ``dtype``: of ``gram`` (the sums ``total`` stay float64: they are one row)."""
         side = width if gram else 0
-        return cls(torch.zeros(side, side, dtype=torch.float64, device=device),
+        return cls(torch.zeros(side, side, dtype=dtype, device=device),
                    torch.zeros(width, dtype=torch.float64, device=device))
 
     def add(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1]).to(device=self.total.device, dtype=torch.float64)
         if self.gram.numel():
-            self.gram.addmm_(flat.T, flat)
+            narrow = flat.to(self.gram.dtype)
+            self.gram.addmm_(narrow.T, narrow)
         self.total += flat.sum(0)
         self.count += flat.shape[0]
+
+    def release_gram(self) -> torch.Tensor:
+        """``gram``, handed over: the moments keep an empty one, so the caller's solve is its only owner
+        and can free it before factoring (the refit never holds ``H`` and its factor at once)."""
+        gram, self.gram = self.gram, self.gram.new_zeros(0, 0)
+        return gram
 
     @property
     def mean(self) -> torch.Tensor:
         return self.total / max(self.count, 1)
 
 
+def damping_shift(gram: torch.Tensor, damping: float) -> float:
+    """``damping · mean(diag gram)`` (``damping`` alone for a zero matrix): what the solves add to the
+    diagonal."""
+    scale = float(gram.diagonal().mean()) if gram.numel() else 0.0
+    return damping * (scale if scale > 0 else 1.0)
+
+
 def damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
     """``gram + damping · mean(diag gram) · I`` (a new tensor; a zero matrix gets ``damping · I``)."""
-    scale = float(gram.diagonal().mean()) if gram.numel() else 0.0
-    shift = damping * (scale if scale > 0 else 1.0)
+    shift = damping_shift(gram, damping)
     return gram + shift * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
 
 
-def collect_moments(linears: Sequence[nn.Linear], run: Callable[[], None], gram: bool = True
-                    ) -> dict[nn.Linear, InputMoments]:
-    """Run ``run()`` (calibration forwards) with hooks accumulating each Linear's input moments."""
-    moments = {linear: InputMoments.zeros(linear.in_features, linear.weight.device, gram)
+def collect_moments(linears: Sequence[nn.Linear], run: Callable[[], None], gram: bool = True,
+                    dtype: torch.dtype = torch.float64) -> dict[nn.Linear, InputMoments]:
+    """Run ``run()`` (calibration forwards) with hooks accumulating each Linear's input moments
+    (``gram`` in ``dtype``)."""
+    moments = {linear: InputMoments.zeros(linear.in_features, linear.weight.device, gram, dtype)
                for linear in linears}
     with input_hooks(linears, lambda module, x: moments[module].add(x)):
         run()

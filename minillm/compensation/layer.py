@@ -31,17 +31,24 @@ from minillm.plan import LayerPlan
 
 Mode = Literal["none", "bias", "refit"]
 Select = Literal["plan", "obs"]
+Precision = Literal["float64", "float32"]
 #: MLP channels are removed by OBS in about this many rounds (a joint update per round).
 OBS_CHANNEL_ROUNDS = 64
 
 
 @dataclass(frozen=True)
 class CompensationOptions:
-    """How the cut is compensated: ``mode``, damping λ of ``H``, and who chooses the groups."""
+    """How the cut is compensated: ``mode``, damping λ of ``H``, who chooses the groups, and the dtype
+    of ``H`` (``float32`` only where float64's working set does not fit: :mod:`minillm.streaming`)."""
 
     mode: Mode = "refit"
     damping: float = DEFAULT_DAMPING
     select: Select = "plan"
+    precision: Precision = "float64"
+
+    @property
+    def gram_dtype(self) -> torch.dtype:
+        return torch.float32 if self.precision == "float32" else torch.float64
 
 
 @dataclass
@@ -92,9 +99,10 @@ def reselect_channels(plan: LayerPlan, shape: LayerShape, closing: nn.Linear, mo
 @torch.no_grad()
 def compensate_closing(linear: nn.Linear, moments: InputMoments, keep: torch.Tensor,
                        options: CompensationOptions) -> ClosingUpdate:
-    """Compensate ``linear`` in place for keeping only input columns ``keep`` (the others are zeroed)."""
+    """Compensate ``linear`` in place for keeping only input columns ``keep`` (the others are zeroed);
+    ``moments``' ``H`` is used up (freed during the refit's solve)."""
     if options.mode == "refit":
-        weight, bias = refit_weight(linear.weight, moments, keep, options.damping, linear.bias)
+        weight, bias = refit_weight(linear.weight, moments, keep, options.damping, linear.bias, release=True)
     elif options.mode == "bias":
         weight, bias = fold_mean(linear.weight, moments, keep, linear.bias)
     else:
@@ -124,14 +132,15 @@ def compensate_block(layer: nn.Module, adapter: ArchAdapter, plan: LayerPlan, sh
     updates: dict[str, ClosingUpdate] = {}
     gram = options.mode == "refit" or options.select == "obs"  # bias folding needs only the means
     if len(plan.heads) < shape.num_heads:
-        moments = collect_moments([attn.o], lambda: forward(attn.o), gram)[attn.o]
+        moments = collect_moments([attn.o], lambda: forward(attn.o), gram, options.gram_dtype)[attn.o]
         if options.select == "obs":
             plan = reselect_heads(plan, shape, attn.o, moments, options)
         updates["attn"] = compensate_closing(attn.o, moments, _head_columns(plan.heads, shape.head_dim),
                                              options)
         del moments
     if len(plan.channels) < shape.intermediate:
-        moments = collect_moments([mlp.closing], lambda: forward(mlp.closing), gram)[mlp.closing]
+        moments = collect_moments([mlp.closing], lambda: forward(mlp.closing), gram,
+                                  options.gram_dtype)[mlp.closing]
         if options.select == "obs":
             plan = reselect_channels(plan, shape, mlp.closing, moments, options)
         updates["mlp"] = compensate_closing(mlp.closing, moments, torch.tensor(plan.channels), options)

@@ -17,9 +17,11 @@ so the refit also moves the bias — FLAP's bias compensation is the special cas
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from minillm.compensation.hessian import InputMoments, damped
+from minillm.compensation.hessian import InputMoments, damping_shift
 
 
 def augmented_gram(moments: InputMoments) -> torch.Tensor:
@@ -33,47 +35,77 @@ def augmented_gram(moments: InputMoments) -> torch.Tensor:
     return gram
 
 
-def solve_kept(b: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float) -> torch.Tensor:
-    """``B'_K = B_K + H_KK⁻¹ H_KR B_R`` for ``b = Wᵀ`` (rows = inputs), float64, damped ``H``.
+@dataclass
+class KeptSystem:
+    """The normal equations of the kept rows, taken out of ``H``: ``factor`` (damped ``H_KK``, factored
+    in place by :meth:`solve`), ``rhs = H_KR B_R`` and the old rows ``B_K``."""
 
-    Returns the new rows ``K`` only (``len(keep) × out``).
-    """
-    h = damped(gram.double(), damping)
-    b = b.double()
+    factor: torch.Tensor
+    rhs: torch.Tensor
+    kept_b: torch.Tensor
+
+    def solve(self) -> torch.Tensor:
+        """``B_K + H_KK⁻¹ H_KR B_R``; ``factor`` is overwritten by its Cholesky factor, ``kept_b`` by the
+        result."""
+        torch.linalg.cholesky(self.factor, out=self.factor)
+        return self.kept_b.add_(torch.cholesky_solve(self.rhs, self.factor))
+
+
+def kept_system(b: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float
+                ) -> KeptSystem | torch.Tensor:
+    """What the solve needs from ``gram`` (in its dtype), or the unchanged rows ``B_K`` when nothing is
+    removed or nothing kept. Once this returns, ``gram`` may be freed: the solve never holds ``H``, a
+    damped copy of it and the factor at once (:func:`solve_kept`)."""
+    dtype = gram.dtype
     mask = torch.ones(b.shape[0], dtype=torch.bool, device=b.device)
     mask[keep] = False
     removed = mask.nonzero().squeeze(1)
-    kept_b = b.index_select(0, keep)
+    kept_b = b.index_select(0, keep).to(dtype)
     if removed.numel() == 0 or keep.numel() == 0:
         return kept_b
-    h_kk = h.index_select(0, keep).index_select(1, keep)
-    h_kr = h.index_select(0, keep).index_select(1, removed)
-    factor = torch.linalg.cholesky(h_kk)
-    return kept_b + torch.cholesky_solve(h_kr @ b.index_select(0, removed), factor)
+    rows = keep.unsqueeze(1)
+    factor = gram[rows, keep]  # H_KK, a fresh tensor (advanced indexing copies)
+    factor.diagonal().add_(damping_shift(gram, damping))
+    return KeptSystem(factor, gram[rows, removed] @ b.index_select(0, removed).to(dtype), kept_b)
+
+
+def solve_kept(b: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float) -> torch.Tensor:
+    """``B'_K = B_K + H_KK⁻¹ H_KR B_R`` for ``b = Wᵀ`` (rows = inputs), in ``gram``'s dtype, damped ``H``
+    (equal to solving against :func:`~minillm.compensation.hessian.damped` ``(gram)``).
+
+    Returns the new rows ``K`` only (``len(keep) × out``).
+    """
+    system = kept_system(b, gram, keep, damping)
+    return system.solve() if isinstance(system, KeptSystem) else system
 
 
 @torch.no_grad()
 def refit_weight(weight: torch.Tensor, moments: InputMoments, keep: torch.Tensor, damping: float,
-                 bias: torch.Tensor | None = None, with_bias: bool = False
+                 bias: torch.Tensor | None = None, with_bias: bool = False, release: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """New full-width weight (removed columns zero) and bias of a closing projection after the cut.
 
     ``weight``: ``out × in``; ``keep``: kept input columns. The returned tensors have ``weight``'s dtype
     and device; the dense model with these weights computes exactly what the sliced model computes.
     With ``with_bias`` the bias (created as zeros when ``bias`` is ``None``) is refitted too;
-    otherwise ``bias`` is returned unchanged.
+    otherwise ``bias`` is returned unchanged. ``release``: ``moments``' ``H`` is freed once its kept
+    blocks are taken out (:meth:`InputMoments.release_gram`; the moments keep their mean), so the
+    factorisation does not sit beside it.
     """
     keep = keep.to(device=moments.gram.device, dtype=torch.long)
-    b = weight.detach().to(moments.gram.device).double().T
+    gram = moments.release_gram() if release else moments.gram
+    b = weight.detach().to(gram.device).T  # a view: only the rows the solve takes are converted
     if with_bias:
-        width = b.shape[0]
-        old = bias.detach().to(b.device).double() if bias is not None else b.new_zeros(b.shape[1])
-        b = torch.cat([b, old[None, :]])
-        rows = solve_kept(b, augmented_gram(moments), torch.cat([keep, keep.new_tensor([width])]), damping)
-        new_bias = rows[-1].to(device=weight.device, dtype=weight.dtype)
-        rows = rows[:-1]
+        old = bias.detach().to(b.device) if bias is not None else b.new_zeros(b.shape[1])
+        keep = torch.cat([keep, keep.new_tensor([b.shape[0]])])
+        b = torch.cat([b.to(gram.dtype), old.to(gram.dtype)[None, :]])
+        gram = augmented_gram(InputMoments(gram, moments.total, moments.count))
+    system = kept_system(b, gram, keep, damping)
+    del gram
+    rows = system.solve() if isinstance(system, KeptSystem) else system
+    if with_bias:
+        new_bias, rows, keep = rows[-1].to(device=weight.device, dtype=weight.dtype), rows[:-1], keep[:-1]
     else:
-        rows = solve_kept(b, moments.gram, keep, damping)
         new_bias = bias
     new = torch.zeros_like(weight)
     new[:, keep.to(weight.device)] = rows.T.to(device=weight.device, dtype=weight.dtype)
