@@ -82,9 +82,10 @@ class Recipe(BaseModel):
         "group, kv groups, hidden size; MLP width solved) by held-out calibration loss after compensation "
         "and prune to the best; --structures names the axes it may cut."
     )
-    search_calib_samples: int = Field(
-        32, ge=2, description="--search: windows per candidate; the last quarter of them (taken from the end "
-        "of the calibration set) is held out for the loss, the rest is compensated on."
+    search_calib_samples: int | None = Field(
+        None, ge=2, description="--search: windows per candidate (default: all --calib-samples, so each "
+        "candidate is compensated on as much data as the final prune); the last quarter of them (taken from "
+        "the end of the calibration set) is held out for the loss, the rest is compensated on."
     )
     max_candidates: int = Field(12, ge=1, description="--search: most candidates ranked (each one "
                                 "compensated and evaluated on a copy of the model).")

@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--architecture", default=None, help="prune --architecture (what a search chose)")
     parser.add_argument("--dry-run", action="store_true", help="plan (and search) only: no export, no ppl")
     parser.add_argument("--max-candidates", type=int, default=12)
-    parser.add_argument("--search-calib-samples", type=int, default=32)
+    parser.add_argument("--search-calib-samples", type=int, default=None)
     parser.add_argument("--ppl-windows", type=int, default=64)
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None, help="append one JSON line here")
