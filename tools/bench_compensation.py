@@ -58,6 +58,8 @@ def _one_row(args: argparse.Namespace, first: bool) -> None:
     calibration = calibration_set(tokenizer, args.calib, args.calib_samples, 128, 0, 8)
     row: dict = {"row": args.row, "ratio": args.ratio, "calib_samples": args.calib_samples,
                  "damping": args.damping, "after_load": peak_rss_bytes()}
+    if args.precision != "float64":
+        row["precision"] = args.precision
     start = time.perf_counter()
     if args.row == "forward":
         mean_loss(model, calibration)
@@ -76,7 +78,7 @@ def _one_row(args: argparse.Namespace, first: bool) -> None:
         compensate(model, adapter, plan, score.compensation)
         passes = 0
     else:
-        options = CompensationOptions(mode=mode, damping=args.damping,
+        options = CompensationOptions(mode=mode, damping=args.damping, precision=args.precision,
                                       select="obs" if criterion == "obs" else "plan")
         result = compensate_sequential(model, adapter, plan, calibration, options)
         plan, passes = result.plan, result.forward_passes
@@ -131,7 +133,8 @@ def _run(args: argparse.Namespace) -> None:
         command = [sys.executable, __file__, "dense" if name == "dense" else "row", "--row", name,
                    "--model", args.model, "--calib", args.calib, "--test", args.test,
                    "--ratio", str(args.ratio), "--calib-samples", str(args.calib_samples),
-                   "--damping", str(args.damping), "--threads", str(args.threads)]
+                   "--damping", str(args.damping), "--threads", str(args.threads),
+                   "--precision", args.precision]
         if args.all_windows:
             command.append("--all-windows")
         output = subprocess.run(["flock", LOCK, "nice", "-n", "2", *command], check=True,
@@ -160,6 +163,8 @@ def _table(args: argparse.Namespace) -> None:
         probe = forward.get(r["calib_samples"])
         peak = f"{r['peak'] / 1e9:.2f}" if r.get("peak") else "-"
         ratio = f"{r['peak'] / probe['peak']:.2f}" if probe and r.get("peak") else "-"
+        if r.get("precision"):
+            mode = f"{mode} (H in {r['precision']})"
         cells = [criterion, mode, head_mode, allocation, r["ratio"], r["calib_samples"], f"{r['ppl64']:.2f}",
                  x64, ppl_all or "-", x_all, peak, ratio, r["scoring_seconds"], r["compensation_seconds"],
                  _widths(r)]
@@ -185,6 +190,8 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--damping", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=["float64", "float32"], default="float64",
+                        help="dtype of the compensation's moments H")
     parser.add_argument("--all-windows", action="store_true")
     parser.add_argument("--jsonl", default="docs/bench/compensation.jsonl")
     args = parser.parse_args()
