@@ -74,9 +74,9 @@ class BlockBudget:
 def compensation_bytes(config: Any, precision: str, tokens: int) -> int:
     """Peak working set of the refit of the widest closing projection (``in`` = MLP or attention width,
     ``out`` = hidden size): ``H`` and then its kept block with the solve's ``K × out`` blocks, bounded
-    by ``(2·in² + 3·in·out)`` elements of ``precision`` (measured 0.94 GB vs 1.19 GB bounded for a
-    6,912-wide float64 down_proj; :func:`minillm.compensation.refit.refit_weight`), plus one batch's
-    inputs in float64 while ``H`` accumulates."""
+    by ``(2·in² + 3·in·out)`` elements of ``precision`` (a 6,912-wide float64 down_proj: 0.94 GB
+    measured by ``tools/bench_refit_memory.py``, 1.19 GB bounded), plus one batch's inputs in float64
+    while ``H`` accumulates."""
     from minillm.arch import adapter_for
 
     adapter = adapter_for(config)
