@@ -93,6 +93,12 @@ def test_ranking_scores_held_out_windows_no_compensation_saw(monkeypatch) -> Non
     fit, held = split_windows(calib, 8)
     assert (fit.input_ids.shape[0], held.input_ids.shape[0]) == (6, 2)
     assert torch.equal(held.input_ids, calib.input_ids[-2:])
+    every_fit, every_held = split_windows(calib, None)  # the default: the whole calibration set
+    assert torch.equal(every_fit.input_ids, fit.input_ids)
+    assert torch.equal(every_held.input_ids, held.input_ids)
+    fewer_fit, fewer_held = split_windows(calib, 4)  # a subset: its first 3 fit, the set's last one held out
+    assert torch.equal(fewer_fit.input_ids, calib.input_ids[:3])
+    assert torch.equal(fewer_held.input_ids, calib.input_ids[-1:])
     seen: dict[str, list[torch.Tensor]] = {"compensated": [], "scored": []}
     compensate, loss = sequential.compensate_sequential, forward.mean_loss
 
