@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--max-candidates", type=int, default=12)
     parser.add_argument("--search-calib-samples", type=int, default=None)
     parser.add_argument("--ppl-windows", type=int, default=64)
+    parser.add_argument("--valid", action="store_true",
+                        help="also the perplexity of the first --ppl-windows windows of wiki.valid "
+                        "(to choose on)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None, help="append one JSON line here")
     args = parser.parse_args()
@@ -101,6 +104,9 @@ def main() -> None:
         windows = evaluation_windows(tokenizer, str(DATA / "wiki.test.txt"), 128)[: args.ppl_windows]
         row["ppl_wiki_test"] = round(perplexity(model, windows).perplexity, 3)
         row["ppl_windows"] = int(windows.shape[0])
+        if args.valid:
+            valid = evaluation_windows(tokenizer, str(DATA / "wiki.valid.txt"), 128)[: args.ppl_windows]
+            row["ppl_wiki_valid"] = round(perplexity(model, valid).perplexity, 3)
     row["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(row))
     if args.json:
