@@ -12,14 +12,15 @@ search answers it per model, on calibration data:
    config can hold them (transformers refuses a hidden size not divisible by the head count). Hidden sizes
    are multiples of ``lcm(--round-to, heads)``, with 64 in place of a ``--round-to`` of 1 (the issue's grid).
    ``--structures`` names the axes the search may cut.
-2. **Choose** at most ``--max-candidates`` to rank: round robin over the number of layers removed (fewest
-   first), within each the most balanced cut first (smallest spread of the removed fractions of query
-   heads, MLP channels and — where cut — hidden channels). A heuristic, reported as such: unranked
-   candidates are listed in the table too.
+2. **Choose** at most ``--max-candidates`` to rank, in two passes: first one candidate per depth (number
+   of layers removed, fewest first; within a depth the most balanced cut: smallest spread of the removed
+   fractions of query heads, MLP channels and — where cut — hidden channels); then the remaining slots
+   go to the other layouts of the depth that scored best, then the next best (:func:`refine`). A
+   heuristic, reported as such: unranked candidates are listed in the table too.
 3. **Rank**: the scores (criterion, hidden channels, layers) are computed once on all calibration windows
    and shared; each candidate is planned from them on a copy of the model, compensated and cut on the
-   first windows of a ``--search-calib-samples`` subset, and scored by its mean loss on the *last* windows
-   of the calibration set, which no ranking compensation sees.
+   first windows of a ``--search-calib-samples`` subset (default: the whole calibration set), and scored
+   by its mean loss on the *last* quarter of the windows, which no ranking compensation sees.
 4. The best is pruned like any plan (compensation on every calibration window, surgery, export): exactly
    ``--architecture <best>``, which the export's recipe records.
 """
@@ -249,25 +250,50 @@ def _imbalance(c: Candidate, base: LayerShape, hidden: int, structures: frozense
     return max(fractions) - min(fractions) if fractions else 0.0
 
 
-def choose(candidates: Sequence[Candidate], space: Space, structures: frozenset[str], limit: int
-           ) -> list[Candidate]:
-    """At most ``limit`` candidates to rank: round robin over the number of layers kept (most first),
-    the most balanced width cut first within each (see the module doc)."""
-    if limit < 1:
-        raise UsageError(f"--max-candidates must be >= 1 (got {limit})")
+def _balanced_queues(candidates: Sequence[Candidate], space: Space, structures: frozenset[str]
+                     ) -> dict[int, list[Candidate]]:
+    """Candidates by number of layers kept, the most balanced width cut first within each."""
     hidden = int(space.model.config.hidden_size)
     groups: dict[int, list[Candidate]] = {}
     for c in candidates:
         groups.setdefault(c.architecture.layers, []).append(c)
-    queues = [sorted(groups[k], key=lambda c: (_imbalance(c, space.base, hidden, structures),
-                                               -c.architecture.heads, -c.architecture.kv_heads,
-                                               -c.architecture.hidden))
-              for k in sorted(groups, reverse=True)]
+    return {k: sorted(group, key=lambda c: (_imbalance(c, space.base, hidden, structures),
+                                            -c.architecture.heads, -c.architecture.kv_heads,
+                                            -c.architecture.hidden))
+            for k, group in groups.items()}
+
+
+def choose(candidates: Sequence[Candidate], space: Space, structures: frozenset[str], limit: int
+           ) -> list[Candidate]:
+    """At most ``limit`` candidates to rank first: round robin over the number of layers kept (most
+    first), the most balanced width cut first within each (see the module doc)."""
+    if limit < 1:
+        raise UsageError(f"--max-candidates must be >= 1 (got {limit})")
+    groups = _balanced_queues(candidates, space, structures)
+    queues = [groups[k] for k in sorted(groups, reverse=True)]
     chosen: list[Candidate] = []
     while len(chosen) < limit and any(queues):
         for queue in queues:
             if queue and len(chosen) < limit:
                 chosen.append(queue.pop(0))
+    return chosen
+
+
+def refine(candidates: Sequence[Candidate], measured: Sequence[Candidate], space: Space,
+           structures: frozenset[str], limit: int) -> list[Candidate]:
+    """Up to ``limit`` more candidates, at the depths whose measured candidates scored best: every
+    unmeasured layout of the best depth (most balanced first), then of the next best. Why: one
+    candidate per depth (the first pass of :func:`choose`) tells which depth pays; the layouts of
+    heads, kv groups and hidden size at that depth are what is left to compare."""
+    done = {id(c) for c in measured}
+    best_loss: dict[int, float] = {}
+    for c in measured:
+        if c.loss is not None:
+            best_loss[c.architecture.layers] = min(c.loss, best_loss.get(c.architecture.layers, c.loss))
+    groups = _balanced_queues([c for c in candidates if id(c) not in done], space, structures)
+    chosen: list[Candidate] = []
+    for depth in sorted(best_loss, key=lambda k: (best_loss[k], -k)):
+        chosen.extend(groups.get(depth, [])[: limit - len(chosen)])
     return chosen
 
 
@@ -353,13 +379,14 @@ def split_windows(calibration: CalibrationSet, samples: int | None) -> tuple[Cal
 
 def rank(space: Space, candidates: Sequence[Candidate], calibration: CalibrationSet,
          search_samples: int | None, compensation: str, damping: float, ratio: float,
-         progress: Progress | None = None) -> None:
-    """Fill in every candidate's held-out loss and rank (1 = lowest loss; ties by the table's order)."""
+         progress: Progress | None = None, total: int | None = None, offset: int = 0) -> None:
+    """Fill in every candidate's held-out loss (``total``/``offset``: the progress count when the ranking
+    runs in several passes)."""
     from minillm.calibration.forward import mean_loss
     from minillm.cut import cut
 
     fit, held = split_windows(calibration, search_samples)
-    for done, candidate in enumerate(candidates, 1):
+    for done, candidate in enumerate(candidates, offset + 1):
         start = time.perf_counter()
         pruned = copy.deepcopy(space.model)
         # compensated and cut exactly as prune cuts a resident model
@@ -368,7 +395,11 @@ def rank(space: Space, candidates: Sequence[Candidate], calibration: Calibration
         del pruned
         candidate.seconds = time.perf_counter() - start
         if progress is not None:
-            progress("search: ranking candidates", done, len(candidates))
+            progress("search: ranking candidates", done, total or len(candidates))
+
+
+def assign_ranks(candidates: Sequence[Candidate]) -> None:
+    """1 = lowest held-out loss; ties by the order measured."""
     order = sorted(range(len(candidates)), key=lambda i: (candidates[i].loss, i))
     for position, i in enumerate(order, 1):
         candidates[i].rank = position
@@ -380,8 +411,14 @@ def search(space: Space, calibration: CalibrationSet, ratio: float, structures: 
     """The best architecture and the search's record (candidate table, windows, cost) for the plan."""
     start = time.perf_counter()
     found = enumerate_candidates(space, ratio, structures, round_to)
-    ranked = choose(found, space, structures, max_candidates)
-    rank(space, ranked, calibration, search_samples, compensation, damping, ratio, progress)
+    depths = len({c.architecture.layers for c in found})
+    ranked = choose(found, space, structures, min(max_candidates, depths))  # one per depth first
+    total = min(max_candidates, len(found))
+    rank(space, ranked, calibration, search_samples, compensation, damping, ratio, progress, total)
+    more = refine(found, ranked, space, structures, max_candidates - len(ranked))
+    rank(space, more, calibration, search_samples, compensation, damping, ratio, progress, total, len(ranked))
+    ranked = [*ranked, *more]
+    assign_ranks(ranked)
     fit, held = split_windows(calibration, search_samples)
     best = min(ranked, key=lambda c: c.rank or 0).architecture
     rows = sorted(found, key=lambda c: (c.rank is None, c.rank or 0, -c.architecture.layers,

@@ -169,3 +169,21 @@ def test_cli_search_prints_the_candidate_table(tmp_path, calib_file) -> None:
     assert "architecture search" in ok.output and "held-out loss" in ok.output
     bad = CliRunner().invoke(app, [*base, "--structures", "layers", "--ratio", "0.05", "--dry-run"])
     assert bad.exit_code == 2 and "no uniform architecture" in bad.output
+
+
+def test_after_one_candidate_per_depth_the_rest_goes_to_the_best_depth() -> None:
+    from minillm.search import choose, refine
+
+    model = small_model(layers=4)
+    space = flat_space(model)
+    found = enumerate_candidates(space, 0.25, AXES, round_to=8)
+    depths = sorted({c.architecture.layers for c in found}, reverse=True)
+    first = choose(found, space, AXES, len(depths))
+    assert [c.architecture.layers for c in first] == depths  # one per depth, fewest removed first
+    for position, candidate in enumerate(first):  # pretend the second-deepest cut measured best
+        candidate.loss = 1.0 if position == 1 else 2.0 + position
+    best_depth = first[1].architecture.layers
+    more = refine(found, first, space, AXES, 3)
+    at_best = [c for c in found if c.architecture.layers == best_depth and c not in first]
+    assert more == at_best[:3] or (len(at_best) < 3 and more[: len(at_best)] == at_best)
+    assert not {id(c) for c in more} & {id(c) for c in first}
