@@ -201,7 +201,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPUs pinned; threads for perplexity")
+    parser.add_argument("--speed-threads", default="2,1", help="llama.cpp thread counts timed (comma list)")
     parser.add_argument("--json", default=None, help="append one JSON line per result here")
     args = parser.parse_args()
 
@@ -242,14 +243,15 @@ def main() -> None:
                     speed_paths[name] = gguf
             print(json.dumps(row), flush=True)
             results.append({**row, **common})
-    rows = []
+    tables: dict[int, list[Any]] = {}
     if "dense" in speed_paths and len(speed_paths) > 1:
-        rows = speed(speed_paths, params, parse_ints(args.prompt_lens, "--prompt-lens"), args.new_tokens,
-                     args.repeats, args.warmup, threads, vocab)
-        by_case = {(r["model"], r["prompt_len"]): r for r in ratios(rows, "dense")}
-        for r in rows:
-            results.append({"kind": "speed", "outtype": args.speed_outtype, **r.to_dict(),
-                            **by_case.get((r.model, r.prompt_len), {}), **common})
+        for count in parse_ints(args.speed_threads, "--speed-threads"):
+            rows = tables[count] = speed(speed_paths, params, parse_ints(args.prompt_lens, "--prompt-lens"),
+                                         args.new_tokens, args.repeats, args.warmup, count, vocab)
+            by_case = {(r["model"], r["prompt_len"]): r for r in ratios(rows, "dense")}
+            for r in rows:
+                results.append({"kind": "speed", "outtype": args.speed_outtype, **r.to_dict(),
+                                **by_case.get((r.model, r.prompt_len), {}), **common, "threads": count})
     print("\n| model | outtype | converts | GGUF MiB | ppl transformers | ppl llama.cpp | difference |")
     print("|---|---|---|---|---|---|---|")
     for r in (x for x in results if x["kind"] == "conversion"):
@@ -259,9 +261,9 @@ def main() -> None:
                   f"{r['ppl_hf']:.3f} | {r['ppl_llamacpp']:.3f} | {diff:+.3f} % |")
         else:
             print(f"| {r['model']} | {r['outtype']} | **no**: {r['error']} | | {r['ppl_hf']:.3f} | | |")
-    if rows:
-        print(f"\nllama-cpp-python {version} (CPU build), {args.speed_outtype} GGUF, {threads} threads "
-              f"pinned to CPUs {cpus}, batch 1, median of {args.repeats} interleaved repeats "
+    for count, rows in tables.items():
+        print(f"\nllama-cpp-python {version} (CPU build), {args.speed_outtype} GGUF, {count} threads "
+              f"(process pinned to CPUs {cpus}), batch 1, median of {args.repeats} interleaved repeats "
               f"(+{args.warmup} warm-up)\n")
         print(markdown(rows, "dense"))
     if args.json:
