@@ -94,10 +94,17 @@ def unpacked_llama_cpp(cache: Path = CACHE) -> Path | None:
     return Path(found[-1]).parent if found else None
 
 
+def fresh(folder: str, outfile: Path) -> bool:
+    return outfile.exists() and outfile.stat().st_mtime > Path(folder, "config.json").stat().st_mtime
+
+
 def convert(folder: str, outfile: Path, outtype: str, llama_dir: Path) -> str | None:
-    """llama.cpp's own converter (with its vendored gguf-py); None on success, else its last error line."""
-    if outfile.exists() and outfile.stat().st_mtime > Path(folder, "config.json").stat().st_mtime:
+    """llama.cpp's own converter (with its vendored gguf-py); None on success, else its last error line.
+
+    A GGUF newer than the folder's config.json is reused (its ``convert_seconds`` is then None)."""
+    if fresh(folder, outfile):
         return None
+    outfile.unlink(missing_ok=True)
     outfile.parent.mkdir(parents=True, exist_ok=True)
     done = _run([sys.executable, str(llama_dir / "convert_hf_to_gguf.py"), folder, "--outfile", str(outfile),
                  "--outtype", outtype], capture_output=True)
@@ -230,11 +237,11 @@ def main() -> None:
         del model
         for outtype in args.outtypes.split(","):
             gguf = Path(args.gguf_dir) / f"{name}-{outtype}.gguf"
-            start = time.perf_counter()
+            start, reused = time.perf_counter(), fresh(folder, gguf)
             error = convert(folder, gguf, outtype, llama_dir)
             row = {"kind": "conversion", "model": name, "folder": folder, "outtype": outtype,
-                   "converted": error is None, "error": error,
-                   "convert_seconds": round(time.perf_counter() - start, 1), "ppl_hf": round(ppl_hf, 4)}
+                   "converted": error is None, "error": error, "ppl_hf": round(ppl_hf, 4),
+                   "convert_seconds": None if reused else round(time.perf_counter() - start, 1)}
             if error is None:
                 ppl = llama_perplexity(gguf, windows.numpy(), threads)
                 row.update(gguf_bytes=gguf.stat().st_size, ppl_llamacpp=round(ppl, 4),
