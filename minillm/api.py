@@ -255,10 +255,13 @@ def prune(
                                                  run["layer_score"], progress)
     timeline.mark("scored", count_parameters(model))
     plan = plan_for(model, score, settings, hidden_scores, layer_scores, calibration, progress)
-    if plan.extra.get("uniform_note"):
-        import logging
+    import logging
 
-        logging.getLogger("minillm").warning(plan.extra["uniform_note"])
+    from minillm.runtime_widths import kernel_width_note
+
+    for note in (plan.extra.get("uniform_note"), kernel_width_note(plan, model, adapter)):
+        if note:
+            logging.getLogger("minillm").warning(note)
     options = {  # the run's settings as they were used (an in-memory calibration set shows its shape)
         **{k: v for k, v in run.items() if k not in ("device_map", "max_memory", "dtype", "dry_run",
                                                    "max_shard_size", "streaming")},
