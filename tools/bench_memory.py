@@ -121,7 +121,9 @@ def _minillm_pid(root: int) -> int | None:
     while frontier:
         pid = frontier.pop()
         try:
-            if "minillm" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1].decode(errors="ignore"):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2]
+            # the console script itself (python …/bin/minillm); not flock, whose lock file is minillm-*.lock
+            if any(Path(a.decode(errors="ignore")).name == "minillm" for a in argv):
                 return pid
             children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         except (OSError, IndexError):
