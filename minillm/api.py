@@ -6,6 +6,7 @@ A run reads top to bottom: load → adapter → layer shapes and costs → calib
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -208,8 +209,6 @@ def prune(
                 run["calib_samples"], gram=run["compensation"] == "refit" or criterion == "obs",
                 precision=run["compensation_precision"])
             if precision == "float32" and run["compensation_precision"] == "auto":
-                import logging
-
                 logging.getLogger("minillm").warning(
                     "compensation moments in float32: float64 would leave under half of --max-memory "
                     "for the weights (--compensation-precision float64 to insist)")
@@ -255,8 +254,6 @@ def prune(
                                                  run["layer_score"], progress)
     timeline.mark("scored", count_parameters(model))
     plan = plan_for(model, score, settings, hidden_scores, layer_scores, calibration, progress)
-    import logging
-
     from minillm.runtime_widths import kernel_width_note
 
     for note in (plan.extra.get("uniform_note"), kernel_width_note(plan, model, adapter)):
@@ -368,10 +365,9 @@ def cut_as(recipe: Recipe, model: nn.Module, adapter: ArchAdapter, plan: PrunePl
            compensated: Callable[[], None] | None = None, spill_dir: str | None = None) -> CutResult:
     """The cut stage with ``recipe``'s compensation (``obs`` re-chooses its groups on the pruned prefix);
     offloaded, the compensated closings wait on disk under ``spill_dir`` until the export reads them."""
-    precision = "float64" if recipe.compensation_precision == "auto" else recipe.compensation_precision
     return cut(model, adapter, plan, calibration, recipe.compensation, recipe.damping,
                select="obs" if recipe.criterion == "obs" else "plan", progress=progress,
-               compensated=compensated, spill_dir=spill_dir, precision=precision)
+               compensated=compensated, spill_dir=spill_dir, precision=recipe.compensation_precision)
 
 
 def check_plan_from_shapes(model: nn.Module, layers: list[int], ratio: float, allocation: Allocation,

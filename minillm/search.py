@@ -265,18 +265,12 @@ def _balanced_queues(candidates: Sequence[Candidate], space: Space, structures: 
 
 def choose(candidates: Sequence[Candidate], space: Space, structures: frozenset[str], limit: int
            ) -> list[Candidate]:
-    """At most ``limit`` candidates to rank first: round robin over the number of layers kept (most
-    first), the most balanced width cut first within each (see the module doc)."""
+    """The first pass: the most balanced candidate of each depth, most layers kept first, at most
+    ``limit`` (see the module doc; :func:`refine` fills the remaining slots)."""
     if limit < 1:
         raise UsageError(f"--max-candidates must be >= 1 (got {limit})")
     groups = _balanced_queues(candidates, space, structures)
-    queues = [groups[k] for k in sorted(groups, reverse=True)]
-    chosen: list[Candidate] = []
-    while len(chosen) < limit and any(queues):
-        for queue in queues:
-            if queue and len(chosen) < limit:
-                chosen.append(queue.pop(0))
-    return chosen
+    return [groups[k][0] for k in sorted(groups, reverse=True)][:limit]
 
 
 def refine(candidates: Sequence[Candidate], measured: Sequence[Candidate], space: Space,
@@ -411,8 +405,7 @@ def search(space: Space, calibration: CalibrationSet, ratio: float, structures: 
     """The best architecture and the search's record (candidate table, windows, cost) for the plan."""
     start = time.perf_counter()
     found = enumerate_candidates(space, ratio, structures, round_to)
-    depths = len({c.architecture.layers for c in found})
-    ranked = choose(found, space, structures, min(max_candidates, depths))  # one per depth first
+    ranked = choose(found, space, structures, max_candidates)  # one per depth first
     total = min(max_candidates, len(found))
     rank(space, ranked, calibration, search_samples, compensation, damping, ratio, progress, total)
     more = refine(found, ranked, space, structures, max_candidates - len(ranked))

@@ -233,7 +233,7 @@ def prepare_streaming_load(
 ) -> tuple[dict | None, str, str]:
     """``max_memory`` and offload folder for ``load_model`` in streaming mode (checks the cap first),
     and the dtype of the compensation's moments (``gram``: the compensation solves against ``H``;
-    ``precision``: the recipe's ``compensation_precision``)."""
+    ``precision``: the recipe's ``compensation_precision``, returned as given when no cap decides it)."""
     from transformers import AutoConfig
 
     from minillm.memory import rss_bytes
@@ -262,4 +262,4 @@ def prepare_streaming_load(
             budget = choose_precision(budget, config, precision, batch_size * seq_len, memory)
             precision = budget.precision
         memory = streaming_max_memory(memory, budget)
-    return memory, offload_dir or default_offload_dir(), "float64" if precision == "auto" else precision
+    return memory, offload_dir or default_offload_dir(), precision

@@ -27,11 +27,11 @@ from minillm.arch.base import ArchAdapter, LayerShape
 from minillm.compensation.hessian import DEFAULT_DAMPING, InputMoments, collect_moments
 from minillm.compensation.obs import obs_order
 from minillm.compensation.refit import fold_mean, refit_weight
+from minillm.defaults import Precision
 from minillm.plan import LayerPlan
 
 Mode = Literal["none", "bias", "refit"]
 Select = Literal["plan", "obs"]
-Precision = Literal["float64", "float32"]
 #: MLP channels are removed by OBS in about this many rounds (a joint update per round).
 OBS_CHANNEL_ROUNDS = 64
 
@@ -39,7 +39,8 @@ OBS_CHANNEL_ROUNDS = 64
 @dataclass(frozen=True)
 class CompensationOptions:
     """How the cut is compensated: ``mode``, damping λ of ``H``, who chooses the groups, and the dtype
-    of ``H`` (``float32`` only where float64's working set does not fit: :mod:`minillm.streaming`)."""
+    of ``H`` (``float32`` only where float64's working set does not fit: :mod:`minillm.streaming`;
+    ``auto`` left unresolved means float64)."""
 
     mode: Mode = "refit"
     damping: float = DEFAULT_DAMPING
@@ -48,7 +49,7 @@ class CompensationOptions:
 
     @property
     def gram_dtype(self) -> torch.dtype:
-        return torch.float32 if self.precision == "float32" else torch.float64
+        return torch.float32 if self.precision == "float32" else torch.float64  # auto: float64
 
 
 @dataclass

@@ -38,31 +38,32 @@ def augmented_gram(moments: InputMoments) -> torch.Tensor:
 @dataclass
 class KeptSystem:
     """The normal equations of the kept rows, taken out of ``H``: ``factor`` (damped ``H_KK``, factored
-    in place by :meth:`solve`), ``rhs = H_KR B_R`` and the old rows ``B_K``."""
+    in place by :meth:`solve`), ``rhs = H_KR B_R`` and the old rows ``B_K``; no ``factor`` when nothing
+    is removed or nothing kept (the rows stay as they are)."""
 
-    factor: torch.Tensor
-    rhs: torch.Tensor
+    factor: torch.Tensor | None
+    rhs: torch.Tensor | None
     kept_b: torch.Tensor
 
     def solve(self) -> torch.Tensor:
         """``B_K + H_KK⁻¹ H_KR B_R``; ``factor`` is overwritten by its Cholesky factor, ``kept_b`` by the
         result."""
+        if self.factor is None or self.rhs is None:
+            return self.kept_b
         torch.linalg.cholesky(self.factor, out=self.factor)
         return self.kept_b.add_(torch.cholesky_solve(self.rhs, self.factor))
 
 
-def kept_system(b: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float
-                ) -> KeptSystem | torch.Tensor:
-    """What the solve needs from ``gram`` (in its dtype), or the unchanged rows ``B_K`` when nothing is
-    removed or nothing kept. Once this returns, ``gram`` may be freed: the solve never holds ``H``, a
-    damped copy of it and the factor at once (:func:`solve_kept`)."""
+def kept_system(b: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float) -> KeptSystem:
+    """What the solve needs from ``gram``, in its dtype. Once this returns, ``gram`` may be freed: the
+    solve never holds ``H``, a damped copy of it and the factor at once (:func:`refit_weight`)."""
     dtype = gram.dtype
     mask = torch.ones(b.shape[0], dtype=torch.bool, device=b.device)
     mask[keep] = False
     removed = mask.nonzero().squeeze(1)
     kept_b = b.index_select(0, keep).to(dtype)
     if removed.numel() == 0 or keep.numel() == 0:
-        return kept_b
+        return KeptSystem(None, None, kept_b)
     rows = keep.unsqueeze(1)
     factor = gram[rows, keep]  # H_KK, a fresh tensor (advanced indexing copies)
     factor.diagonal().add_(damping_shift(gram, damping))
@@ -75,8 +76,7 @@ def solve_kept(b: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping:
 
     Returns the new rows ``K`` only (``len(keep) × out``).
     """
-    system = kept_system(b, gram, keep, damping)
-    return system.solve() if isinstance(system, KeptSystem) else system
+    return kept_system(b, gram, keep, damping).solve()
 
 
 @torch.no_grad()
@@ -102,7 +102,7 @@ def refit_weight(weight: torch.Tensor, moments: InputMoments, keep: torch.Tensor
         gram = augmented_gram(InputMoments(gram, moments.total, moments.count))
     system = kept_system(b, gram, keep, damping)
     del gram
-    rows = system.solve() if isinstance(system, KeptSystem) else system
+    rows = system.solve()
     if with_bias:
         new_bias, rows, keep = rows[-1].to(device=weight.device, dtype=weight.dtype), rows[:-1], keep[:-1]
     else:
