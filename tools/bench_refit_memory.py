@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 
@@ -21,7 +20,7 @@ def _one(dtype_name: str, release: bool, width: int, out: int) -> dict:
 
     from minillm.compensation.hessian import InputMoments
     from minillm.compensation.refit import refit_weight
-    from minillm.memory import return_large_frees_to_the_os, rss_bytes
+    from minillm.memory import peak_rss_bytes, return_large_frees_to_the_os, rss_bytes
 
     return_large_frees_to_the_os()
     torch.set_num_threads(1)
@@ -34,7 +33,7 @@ def _one(dtype_name: str, release: bool, width: int, out: int) -> dict:
     keep = torch.tensor([i for i in range(width) if i % 5])
     before = rss_bytes()
     refit_weight(weight, moments, keep, 0.01, release=release)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     return {"dtype": dtype_name, "release": release, "in": width, "out": out,
             "rss_with_h_gb": round(before / 1e9, 3), "solve_extra_gb": round((peak - before) / 1e9, 3)}
 
