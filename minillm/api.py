@@ -128,6 +128,19 @@ def check_axes_options(names: frozenset[str], allocation: str, round_to: int) ->
                          "use --allocation uniform")
 
 
+def check_compensation_target(target: str, compensation: str, names: frozenset[str], search: bool,
+                              architecture: str | None) -> None:
+    """The dense-output target refits; its dense stream needs a model of the same hidden size and depth."""
+    if target == "pruned":
+        return
+    if compensation != "refit":
+        raise UsageError("--compensation-target dense is a target of the refit; use --compensation refit")
+    if names & {"hidden", "layers"} or search or architecture:
+        raise UsageError("--compensation-target dense compensates attn/mlp cuts only; drop hidden/layers "
+                         "from --structures (and --search/--architecture) or use "
+                         "--compensation-target pruned")
+
+
 #: Recipe fields that are not settings of the pruning itself (where the result goes, replay text): they
 #: are keyword arguments of :func:`prune` (command-line flags), never read from a recipe by the run.
 _NOT_RUN_SETTINGS = ("description", "model", "out", "overwrite", "force", "trust_remote_code", "report",
@@ -184,6 +197,8 @@ def prune(
     check_criterion_options(criterion, run["criterion_options"])
     names = parse_structures(run["structures"])
     check_axes_options(names, run["allocation"], run["round_to"])
+    check_compensation_target(run["compensation_target"], run["compensation"], names, run["search"],
+                              run["architecture"])
     check_search_options(run["search"], run["architecture"], criterion, run["allocation"], streaming)
     inputs = (model, calibration_source, *inputs)
     if out is not None and not dry_run:
@@ -207,7 +222,8 @@ def prune(
             load_memory, load_offload, precision = prepare_streaming_load(
                 criterion, model, max_memory, offload_dir, dtype, run["batch_size"], run["seq_len"],
                 run["calib_samples"], gram=run["compensation"] == "refit" or criterion == "obs",
-                precision=run["compensation_precision"])
+                precision=run["compensation_precision"],
+                dense_target=run["compensation_target"] == "dense")
             if precision == "float32" and run["compensation_precision"] == "auto":
                 logging.getLogger("minillm").warning(
                     "compensation moments in float32: float64 would leave under half of --max-memory "
@@ -367,7 +383,8 @@ def cut_as(recipe: Recipe, model: nn.Module, adapter: ArchAdapter, plan: PrunePl
     offloaded, the compensated closings wait on disk under ``spill_dir`` until the export reads them."""
     return cut(model, adapter, plan, calibration, recipe.compensation, recipe.damping,
                select="obs" if recipe.criterion == "obs" else "plan", progress=progress,
-               compensated=compensated, spill_dir=spill_dir, precision=recipe.compensation_precision)
+               compensated=compensated, spill_dir=spill_dir, precision=recipe.compensation_precision,
+               target=recipe.compensation_target)
 
 
 def check_plan_from_shapes(model: nn.Module, layers: list[int], ratio: float, allocation: Allocation,

@@ -89,9 +89,11 @@ def apply_cut(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan,
 def cut(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan, calibration: CalibrationSet | None = None,
         compensation: str = "none", damping: float | None = None, select: str = "plan",
         progress: Progress | None = None, compensated: Callable[[], None] | None = None,
-        spill_dir: str | Path | None = None, precision: str = "float64") -> CutResult:
+        spill_dir: str | Path | None = None, precision: str = "float64", target: str = "pruned"
+        ) -> CutResult:
     """Compensate (``compensation``: none, bias, refit; ``select="obs"`` re-chooses the groups on the
-    pruned prefix; ``precision``: the dtype of the moments ``H``) and cut ``model`` as ``plan`` says;
+    pruned prefix; ``precision``: the dtype of the moments ``H``; ``target``: the refit's, pruned or
+    dense) and cut ``model`` as ``plan`` says;
     where the weights live decides only whether the slicing happens now (resident) or block by block in
     the export (offloaded). ``compensated()`` is called between the two steps when a compensation pass
     ran (the report's stage marks). Offloaded, the compensated closings wait on disk in a fresh folder
@@ -107,7 +109,7 @@ def cut(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan, calibration: Ca
             raise ValueError("compensation and obs re-selection need the calibration set")
         extra = {} if damping is None else {"damping": damping}
         options = CompensationOptions(mode=compensation, select=select, precision=precision,  # type: ignore[arg-type]
-                                      **extra)
+                                      target=target, **extra)  # type: ignore[arg-type]
         result.spill = spill_folder(spill_dir) if offloaded else None
         with measure() as compensating:
             outcome = compensate_sequential(model, adapter, plan, calibration, options, progress,

@@ -35,6 +35,7 @@ from minillm.defaults import (
     DEFAULT_HEAD_MODE,
     Allocation,
     Compensation,
+    CompensationTarget,
     Precision,
 )
 from minillm.errors import UsageError
@@ -115,6 +116,11 @@ class Recipe(BaseModel):
         DEFAULT_COMPENSATION,
         description="After the cut, block by block on the pruned prefix: refit (least squares on o_proj / "
         "down_proj), bias (FLAP's mean folding into a bias) or none.",
+    )
+    compensation_target: CompensationTarget = Field(
+        "pruned", description="What the refit fits: each layer's own output on the pruned prefix's inputs "
+        "(pruned), or the dense model's output of that layer (dense: one more pass per block, one more "
+        "H-sized matrix; attn/mlp cuts only)."
     )
     damping: float = Field(
         DEFAULT_DAMPING, ge=0.0, description="λ of the compensation's H + λ·mean(diag H)·I."

@@ -71,25 +71,35 @@ class BlockBudget:
         )
 
 
-def compensation_bytes(config: Any, precision: str, tokens: int) -> int:
+def compensation_bytes(config: Any, precision: str, tokens: int, dense_tokens: int = 0,
+                       activation_size: int = 4) -> int:
     """Peak working set of the refit of the widest closing projection (``in`` = MLP or attention width,
     ``out`` = hidden size): ``H`` and then its kept block with the solve's ``K × out`` blocks, bounded
     by ``(2·in² + 3·in·out)`` elements of ``precision`` (a 6,912-wide float64 down_proj: 0.94 GB
     measured by ``tools/bench_refit_memory.py``, 1.19 GB bounded), plus one batch's inputs in float64
-    while ``H`` accumulates."""
+    while ``H`` accumulates.
+
+    ``dense_tokens`` (the dense-output target: every calibration token): the cross moments ``C`` and
+    the slices the solve takes of it (``2·in²`` more elements), the dense stream between blocks and one
+    block's dense closing inputs, in ``activation_size`` bytes."""
     from minillm.arch import adapter_for
 
     adapter = adapter_for(config)
     out = int(config.hidden_size)
     heads = int(config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or out // heads)
-    width = max(adapter.intermediate_size(config), heads * head_dim)
+    mlp = adapter.intermediate_size(config)
+    width = max(mlp, heads * head_dim)
     size = 4 if precision == "float32" else 8
-    return (2 * width * width + 3 * width * out) * size + tokens * width * 8
+    working = (2 * width * width + 3 * width * out) * size + tokens * width * 8
+    if dense_tokens:
+        working += 2 * width * width * size + dense_tokens * (out + mlp + heads * head_dim) * activation_size
+    return working
 
 
 def choose_precision(budget: BlockBudget, config: Any, precision: str, tokens: int,
-                     max_memory: dict[Any, Any] | None) -> BlockBudget:
+                     max_memory: dict[Any, Any] | None, dense_tokens: int = 0,
+                     activation_size: int = 4) -> BlockBudget:
     """``budget`` with the compensation's working set in the requested ``precision``; for ``auto``,
     float64 unless its reserve would exceed half of the compute device's cap (then float32: room for
     the weights beats the last bits of ``H``, which the damping dominates)."""
@@ -97,7 +107,8 @@ def choose_precision(budget: BlockBudget, config: Any, precision: str, tokens: i
 
     found = _device_cap(max_memory)
     for choice in ("float64", "float32") if precision == "auto" else (precision,):
-        chosen = replace(budget, compensation=compensation_bytes(config, choice, tokens), precision=choice)
+        working = compensation_bytes(config, choice, tokens, dense_tokens, activation_size)
+        chosen = replace(budget, compensation=working, precision=choice)
         if found is None or _reserve_on(found[0], chosen) <= found[1] // 2:
             break
     return chosen
@@ -230,10 +241,12 @@ def prepare_streaming_load(
     samples: int,
     gram: bool = False,
     precision: str = "auto",
+    dense_target: bool = False,
 ) -> tuple[dict | None, str, str]:
     """``max_memory`` and offload folder for ``load_model`` in streaming mode (checks the cap first),
     and the dtype of the compensation's moments (``gram``: the compensation solves against ``H``;
-    ``precision``: the recipe's ``compensation_precision``, returned as given when no cap decides it)."""
+    ``precision``: the recipe's ``compensation_precision``, returned as given when no cap decides it;
+    ``dense_target``: the refit also holds the dense stream and the cross moments)."""
     from transformers import AutoConfig
 
     from minillm.memory import rss_bytes
@@ -259,7 +272,9 @@ def prepare_streaming_load(
             forward_mode=criterion in FORWARD_MODE,
         )
         if gram:
-            budget = choose_precision(budget, config, precision, batch_size * seq_len, memory)
+            dtype_size = torch.finfo(_config_dtype(config, dtype)).bits // 8
+            budget = choose_precision(budget, config, precision, batch_size * seq_len, memory,
+                                      samples * seq_len if dense_target else 0, dtype_size)
             precision = budget.precision
         memory = streaming_max_memory(memory, budget)
     return memory, offload_dir or default_offload_dir(), precision

@@ -182,3 +182,47 @@ def test_float32_moments_refit_close_to_float64() -> None:
     wide, _ = refit_weight(w, _moments(x), keep, 0.01)
     close, _ = refit_weight(w, narrow, keep, 0.01)
     torch.testing.assert_close(close, wide, rtol=1e-3, atol=1e-3)
+
+
+def _paired_moments(x: torch.Tensor, dense: torch.Tensor) -> InputMoments:
+    moments = InputMoments.zeros(x.shape[1])
+    for chunk, partner in zip(x.split(64), dense.split(64), strict=True):
+        moments.add(chunk, partner)
+    return moments
+
+
+def test_cross_moments_accumulate_exactly_per_token_pair() -> None:
+    x, _ = _data()
+    dense = x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    moments = _paired_moments(x, dense)
+    torch.testing.assert_close(moments.cross, x.T @ dense)
+    torch.testing.assert_close(moments.gram, x.T @ x)
+
+
+def test_dense_target_refit_equals_least_squares_towards_the_dense_outputs() -> None:
+    x, w = _data()
+    dense = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    keep = torch.tensor([0, 2, 3, 5, 7, 8, 11])
+    new, _ = refit_weight(w, _paired_moments(x, dense), keep, damping=0.0)
+    expected = torch.linalg.lstsq(x[:, keep], dense @ w.T).solution  # min ‖X_d Wᵀ − X_K B_K‖
+    torch.testing.assert_close(new[:, keep], expected.T, rtol=1e-9, atol=1e-9)
+    removed = [c for c in range(12) if c not in keep.tolist()]
+    assert torch.count_nonzero(new[:, removed]) == 0
+
+
+def test_dense_target_with_identical_inputs_is_the_pruned_target_refit() -> None:
+    x, w = _data()
+    keep = torch.tensor([1, 4, 6, 9, 10])
+    plain, _ = refit_weight(w, _moments(x), keep, damping=0.01)
+    paired, _ = refit_weight(w, _paired_moments(x, x), keep, damping=0.01, release=True)
+    torch.testing.assert_close(paired, plain, rtol=1e-10, atol=1e-10)
+
+
+def test_dense_target_corrects_drifted_inputs_even_with_nothing_removed() -> None:
+    x, w = _data()
+    dense = 1.1 * x  # the prefix's cuts shrank every input
+    every = torch.arange(12)
+    new, _ = refit_weight(w, _paired_moments(x, dense), every, damping=0.0)
+    torch.testing.assert_close(new, 1.1 * w, rtol=1e-9, atol=1e-9)
+    unchanged, _ = refit_weight(w, _moments(x), every, damping=0.0)
+    torch.testing.assert_close(unchanged, w)

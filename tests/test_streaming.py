@@ -191,6 +191,9 @@ def test_compensation_shares_the_heads_room_and_narrows_h_under_a_tight_cap() ->
     assert tight.reserve == budget.reserve - budget.head + tight.compensation  # max(head, compensation)
     assert "compensation" in tight.describe()
     assert choose_precision(budget, config, "auto", 1024, None).precision == "float64"  # no cap
+    paired = compensation_bytes(config, "float32", 1024, dense_tokens=4096, activation_size=2)
+    extra = 2 * 6912**2 * 4 + 4096 * (2560 + 6912 + 2560) * 2  # C and its slices; dense stream and inputs
+    assert paired == compensation_bytes(config, "float32", 1024) + extra
 
 
 def test_streaming_prune_records_the_compensation_precision(tmp_path: Path) -> None:

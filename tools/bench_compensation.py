@@ -60,6 +60,8 @@ def _one_row(args: argparse.Namespace, first: bool) -> None:
                  "damping": args.damping, "after_load": peak_rss_bytes()}
     if args.precision != "float64":
         row["precision"] = args.precision
+    if args.target != "pruned":
+        row["target"] = args.target
     start = time.perf_counter()
     if args.row == "forward":
         mean_loss(model, calibration)
@@ -79,6 +81,7 @@ def _one_row(args: argparse.Namespace, first: bool) -> None:
         passes = 0
     else:
         options = CompensationOptions(mode=mode, damping=args.damping, precision=args.precision,
+                                      target=args.target,
                                       select="obs" if criterion == "obs" else "plan")
         result = compensate_sequential(model, adapter, plan, calibration, options)
         plan, passes = result.plan, result.forward_passes
@@ -134,7 +137,7 @@ def _run(args: argparse.Namespace) -> None:
                    "--model", args.model, "--calib", args.calib, "--test", args.test,
                    "--ratio", str(args.ratio), "--calib-samples", str(args.calib_samples),
                    "--damping", str(args.damping), "--threads", str(args.threads),
-                   "--precision", args.precision]
+                   "--precision", args.precision, "--target", args.target]
         if args.all_windows:
             command.append("--all-windows")
         output = subprocess.run(["flock", LOCK, "nice", "-n", "2", *command], check=True,
@@ -165,6 +168,8 @@ def _table(args: argparse.Namespace) -> None:
         ratio = f"{r['peak'] / probe['peak']:.2f}" if probe and r.get("peak") else "-"
         if r.get("precision"):
             mode = f"{mode} (H in {r['precision']})"
+        if r.get("target"):
+            mode = f"{mode}, {r['target']} target"
         cells = [criterion, mode, head_mode, allocation, r["ratio"], r["calib_samples"], f"{r['ppl64']:.2f}",
                  x64, ppl_all or "-", x_all, peak, ratio, r["scoring_seconds"], r["compensation_seconds"],
                  _widths(r)]
@@ -192,6 +197,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", choices=["float64", "float32"], default="float64",
                         help="dtype of the compensation's moments H")
+    parser.add_argument("--target", choices=["pruned", "dense"], default="pruned",
+                        help="the refit's target: the layer's output on the pruned prefix, or the dense "
+                        "model's")
     parser.add_argument("--all-windows", action="store_true")
     parser.add_argument("--jsonl", default="docs/bench/compensation.jsonl")
     args = parser.parse_args()

@@ -11,11 +11,15 @@ the solve well posed, as in SparseGPT, which accumulates ``H`` in float32.
 
 Damping: solves use ``H + λ · mean(diag H) · I`` (:func:`damped`), the SparseGPT / SlimGPT convention;
 λ (``DEFAULT_DAMPING`` = 0.01) keeps directions calibration never excited close to the original weights.
+
+Cross moments ``C = Σ x x_dᵀ`` (the refit's dense-output target, ``--compensation-target dense``): each
+token's input on the pruned prefix paired with the same token's input in the dense model; one more
+``in²`` matrix beside ``H``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,11 +33,13 @@ __all__ = ["DEFAULT_DAMPING", "InputMoments", "collect_moments", "damped", "damp
 
 @dataclass
 class InputMoments:
-    """``gram = Σ x xᵀ``, ``total = Σ x`` and the token count of one Linear's inputs."""
+    """``gram = Σ x xᵀ``, ``total = Σ x`` and the token count of one Linear's inputs; ``cross = Σ x x_dᵀ``
+    when each input comes with its dense-model partner (:meth:`add`'s ``partner``)."""
 
     gram: torch.Tensor
     total: torch.Tensor
     count: int = 0
+    cross: torch.Tensor | None = None
 
     @classmethod
     def zeros(cls, width: int, device: torch.device | str = "cpu", gram: bool = True,
@@ -44,11 +50,22 @@ class InputMoments:
         return cls(torch.zeros(side, side, dtype=dtype, device=device),
                    torch.zeros(width, dtype=torch.float64, device=device))
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, partner: torch.Tensor | None = None) -> None:
+        """Accumulate the inputs ``x``; ``partner``: the same tokens' inputs in the dense model (into
+        ``cross``, created on the first call)."""
         flat = x.detach().reshape(-1, x.shape[-1]).to(device=self.total.device, dtype=torch.float64)
         if self.gram.numel():
             narrow = flat.to(self.gram.dtype)
             self.gram.addmm_(narrow.T, narrow)
+            if partner is not None:
+                dense = partner.detach().reshape(-1, x.shape[-1]).to(device=self.gram.device,
+                                                                     dtype=self.gram.dtype)
+                if dense.shape != narrow.shape:
+                    raise ValueError(f"dense partner has {tuple(dense.shape)} tokens × columns, the inputs "
+                                     f"{tuple(narrow.shape)}")
+                if self.cross is None:
+                    self.cross = torch.zeros_like(self.gram)
+                self.cross.addmm_(narrow.T, dense)
         self.total += flat.sum(0)
         self.count += flat.shape[0]
 
@@ -57,6 +74,11 @@ class InputMoments:
         and can free it before factoring (the refit never holds ``H`` and its factor at once)."""
         gram, self.gram = self.gram, self.gram.new_zeros(0, 0)
         return gram
+
+    def release_cross(self) -> torch.Tensor | None:
+        """``cross`` (or None), handed over like :meth:`release_gram`."""
+        cross, self.cross = self.cross, None
+        return cross
 
     @property
     def mean(self) -> torch.Tensor:
@@ -77,11 +99,25 @@ def damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
 
 
 def collect_moments(linears: Sequence[nn.Linear], run: Callable[[], None], gram: bool = True,
-                    dtype: torch.dtype = torch.float64) -> dict[nn.Linear, InputMoments]:
+                    dtype: torch.dtype = torch.float64,
+                    partners: Mapping[nn.Linear, Sequence[torch.Tensor]] | None = None
+                    ) -> dict[nn.Linear, InputMoments]:
     """Run ``run()`` (calibration forwards) with hooks accumulating each Linear's input moments
-    (``gram`` in ``dtype``)."""
+    (``gram`` in ``dtype``). ``partners[linear][k]``: the dense model's inputs of ``linear``'s ``k``-th
+    call (the same calibration batch, in the same order), accumulated into ``cross``."""
     moments = {linear: InputMoments.zeros(linear.in_features, linear.weight.device, gram, dtype)
                for linear in linears}
-    with input_hooks(linears, lambda module, x: moments[module].add(x)):
+    calls = dict.fromkeys(linears, 0)
+
+    def observe(module: nn.Module, x: torch.Tensor) -> None:
+        paired = None if partners is None or module not in partners else partners[module][calls[module]]
+        calls[module] += 1
+        moments[module].add(x, paired)
+
+    with input_hooks(linears, observe):
         run()
+    if partners is not None:
+        for linear, dense in partners.items():
+            if linear in calls and calls[linear] != len(dense):
+                raise ValueError(f"{calls[linear]} calls paired with {len(dense)} dense batches")
     return moments

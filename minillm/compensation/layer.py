@@ -16,7 +16,7 @@ the next block. Nothing here loops over blocks.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -27,7 +27,7 @@ from minillm.arch.base import ArchAdapter, LayerShape
 from minillm.compensation.hessian import DEFAULT_DAMPING, InputMoments, collect_moments
 from minillm.compensation.obs import obs_order
 from minillm.compensation.refit import fold_mean, refit_weight
-from minillm.defaults import Precision
+from minillm.defaults import CompensationTarget, Precision
 from minillm.plan import LayerPlan
 
 Mode = Literal["none", "bias", "refit"]
@@ -38,14 +38,17 @@ OBS_CHANNEL_ROUNDS = 64
 
 @dataclass(frozen=True)
 class CompensationOptions:
-    """How the cut is compensated: ``mode``, damping λ of ``H``, who chooses the groups, and the dtype
+    """How the cut is compensated: ``mode``, damping λ of ``H``, who chooses the groups, the dtype
     of ``H`` (``float32`` only where float64's working set does not fit: :mod:`minillm.streaming`;
-    ``auto`` left unresolved means float64)."""
+    ``auto`` left unresolved means float64) and the refit's ``target``: the layer's own output on the
+    pruned prefix's inputs (``pruned``) or the dense model's output of that layer (``dense``,
+    :mod:`.refit`)."""
 
     mode: Mode = "refit"
     damping: float = DEFAULT_DAMPING
     select: Select = "plan"
     precision: Precision = "float64"
+    target: CompensationTarget = "pruned"
 
     @property
     def gram_dtype(self) -> torch.dtype:
@@ -121,19 +124,30 @@ def compensate_closing(linear: nn.Linear, moments: InputMoments, keep: torch.Ten
 
 
 def compensate_block(layer: nn.Module, adapter: ArchAdapter, plan: LayerPlan, shape: LayerShape,
-                     forward: Callable[[nn.Module], object], options: CompensationOptions
+                     forward: Callable[[nn.Module], object], options: CompensationOptions,
+                     dense: Mapping[str, Sequence[torch.Tensor]] | None = None
                      ) -> tuple[LayerPlan, dict[str, ClosingUpdate]]:
     """Select (optionally), compensate and zero the removed groups of one resident block, in place.
 
     ``forward(module)`` runs every calibration batch through the block as it is now, and may stop each
-    batch once ``module`` has run (the attention pass then skips the MLP). Returns the (possibly
-    re-selected) layer plan and the updated closing projections, ``{"attn": …, "mlp": …}``.
+    batch once ``module`` has run (the attention pass then skips the MLP). ``dense`` (the refit's dense
+    target): ``{"attn" | "mlp": the dense model's inputs of that closing projection, per batch}``.
+    Returns the (possibly re-selected) layer plan and the updated closing projections,
+    ``{"attn": …, "mlp": …}``.
     """
     attn, mlp = adapter.attention(layer), adapter.mlp(layer)
     updates: dict[str, ClosingUpdate] = {}
     gram = options.mode == "refit" or options.select == "obs"  # bias folding needs only the means
+    paired = options.mode == "refit" and options.target == "dense"
+    if paired and dense is None:
+        raise ValueError("the dense-output target needs the dense model's closing inputs")
+
+    def partners(linear: nn.Linear, name: str) -> dict[nn.Linear, Sequence[torch.Tensor]] | None:
+        return {linear: dense[name]} if paired and dense is not None else None
+
     if len(plan.heads) < shape.num_heads:
-        moments = collect_moments([attn.o], lambda: forward(attn.o), gram, options.gram_dtype)[attn.o]
+        moments = collect_moments([attn.o], lambda: forward(attn.o), gram, options.gram_dtype,
+                                  partners(attn.o, "attn"))[attn.o]
         if options.select == "obs":
             plan = reselect_heads(plan, shape, attn.o, moments, options)
         updates["attn"] = compensate_closing(attn.o, moments, _head_columns(plan.heads, shape.head_dim),
@@ -141,7 +155,7 @@ def compensate_block(layer: nn.Module, adapter: ArchAdapter, plan: LayerPlan, sh
         del moments
     if len(plan.channels) < shape.intermediate:
         moments = collect_moments([mlp.closing], lambda: forward(mlp.closing), gram,
-                                  options.gram_dtype)[mlp.closing]
+                                  options.gram_dtype, partners(mlp.closing, "mlp"))[mlp.closing]
         if options.select == "obs":
             plan = reselect_channels(plan, shape, mlp.closing, moments, options)
         updates["mlp"] = compensate_closing(mlp.closing, moments, torch.tensor(plan.channels), options)

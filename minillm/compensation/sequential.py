@@ -16,6 +16,13 @@ beyond that refit of the remaining closing projections on the cut model's inputs
 is each closing's own output, which is row-separable (removing hidden rows of ``o``/``down`` changes no
 other row's solution) and unchanged when no input column goes.
 
+Dense-output target (``--compensation-target dense``): a second stream of calibration activations runs
+through the *dense* blocks beside the pruned one; each block first runs it (recording the dense inputs of
+its closing projections, per batch), and the refit then pairs every token's pruned-prefix input with its
+dense one (:mod:`.refit`). It costs one more block pass per block and the dense closing inputs of one
+block; plans that cut the hidden size or whole layers are refused (their dense stream would be another
+model).
+
 Offloaded blocks (``--streaming``): their loaded weights are dropped when the walk leaves them, so the
 compensated closing projections are kept and handed to the export — the o_proj and down_proj of every
 pruned block, about a third of the block weights (3.9 GB for a 7B Llama in fp16). With ``spill`` (a
@@ -35,8 +42,9 @@ import torch
 from torch import nn
 
 from minillm.arch.base import ArchAdapter
-from minillm.calibration.blocks import is_offloaded
+from minillm.calibration.blocks import BlockBatch, is_offloaded, run_block
 from minillm.calibration.data import CalibrationSet
+from minillm.calibration.hooks import input_hooks
 from minillm.calibration.sequential import Block, Sequential
 from minillm.compensation.layer import ClosingUpdate, CompensationOptions, compensate_block
 from minillm.plan import PrunePlan
@@ -158,12 +166,32 @@ def compensate_sequential(model: nn.Module, adapter: ArchAdapter, plan: PrunePla
     result = CompensationResult(plan=plan)
     if not changed or (options.mode == "none" and options.select == "plan"):
         return result
+    dense_target = options.mode == "refit" and options.target == "dense"
+    if dense_target and (plan.hidden is not None or plan.kept_layers is not None):
+        raise ValueError("the dense-output target needs a plan that keeps the hidden size and every layer")
     layer_plans = {p.index: p for p in plan.layers}
     offloaded = {i: is_offloaded(adapter.decoder_layers(model)[i]) for i in changed}  # before resident()
     passes = 0
+    dense_stream: list[BlockBatch] | None = None  # the dense blocks' outputs (dense target only)
+    changed_layers = set(changed)
+
+    def run_dense(block: Block) -> dict[str, list[torch.Tensor]]:
+        """Advance the dense stream through ``block`` (still dense); its closings' inputs per batch."""
+        nonlocal dense_stream, passes
+        closings = {"attn": adapter.attention(block.layer).o, "mlp": adapter.mlp(block.layer).closing}
+        seen: dict[nn.Module, list[torch.Tensor]] = {linear: [] for linear in closings.values()}
+        keep = (lambda x: x.detach().to(block.store)) if block.store is not None else (lambda x: x.detach())
+        with input_hooks(list(closings.values()), lambda module, x: seen[module].append(keep(x))):
+            dense_stream = run_block(block.layer, block.inputs if dense_stream is None else dense_stream,
+                                     block.kind, block.store)
+        passes += 1
+        return {name: seen[linear] for name, linear in closings.items()}
 
     def per_block(block: Block) -> None:
         nonlocal passes
+        dense = run_dense(block) if dense_target else None
+        if block.index not in changed_layers:
+            return  # walked only to advance the dense stream
 
         def forward(stop_after: nn.Module) -> None:
             nonlocal passes
@@ -182,7 +210,8 @@ def compensate_sequential(model: nn.Module, adapter: ArchAdapter, plan: PrunePla
                         None if linear.bias is None else linear.bias.detach().clone())
                  for name, linear in closings.items() if record}
         shape = adapter.layer_shape(model, i)
-        layer_plans[i], updates = compensate_block(layer, adapter, layer_plans[i], shape, forward, options)
+        layer_plans[i], updates = compensate_block(layer, adapter, layer_plans[i], shape, forward, options,
+                                                   dense)
         block.forward(advance=True)  # the compensated block feeds the next one
         passes += 1
         if record:  # keep the result, put the block back as it was (an offloaded copy goes back to meta)
@@ -197,7 +226,8 @@ def compensate_sequential(model: nn.Module, adapter: ArchAdapter, plan: PrunePla
                     closings[name].bias.data.copy_(bias)
 
     with as_exported(model, adapter, plan):
-        Sequential(model, adapter, calibration, progress=progress).run(per_block, layers=changed,
+        walked = range(max(changed) + 1) if dense_target else changed
+        Sequential(model, adapter, calibration, progress=progress).run(per_block, layers=walked,
                                                                        task="compensation")
     result.plan = replace(plan, layers=[layer_plans[p.index] for p in plan.layers])
     result.forward_passes = passes + max(changed) + 1 - len(changed)

@@ -1,0 +1,131 @@
+"""The refit's dense-output target (``--compensation-target dense``) on the sequential pass."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_ids, tiny_model, tiny_tokenizer, write_text
+
+from minillm.api import plan_from_scores, score_model
+from minillm.arch import adapter_for
+from minillm.calibration.data import CalibrationSet
+from minillm.calibration.hooks import count_hooks, input_hooks
+from minillm.compensation.layer import CompensationOptions
+from minillm.compensation.sequential import compensate_sequential
+from minillm.loading import load_model
+from minillm.surgery import apply_plan
+
+
+def _calibration() -> CalibrationSet:
+    return CalibrationSet(random_ids(8, 16, seed=1), batch_size=4)
+
+
+def _plan(model: torch.nn.Module, head_mode: str = "query", ratio: float = 0.3):
+    score = score_model(model, "magnitude", _calibration(), [0, 1])
+    return plan_from_scores(model, score, ratio, "uniform", head_mode)
+
+
+@pytest.mark.parametrize(("family", "select", "head_mode"),
+                         [("llama", "plan", "query"), ("qwen3", "obs", "query"), ("opt", "plan", "kv")])
+def test_dense_target_cut_model_equals_compensated_model_with_groups_zeroed(family: str, select: str,
+                                                                            head_mode: str) -> None:
+    model = tiny_model(family)
+    adapter = adapter_for(model.config)
+    plan = _plan(model, head_mode)
+    options = CompensationOptions(mode="refit", select=select, target="dense")
+    result = compensate_sequential(model, adapter, plan, _calibration(), options)
+    assert count_hooks(model) == 0
+    assert not any(p.grad is not None for p in model.parameters())
+    cut = copy.deepcopy(model)
+    apply_plan(cut, adapter, result.plan)
+    ids = random_ids(2, 12, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(cut(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def _closing_io(model: torch.nn.Module, linear: torch.nn.Linear, ids: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``linear``'s inputs and outputs over ``ids`` (every token)."""
+    seen: list[torch.Tensor] = []
+    with torch.no_grad(), input_hooks([linear], lambda _, x: seen.append(x.reshape(-1, x.shape[-1]))):
+        model(ids)
+        inputs = torch.cat(seen)
+        return inputs, inputs @ linear.weight.T
+
+
+def test_dense_target_fits_the_dense_layer_output_better_than_the_pruned_target() -> None:
+    """Block 0: its attention sees the same inputs either way (identical refits); its MLP then fits the
+    dense MLP's output, which the pruned target can only match worse (least squares on the same inputs)."""
+    dense = tiny_model("llama").double()
+    adapter = adapter_for(dense.config)
+    plan = _plan(dense)
+    calibration = _calibration()
+    fitted = {}
+    for target in ("pruned", "dense"):
+        model = copy.deepcopy(dense)
+        options = CompensationOptions(mode="refit", target=target, damping=1e-9)
+        compensate_sequential(model, adapter, plan, calibration, options)
+        fitted[target] = model
+    first = {t: adapter.decoder_layers(m)[0] for t, m in fitted.items()}
+    torch.testing.assert_close(adapter.attention(first["dense"]).o.weight,
+                               adapter.attention(first["pruned"]).o.weight, rtol=1e-9, atol=1e-9)
+    dense_mlp = adapter.mlp(adapter.decoder_layers(dense)[0]).closing
+    _, wanted = _closing_io(dense, dense_mlp, calibration.input_ids)
+    errors = {}
+    for target, model in fitted.items():
+        _, got = _closing_io(model, adapter.mlp(first[target]).closing, calibration.input_ids)
+        errors[target] = float((got - wanted).pow(2).sum())
+    assert errors["dense"] < errors["pruned"]
+
+
+def test_dense_target_offloaded_equals_in_memory(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    adapter = adapter_for(model.config)
+    plan = _plan(model)
+    options = CompensationOptions(mode="refit", target="dense")
+    model.save_pretrained(tmp_path / "ckpt")
+    disk = load_model(str(tmp_path / "ckpt"), device_map="auto", max_memory={"cpu": "30KB"}, dtype="float32",
+                      offload_dir=str(tmp_path / "offload"))
+    streamed = compensate_sequential(disk, adapter, plan, _calibration(), options)
+    compensate_sequential(model, adapter, plan, _calibration(), options)
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        for name, linear in (("attn", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj)):
+            torch.testing.assert_close(streamed.updates[index][name].weight, linear.weight, rtol=0, atol=1e-5)
+
+
+def _cli(tmp_path: Path, *extra: str) -> tuple[object, Path]:
+    from typer.testing import CliRunner
+
+    from minillm.cli import app
+
+    source = tmp_path / "src"
+    if not source.exists():
+        tiny_model("llama").save_pretrained(source)
+        tiny_tokenizer().save_pretrained(source)
+    calib = write_text(tmp_path / "calib.txt")
+    out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+    args = ["prune", "--model", str(source), "--calib", str(calib), "--calib-samples", "4", "--seq-len", "16",
+            "--criterion", "magnitude", "--out", str(out), "-q", *extra]
+    return CliRunner().invoke(app, args), out
+
+
+def test_cli_dense_target_reaches_the_export_recipe(tmp_path: Path) -> None:
+    outcome, out = _cli(tmp_path, "--compensation-target", "dense")
+    assert outcome.exit_code == 0, outcome.output
+    metadata = json.loads((out / "minillm.json").read_text())
+    assert metadata["recipe"]["compensation_target"] == "dense"
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--compensation", "bias"), "--compensation refit"),
+    (("--structures", "attn,mlp,hidden"), "attn/mlp cuts only"),
+])
+def test_cli_refuses_dense_target_where_it_has_no_meaning(tmp_path: Path, extra: tuple[str, ...],
+                                                          message: str) -> None:
+    outcome, out = _cli(tmp_path, "--compensation-target", "dense", *extra)
+    assert outcome.exit_code != 0 and not out.exists()
+    assert message in " ".join(outcome.output.split())
