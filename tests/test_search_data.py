@@ -112,3 +112,32 @@ def test_cli_names_the_search_data_in_the_table_report_and_exports_recipe(tmp_pa
     # the recorded recipe replays the chosen architecture (it does not read the search text again)
     replay = prune(small_model(), Recipe.load(tmp_path / "o"), calib=calibration(), dry_run=True)
     assert replay.plan.extra["architecture"] == recipe["architecture"]
+
+
+def test_compare_cells_search_on_the_search_data_as_prune_does(tmp_path, monkeypatch) -> None:
+    import minillm.calibration.forward as forward
+    from minillm.compare import compare
+
+    calib = write_text(tmp_path / "calib.txt")
+    text = write_text(tmp_path / "valid.txt", words=400, seed=7)
+    common = dict(calib=str(calib), calib_samples=4, seq_len=16, batch_size=2, tokenizer=tiny_tokenizer(),
+                  search=True, search_data=str(text), max_candidates=2,
+                  **{**SETTINGS, "structures": "attn,mlp"})  # (compare scores no layers or hidden channels)
+    with pytest.raises(UsageError, match="--search-data ranks the candidates of --search"):
+        compare(small_model(), methods=["flap"], **{**common, "search": False})
+    scored: list[torch.Tensor] = []
+    loss = forward.mean_loss
+
+    def recording_loss(model, windows):
+        scored.append(windows.input_ids)
+        return loss(model, windows)
+
+    monkeypatch.setattr(forward, "mean_loss", recording_loss)
+    result = compare(small_model(), methods=["flap"], ratios=[0.25], allocations=["uniform"], isolate=False,
+                     **{k: v for k, v in common.items() if k != "ratio"})
+    monkeypatch.undo()
+    held = calibration_set(tiny_tokenizer(), str(text), 4, 16, 0, 2).input_ids
+    assert sum(torch.equal(ids, held) for ids in scored) == 2  # the two candidates, ranked on the text
+    searched = prune(small_model(), criterion="flap", **common)
+    assert [r.params for r in result.rows if r.method == "flap"] == [searched.plan.params_after]
+    assert searched.plan.extra["search"]["held_out"] == f"4 windows of --search-data {text}"
