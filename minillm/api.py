@@ -42,7 +42,8 @@ from minillm.plan import (
 )
 from minillm.report.timeline import Timeline
 from minillm.scoring import CRITERIA, ScoreResult, ScoringContext
-from minillm.search import check_search_options, held_out_set
+from minillm.search import check_search_options
+from minillm.search_data import held_out_set
 from minillm.surgery import pruned_widths
 
 if TYPE_CHECKING:

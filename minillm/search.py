@@ -21,8 +21,8 @@ search answers it per model, on calibration data:
    and shared; each candidate is planned from them on a copy of the model, compensated and cut on the
    first windows of a ``--search-calib-samples`` subset (default: the whole calibration set), and scored
    by its mean loss on the *last* quarter of the windows, which no ranking compensation sees. With
-   ``--search-data`` (:func:`held_out_set`) the loss is taken on windows of that text instead and every
-   calibration window (of the subset) compensates each candidate, as the final prune's compensation does.
+   ``--search-data`` (:mod:`minillm.search_data`) the loss is taken on windows of that text instead and
+   every calibration window (of the subset) compensates each candidate, as the final prune's does.
 4. The best is pruned like any plan (compensation on every calibration window, surgery, export): exactly
    ``--architecture <best>``, which the export's recipe records.
 """
@@ -34,7 +34,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +44,7 @@ from minillm.calibration.data import CalibrationSet
 from minillm.errors import UsageError
 from minillm.plan import LayerPlan, LayerScores, PrunePlan, check_ratio
 from minillm.plan_axes import ParamCounter
+from minillm.search_data import check_search_data, split_windows
 
 #: how far (fraction of the model's parameters) a candidate may miss ``--ratio``
 SEARCH_TOLERANCE = 0.02
@@ -356,69 +356,13 @@ def plan_for(space: Space, arch: Architecture, ratio: float) -> PrunePlan:
                      extra={"architecture": arch.label()})
 
 
-def split_windows(calibration: CalibrationSet, samples: int | None, held_out: CalibrationSet | None = None
-                  ) -> tuple[CalibrationSet, CalibrationSet]:
-    """(fit, held-out) windows for ranking: the held-out part is the *last* ``max(1, samples // 4)`` windows
-    of the calibration set, the fit part its first ``samples - held`` — disjoint by construction.
-    ``samples=None``: the whole calibration set. Why the default is all of it: the refit gains with data
-    (54.2 → 39.4 wiki.test perplexity from 32 to 128 windows at 0.2), width cuts far more than depth cuts,
-    so a ranking compensated on fewer windows than the final prune favours depth (docs/benchmarks.md,
-    "Searched mix"). With ``held_out`` (the ``--search-data`` windows) nothing is held back: the fit part
-    is the first ``samples`` windows (default all, exactly what the final prune compensates on)."""
-    n = int(calibration.input_ids.shape[0])
-    samples = n if samples is None else min(samples, n)
-    if held_out is not None:
-        return CalibrationSet(calibration.input_ids[:samples], calibration.batch_size), held_out
-    if samples < 2:
-        raise UsageError(f"--search needs at least 2 calibration windows to hold some out (got {n}); "
-                         "raise --calib-samples and --search-calib-samples")
-    held = max(1, samples // 4)
-    ids = calibration.input_ids
-    return (CalibrationSet(ids[: samples - held], calibration.batch_size),
-            CalibrationSet(ids[n - held:], calibration.batch_size))
-
-
-def held_out_set(tokenizer: Any, run: dict[str, Any], calibration: CalibrationSet,
-                 calib_source: str | None = None) -> CalibrationSet | None:
-    """The ``--search-data`` windows that rank the candidates, or ``None`` (no ``--search-data``: the
-    calibration set's last quarter ranks them, :func:`split_windows`).
-
-    Read by the calibration loader itself (:func:`minillm.calibration.data.calibration_set`: the same
-    file types and dataset names as ``--calib``, the same bound on how much of a huge corpus is read),
-    ``--search-data-samples`` windows (default: as many as the calibration set) of the calibration
-    windows' length, at ``--seed``'s random offsets. Why sampled, not the text's first windows: like
-    calibration windows they spread over the whole text, where the first 128 windows of 128 tokens are
-    only the opening 23 % of wiki.valid (71 k tokens with SmolLM2's tokenizer), its first articles; a
-    ranking whose plans differ by 0.01 nats needs the text's breadth. Offsets may overlap, as calibration
-    windows may. ``calib_source``: the ``--calib`` text, which
-    is refused here (its windows at the same seed are the calibration windows themselves)."""
-    source = run["search_data"]
-    if source is None or not run["search"]:
-        return None
-    if calib_source is not None and _same_text(source, calib_source):
-        raise UsageError(f"--search-data {source!r} is the --calib text: the ranking text must be held out; "
-                         "give another text (e.g. a validation split) or drop --search-data")
-    if tokenizer is None:
-        raise UsageError("a tokenizer is needed to read --search-data; pass tokenizer=…")
-    from minillm.calibration.data import calibration_set
-
-    n = run["search_data_samples"] or int(calibration.input_ids.shape[0])
-    return calibration_set(tokenizer, source, n, int(calibration.input_ids.shape[1]), run["seed"],
-                           calibration.batch_size, what=f"--search-data {source!r}")
-
-
-def _same_text(a: str, b: str) -> bool:
-    if Path(a).exists() and Path(b).exists():
-        return Path(a).resolve() == Path(b).resolve()
-    return a == b
-
-
 def rank(space: Space, candidates: Sequence[Candidate], calibration: CalibrationSet,
          search_samples: int | None, compensation: str, damping: float, ratio: float,
          progress: Progress | None = None, total: int | None = None, offset: int = 0,
          held_out: CalibrationSet | None = None) -> None:
     """Fill in every candidate's held-out loss (``total``/``offset``: the progress count when the ranking
-    runs in several passes; ``held_out``: the ``--search-data`` windows, see :func:`split_windows`)."""
+    runs in several passes; ``held_out``: the ``--search-data`` windows, see
+    :func:`~minillm.search_data.split_windows`)."""
     from minillm.calibration.forward import mean_loss
     from minillm.cut import cut
 
@@ -447,7 +391,8 @@ def search(space: Space, calibration: CalibrationSet, ratio: float, structures: 
            progress: Progress | None = None, held_out: CalibrationSet | None = None,
            held_out_source: str | None = None) -> tuple[Architecture, dict[str, Any]]:
     """The best architecture and the search's record (candidate table, windows, cost) for the plan;
-    ``held_out``: the windows of the ``--search-data`` text ``held_out_source`` (:func:`held_out_set`)."""
+    ``held_out``: the windows of the ``--search-data`` text ``held_out_source``
+    (:func:`~minillm.search_data.held_out_set`)."""
     start = time.perf_counter()
     found = enumerate_candidates(space, ratio, structures, round_to)
     ranked = choose(found, space, structures, max_candidates)  # one per depth first
@@ -497,31 +442,19 @@ def check_search_options(search_on: bool, architecture: str | None, criterion: s
                          "--max-memory/offloading")
 
 
-def check_search_data(search_on: bool, architecture: str | None, search_data: str | None,
-                      search_data_samples: int | None) -> None:
-    """``--search-data`` (and its ``-samples``) only with ``--search``, in one line. Allowed beside
-    ``--architecture`` too: an export's recipe records the ranking text with the architecture the search
-    chose (a replay does not read it)."""
-    if search_data_samples is not None and search_data is None:
-        raise UsageError("--search-data-samples sets how many windows of --search-data rank the candidates: "
-                         "add --search-data or drop --search-data-samples")
-    if search_data is not None and not (search_on or architecture):
-        raise UsageError("--search-data ranks the candidates of --search: add --search or drop --search-data")
-
-
 def plan_from_run(model: nn.Module, adapter: ArchAdapter, shapes: dict[int, LayerShape],
                   scores: dict[int, LayerScores], hidden_scores: torch.Tensor | None,
                   layer_scores: dict[int, float] | None, total_params: int, calibration: CalibrationSet,
                   run: dict[str, Any], structures: frozenset[str], progress: Progress | None = None,
                   held_out: CalibrationSet | None = None) -> PrunePlan:
     """The plan of a ``--search`` or ``--architecture`` run (``run``: the recipe's settings; ``held_out``:
-    the ``--search-data`` windows, :func:`held_out_set`)."""
+    the ``--search-data`` windows, :func:`~minillm.search_data.held_out_set`)."""
     space = build_space(model, adapter, shapes, scores, hidden_scores, layer_scores, total_params)
     if run["architecture"]:
         return plan_for(space, Architecture.parse(run["architecture"]), run["ratio"])
     if run["search_data"] is not None and held_out is None:
         raise UsageError("--search-data is set but its windows were not read; load them with "
-                         "minillm.search.held_out_set and pass held_out=")
+                         "minillm.search_data.held_out_set and pass held_out=")
     best, record = search(space, calibration, run["ratio"], structures, run["round_to"],
                           run["max_candidates"], run["search_calib_samples"], run["compensation"],
                           run["damping"], progress, held_out, run["search_data"])

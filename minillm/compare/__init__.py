@@ -221,7 +221,7 @@ def compare(
     from minillm.groups import count_parameters, prunable_layers
     from minillm.recipe import Recipe
     from minillm.scoring import CRITERIA
-    from minillm.search import check_search_data, held_out_set
+    from minillm.search_data import check_search_data, held_out_set
 
     if isinstance(model, str):
         overrides["model"] = model
