@@ -89,9 +89,10 @@ class Recipe(BaseModel):
         "--search-data all of them are)."
     )
     search_data: str | None = Field(
-        None, description="--search: rank the candidates by mean loss on windows of this text instead "
+        None, description="--search: rank the candidates by mean loss on windows of this text "
         "(.txt/.jsonl/.json file or dataset name, read like --calib; e.g. a validation split, never your "
-        "test text); each candidate is then compensated on every calibration window, as the final prune is."
+        "test text) instead of the calibration set's last quarter; each candidate is then compensated on "
+        "every calibration window, as the final prune is."
     )
     search_data_samples: int | None = Field(
         None, ge=1, description="--search-data: windows of --seq-len tokens taken from it at --seed's "
