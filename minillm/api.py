@@ -43,6 +43,7 @@ from minillm.plan import (
 from minillm.report.timeline import Timeline
 from minillm.scoring import CRITERIA, ScoreResult, ScoringContext
 from minillm.search import check_search_options
+from minillm.search_data import held_out_set
 from minillm.surgery import pruned_widths
 
 if TYPE_CHECKING:
@@ -199,8 +200,9 @@ def prune(
     check_axes_options(names, run["allocation"], run["round_to"])
     check_compensation_target(run["compensation_target"], run["compensation"], names, run["search"],
                               run["architecture"])
-    check_search_options(run["search"], run["architecture"], criterion, run["allocation"], streaming)
-    inputs = (model, calibration_source, *inputs)
+    check_search_options(run["search"], run["architecture"], criterion, run["allocation"], streaming,
+                         run["search_data"], run["search_data_samples"])
+    inputs = (model, calibration_source, run["search_data"], *inputs)
     if out is not None and not dry_run:
         check_output_dir(out, overwrite, force, inputs)
     if offload_dir is not None:
@@ -241,7 +243,8 @@ def prune(
     if "hidden" in names and (blocker := adapter.hidden_pruning_blocker(model.config)):
         raise UsageError(blocker)
     offloaded = is_offloaded(model)  # decides only how the cut model is written, never how it is scored
-    check_search_options(run["search"], run["architecture"], criterion, run["allocation"], offloaded)
+    check_search_options(run["search"], run["architecture"], criterion, run["allocation"], offloaded,
+                         run["search_data"], run["search_data_samples"])
     if offloaded:
         from minillm.memory import return_large_frees_to_the_os
 
@@ -259,6 +262,8 @@ def prune(
             )
         calibration = calibration_set(tokenizer, calibration_source, run["calib_samples"], run["seq_len"],
                                       run["seed"], run["batch_size"])
+    held_out = held_out_set(tokenizer, run, calibration,  # --search-data: the text that ranks the search
+                            None if isinstance(calibration_source, CalibrationSet) else calibration_source)
     spsa = SpsaConfig(steps=run["spsa_steps"], eps=run["spsa_eps"], seed=run["seed"])
     with measure() as scoring:
         if names & {"attn", "mlp"}:
@@ -269,7 +274,7 @@ def prune(
         hidden_scores, layer_scores = score_axes(model, adapter, calibration, names, layers,
                                                  run["layer_score"], progress)
     timeline.mark("scored", count_parameters(model))
-    plan = plan_for(model, score, settings, hidden_scores, layer_scores, calibration, progress)
+    plan = plan_for(model, score, settings, hidden_scores, layer_scores, calibration, progress, held_out)
     from minillm.runtime_widths import kernel_width_note
 
     for note in (plan.extra.get("uniform_note"), kernel_width_note(plan, model, adapter)):
@@ -350,10 +355,11 @@ def prune(
 
 def plan_for(model: nn.Module, score: ScoreResult, recipe: Recipe, hidden_scores: Any = None,
              layer_scores: dict[int, float] | None = None, calibration: CalibrationSet | None = None,
-             progress: Progress | None = None) -> PrunePlan:
+             progress: Progress | None = None, held_out: CalibrationSet | None = None) -> PrunePlan:
     """The plan ``recipe`` asks for (ratio, allocation, head mode, structures, rounding) from ``score``:
     what ``prune`` cuts, and what every ``compare`` cell cuts (``allocation="error"`` walks
-    ``calibration`` for its refit-error curves)."""
+    ``calibration`` for its refit-error curves; ``--search`` ranks on ``held_out``, the ``--search-data``
+    windows, when the recipe names that text)."""
     names = parse_structures(recipe.structures)
     if recipe.search or recipe.architecture:  # a chosen uniform architecture (minillm.search)
         from minillm.search import plan_from_run
@@ -361,7 +367,7 @@ def plan_for(model: nn.Module, score: ScoreResult, recipe: Recipe, hidden_scores
         adapter = adapter_for(model.config)
         plan = plan_from_run(model, adapter, layer_shapes(model, adapter), score.scores, hidden_scores,
                              layer_scores, count_parameters(model), calibration, recipe.model_dump(), names,
-                             progress)
+                             progress, held_out)
     else:
         plan = plan_from_scores(model, score, recipe.ratio, recipe.allocation, recipe.head_mode,
                                 recipe.structures, recipe.round_to, hidden_scores, layer_scores,

@@ -97,7 +97,8 @@ def print_prune_summary(result: Any) -> None:
 def print_search_table(record: dict[str, Any]) -> None:
     """The candidates of ``--search``, best first (unranked ones last, without a loss)."""
     title = (f"architecture search: {record['ranked']} of {record['enumerated']} candidates ranked by "
-             f"held-out loss ({record['held_out']}; compensated on the first {record['fit_windows']}) "
+             f"held-out loss ({record['held_out']}; compensated on "
+             f"{record.get('fit', 'the first ' + str(record['fit_windows']))}) "
              f"in {record['seconds']:.0f} s")
     table = Table(title=title)
     for column in ("rank", "layers", "heads/kv", "hidden", "MLP", "parameters", "ratio", "held-out loss"):
@@ -126,7 +127,7 @@ def check_prune_options(settings: Any, recipe: str | None) -> None:
     """Everything about a prune run that can be refused before the model is loaded."""
     from minillm.output_guard import check_output_dir, check_output_file
 
-    inputs = (settings.model, settings.calib, recipe)
+    inputs = (settings.model, settings.calib, settings.search_data, recipe)
     if settings.dry_run and settings.report:
         from minillm.errors import UsageError
 

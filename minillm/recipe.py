@@ -86,7 +86,18 @@ class Recipe(BaseModel):
     search_calib_samples: int | None = Field(
         None, ge=2, description="--search: windows per candidate (default: all --calib-samples, so each "
         "candidate is compensated on as much data as the final prune); the last quarter of them (taken from "
-        "the end of the calibration set) is held out for the loss, the rest is compensated on."
+        "the end of the calibration set) is held out for the loss, the rest is compensated on (with "
+        "--search-data all of them are)."
+    )
+    search_data: str | None = Field(
+        None, description="--search: rank the candidates by mean loss on windows of this text "
+        "(.txt/.jsonl/.json file or dataset name, read like --calib; e.g. a validation split, never your "
+        "test text) instead of the calibration set's last quarter; each candidate is then compensated on "
+        "every calibration window, as the final prune is."
+    )
+    search_data_samples: int | None = Field(
+        None, ge=1, description="--search-data: windows of --seq-len tokens taken from it at --seed's "
+        "random offsets, as calibration windows are (default: as many as --calib-samples)."
     )
     max_candidates: int = Field(12, ge=1, description="--search: most candidates ranked (each one "
                                 "compensated and evaluated on a copy of the model).")

@@ -1,5 +1,5 @@
 """Architecture search (``minillm prune --search``): rank uniform architectures of one size by held-out
-calibration loss after compensation, and prune to the best.
+loss after compensation, and prune to the best.
 
 Why: the axes planner (:mod:`minillm.plan_axes`) cuts every requested axis by one common fraction, but
 which mix of depth, heads, hidden size and MLP width loses least at a given size is an empirical question
@@ -20,7 +20,9 @@ search answers it per model, on calibration data:
 3. **Rank**: the scores (criterion, hidden channels, layers) are computed once on all calibration windows
    and shared; each candidate is planned from them on a copy of the model, compensated and cut on the
    first windows of a ``--search-calib-samples`` subset (default: the whole calibration set), and scored
-   by its mean loss on the *last* quarter of the windows, which no ranking compensation sees.
+   by its mean loss on the *last* quarter of the windows, which no ranking compensation sees. With
+   ``--search-data`` (:mod:`minillm.search_data`) the loss is taken on windows of that text instead and
+   every calibration window (of the subset) compensates each candidate, as the final prune's does.
 4. The best is pruned like any plan (compensation on every calibration window, surgery, export): exactly
    ``--architecture <best>``, which the export's recipe records.
 """
@@ -42,6 +44,7 @@ from minillm.calibration.data import CalibrationSet
 from minillm.errors import UsageError
 from minillm.plan import LayerPlan, LayerScores, PrunePlan, check_ratio
 from minillm.plan_axes import ParamCounter
+from minillm.search_data import check_search_data, split_windows
 
 #: how far (fraction of the model's parameters) a candidate may miss ``--ratio``
 SEARCH_TOLERANCE = 0.02
@@ -353,33 +356,17 @@ def plan_for(space: Space, arch: Architecture, ratio: float) -> PrunePlan:
                      extra={"architecture": arch.label()})
 
 
-def split_windows(calibration: CalibrationSet, samples: int | None) -> tuple[CalibrationSet, CalibrationSet]:
-    """(fit, held-out) windows for ranking: the held-out part is the *last* ``max(1, samples // 4)`` windows
-    of the calibration set, the fit part its first ``samples - held`` — disjoint by construction.
-    ``samples=None``: the whole calibration set. Why the default is all of it: the refit gains with data
-    (54.2 → 39.4 wiki.test perplexity from 32 to 128 windows at 0.2), width cuts far more than depth cuts,
-    so a ranking compensated on fewer windows than the final prune favours depth (docs/benchmarks.md,
-    "Searched mix")."""
-    n = int(calibration.input_ids.shape[0])
-    samples = n if samples is None else min(samples, n)
-    if samples < 2:
-        raise UsageError(f"--search needs at least 2 calibration windows to hold some out (got {n}); "
-                         "raise --calib-samples and --search-calib-samples")
-    held = max(1, samples // 4)
-    ids = calibration.input_ids
-    return (CalibrationSet(ids[: samples - held], calibration.batch_size),
-            CalibrationSet(ids[n - held:], calibration.batch_size))
-
-
 def rank(space: Space, candidates: Sequence[Candidate], calibration: CalibrationSet,
          search_samples: int | None, compensation: str, damping: float, ratio: float,
-         progress: Progress | None = None, total: int | None = None, offset: int = 0) -> None:
+         progress: Progress | None = None, total: int | None = None, offset: int = 0,
+         held_out: CalibrationSet | None = None) -> None:
     """Fill in every candidate's held-out loss (``total``/``offset``: the progress count when the ranking
-    runs in several passes)."""
+    runs in several passes; ``held_out``: the ``--search-data`` windows, see
+    :func:`~minillm.search_data.split_windows`)."""
     from minillm.calibration.forward import mean_loss
     from minillm.cut import cut
 
-    fit, held = split_windows(calibration, search_samples)
+    fit, held = split_windows(calibration, search_samples, held_out)
     for done, candidate in enumerate(candidates, offset + 1):
         start = time.perf_counter()
         pruned = copy.deepcopy(space.model)
@@ -401,33 +388,43 @@ def assign_ranks(candidates: Sequence[Candidate]) -> None:
 
 def search(space: Space, calibration: CalibrationSet, ratio: float, structures: frozenset[str],
            round_to: int, max_candidates: int, search_samples: int | None, compensation: str, damping: float,
-           progress: Progress | None = None) -> tuple[Architecture, dict[str, Any]]:
-    """The best architecture and the search's record (candidate table, windows, cost) for the plan."""
+           progress: Progress | None = None, held_out: CalibrationSet | None = None,
+           held_out_source: str | None = None) -> tuple[Architecture, dict[str, Any]]:
+    """The best architecture and the search's record (candidate table, windows, cost) for the plan;
+    ``held_out``: the windows of the ``--search-data`` text ``held_out_source``
+    (:func:`~minillm.search_data.held_out_set`)."""
     start = time.perf_counter()
     found = enumerate_candidates(space, ratio, structures, round_to)
     ranked = choose(found, space, structures, max_candidates)  # one per depth first
     total = min(max_candidates, len(found))
-    rank(space, ranked, calibration, search_samples, compensation, damping, ratio, progress, total)
+    rank(space, ranked, calibration, search_samples, compensation, damping, ratio, progress, total,
+         held_out=held_out)
     more = refine(found, ranked, space, structures, max_candidates - len(ranked))
-    rank(space, more, calibration, search_samples, compensation, damping, ratio, progress, total, len(ranked))
+    rank(space, more, calibration, search_samples, compensation, damping, ratio, progress, total, len(ranked),
+         held_out)
     ranked = [*ranked, *more]
     assign_ranks(ranked)
-    fit, held = split_windows(calibration, search_samples)
+    fit, held = split_windows(calibration, search_samples, held_out)
     best = min(ranked, key=lambda c: c.rank or 0).architecture
     rows = sorted(found, key=lambda c: (c.rank is None, c.rank or 0, -c.architecture.layers,
                                         -c.architecture.heads, -c.architecture.hidden))
+    n, fitted, held_n = (int(w.input_ids.shape[0]) for w in (calibration, fit, held))
     record = {"best": best.label(), "enumerated": len(found), "ranked": len(ranked),
-              "tolerance": SEARCH_TOLERANCE, "fit_windows": int(fit.input_ids.shape[0]),
-              "held_out_windows": int(held.input_ids.shape[0]),
-              "held_out": f"last {int(held.input_ids.shape[0])} of {int(calibration.input_ids.shape[0])} "
-                          "calibration windows",
+              "tolerance": SEARCH_TOLERANCE, "fit_windows": fitted, "held_out_windows": held_n,
+              "held_out": f"last {held_n} of {n} calibration windows" if held_out is None else
+                          f"{held_n} windows of --search-data {held_out_source}",
+              "fit": f"all {n} calibration windows" if fitted == n else
+                     f"the first {fitted} of {n} calibration windows",
+              "search_data": held_out_source if held_out is not None else None,
               "seconds": round(time.perf_counter() - start, 1), "candidates": [c.row() for c in rows]}
     return best, record
 
 
 def check_search_options(search_on: bool, architecture: str | None, criterion: str, allocation: str,
-                         offloaded: bool) -> None:
+                         offloaded: bool, search_data: str | None = None,
+                         search_data_samples: int | None = None) -> None:
     """What ``--search`` / ``--architecture`` refuse, each in one line, before any scoring."""
+    check_search_data(search_on, architecture, search_data, search_data_samples)
     if not (search_on or architecture):
         return
     flag = "--search" if search_on else "--architecture"
@@ -448,15 +445,19 @@ def check_search_options(search_on: bool, architecture: str | None, criterion: s
 def plan_from_run(model: nn.Module, adapter: ArchAdapter, shapes: dict[int, LayerShape],
                   scores: dict[int, LayerScores], hidden_scores: torch.Tensor | None,
                   layer_scores: dict[int, float] | None, total_params: int, calibration: CalibrationSet,
-                  run: dict[str, Any], structures: frozenset[str], progress: Progress | None = None
-                  ) -> PrunePlan:
-    """The plan of a ``--search`` or ``--architecture`` run (``run``: the recipe's settings)."""
+                  run: dict[str, Any], structures: frozenset[str], progress: Progress | None = None,
+                  held_out: CalibrationSet | None = None) -> PrunePlan:
+    """The plan of a ``--search`` or ``--architecture`` run (``run``: the recipe's settings; ``held_out``:
+    the ``--search-data`` windows, :func:`~minillm.search_data.held_out_set`)."""
     space = build_space(model, adapter, shapes, scores, hidden_scores, layer_scores, total_params)
     if run["architecture"]:
         return plan_for(space, Architecture.parse(run["architecture"]), run["ratio"])
+    if run["search_data"] is not None and held_out is None:
+        raise UsageError("--search-data is set but its windows were not read; load them with "
+                         "minillm.search_data.held_out_set and pass held_out=")
     best, record = search(space, calibration, run["ratio"], structures, run["round_to"],
                           run["max_candidates"], run["search_calib_samples"], run["compensation"],
-                          run["damping"], progress)
+                          run["damping"], progress, held_out, run["search_data"])
     plan = plan_for(space, best, run["ratio"])
     plan.extra["search"] = record
     return plan

@@ -8,10 +8,14 @@ axes, one variant per invocation (each run stays under ten minutes on the 2-core
     flock /tmp/minillm-bench.lock nice -n 2 python tools/bench_axes.py --label searched --search \
         --structures attn,mlp,hidden,layers --calib-samples 128 --out /tmp/search \
         --json docs/bench/search.jsonl
+    flock /tmp/minillm-bench.lock nice -n 2 python tools/bench_axes.py --label searched-valid --search \
+        --structures attn,mlp,hidden,layers --calib-samples 128 --search-data valid --out /tmp/search-valid \
+        --json docs/bench/search.jsonl
 
 Calibration: ``--calib-samples`` windows of 128 tokens from wiki.train (seeded); perplexity: the first
 ``--ppl-windows`` non-overlapping 128-token windows of wiki.test. Every other prune setting is minillm's
-default unless given. The speed of the exports is measured by tools/bench_speed.py (interleaved).
+default unless given. ``--search-data valid`` ranks the search's candidates on wiki.valid (never on
+wiki.test, which reports). The speed of the exports is measured by tools/bench_speed.py (interleaved).
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="plan (and search) only: no export, no ppl")
     parser.add_argument("--max-candidates", type=int, default=12)
     parser.add_argument("--search-calib-samples", type=int, default=None)
+    parser.add_argument("--search-data", default=None,
+                        help="prune --search-data: a text file, or valid for wiki.valid (never test)")
+    parser.add_argument("--search-data-samples", type=int, default=None)
     parser.add_argument("--ppl-windows", type=int, default=64)
     parser.add_argument("--valid", action="store_true",
                         help="also the perplexity of the first --ppl-windows windows of wiki.valid "
@@ -48,6 +55,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None, help="append one JSON line here")
     args = parser.parse_args()
+    if args.search_data and Path(args.search_data).resolve() == (DATA / "wiki.test.txt").resolve():
+        parser.error("--search-data: wiki.test reports the perplexity; rank on wiki.valid (valid)")
 
     import torch
 
@@ -77,6 +86,9 @@ def main() -> None:
         if args.search:
             kwargs.update(search=True, max_candidates=args.max_candidates,
                           search_calib_samples=args.search_calib_samples)
+        if args.search_data:
+            kwargs.update(search_data=str(DATA / "wiki.valid.txt") if args.search_data == "valid"
+                          else args.search_data, search_data_samples=args.search_data_samples)
         result = prune(args.model, ratio=args.ratio, out=args.out, structures=args.structures,
                        layer_score=args.layer_score, round_to=args.round_to, spsa_steps=args.spsa_steps,
                        calib=str(DATA / "wiki.train.txt"), calib_samples=args.calib_samples,

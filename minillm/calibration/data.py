@@ -149,12 +149,13 @@ class CalibrationSet:
         return int(self.input_ids.numel())
 
 
-def sample_windows(tokens: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
-    """``n`` windows of ``seq_len`` tokens at seeded random offsets."""
+def sample_windows(tokens: torch.Tensor, n: int, seq_len: int, seed: int,
+                   what: str = "calibration text") -> torch.Tensor:
+    """``n`` windows of ``seq_len`` tokens at seeded random offsets (``what``: the text errors name)."""
     if n < 1 or seq_len < 2:
         raise UsageError("--calib-samples must be >= 1 and --seq-len >= 2")
     if tokens.numel() <= seq_len:
-        raise UsageError(f"calibration text has {tokens.numel()} tokens, fewer than --seq-len {seq_len}; "
+        raise UsageError(f"{what} has {tokens.numel()} tokens, fewer than --seq-len {seq_len}; "
                          "give more text or a smaller --seq-len")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seq_len, (n,), generator=generator)
@@ -162,10 +163,10 @@ def sample_windows(tokens: torch.Tensor, n: int, seq_len: int, seed: int) -> tor
 
 
 def calibration_set(tokenizer: Any, source: str, n: int = 32, seq_len: int = 128, seed: int = 0,
-                    batch_size: int = 8) -> CalibrationSet:
-    """Load, tokenise and sample the calibration windows in one call."""
+                    batch_size: int = 8, what: str = "calibration text") -> CalibrationSet:
+    """Load, tokenise and sample the calibration windows in one call (also ``--search-data``'s)."""
     text = load_text(source, max_chars=max(n * seq_len * 40, 2_000_000))
-    return CalibrationSet(sample_windows(tokenize(tokenizer, text), n, seq_len, seed), batch_size)
+    return CalibrationSet(sample_windows(tokenize(tokenizer, text), n, seq_len, seed, what), batch_size)
 
 
 def evaluation_windows(tokenizer: Any, source: str, seq_len: int) -> torch.Tensor:

@@ -221,6 +221,7 @@ def compare(
     from minillm.groups import count_parameters, prunable_layers
     from minillm.recipe import Recipe
     from minillm.scoring import CRITERIA
+    from minillm.search_data import check_search_data, held_out_set
 
     if isinstance(model, str):
         overrides["model"] = model
@@ -230,6 +231,7 @@ def compare(
     if model is None:
         raise UsageError("no model to compare: pass --model (hub id, folder or .gguf) or set `model:` in the "
                          "recipe")
+    check_search_data(base.search, base.architecture, base.search_data, base.search_data_samples)
     methods = [m.strip() for m in methods if m.strip()]
     if not methods:
         raise UsageError("--methods is empty; e.g. --methods fms,taylor-gate,wanda-sp")
@@ -257,8 +259,8 @@ def compare(
         from minillm.option_checks import check_loading
         from minillm.output_guard import check_no_overlap
 
-        check_no_overlap(out_dir, (model if isinstance(model, str) else None, base.calib, eval_ppl, tasks_dir,
-                                   data_dir))
+        check_no_overlap(out_dir, (model if isinstance(model, str) else None, base.calib, base.search_data,
+                                   eval_ppl, tasks_dir, data_dir))
         check_loading(base.device_map, seed=base.seed)
     path = model if isinstance(model, str) else None
     isolate = path is not None if isolate is None else isolate
@@ -276,6 +278,7 @@ def compare(
     layers = prunable_layers(len(adapter.decoder_layers(model)), base.skip_first, base.skip_last)
     calibration = calibration_set(tokenizer, base.calib, base.calib_samples, base.seq_len, base.seed,
                                   base.batch_size)
+    held_out = held_out_set(tokenizer, base.model_dump(), calibration, base.calib)  # --search --search-data
     windows = evaluation_windows(tokenizer, eval_ppl, base.seq_len) if eval_ppl else None
     if windows is not None and eval_windows:
         windows = windows[:eval_windows]
@@ -311,7 +314,7 @@ def compare(
     for done, ((method, ratio, allocation, mode), cell) in enumerate(cells.items()):
         scores = all_scores[method]
         pruned = copy.deepcopy(model)
-        _prune_copy(pruned, adapter, scores, cell, calibration)
+        _prune_copy(pruned, adapter, scores, cell, calibration, held_out)
         ppl, accuracy = _evaluate(
             pruned,
             tokenizer,
@@ -362,12 +365,14 @@ def compare(
     return result
 
 
-def _prune_copy(model: nn.Module, adapter: Any, scores: MethodScores, cell: Recipe, calibration: Any) -> None:
+def _prune_copy(model: nn.Module, adapter: Any, scores: MethodScores, cell: Recipe, calibration: Any,
+                held_out: Any = None) -> None:
     """Plan and cut ``model`` (a copy) for one matrix cell, by the functions ``prune`` uses."""
     from minillm.api import cut_as, plan_for
     from minillm.scoring import ScoreResult
 
-    plan = plan_for(model, ScoreResult(scores=scores.scores), cell, calibration=calibration)
+    plan = plan_for(model, ScoreResult(scores=scores.scores), cell, calibration=calibration,
+                    held_out=held_out)
     cut_as(cell, model, adapter, plan, calibration)
 
 

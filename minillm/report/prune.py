@@ -95,7 +95,8 @@ def search_section(record: dict[str, Any]) -> str:
             for r in record["candidates"]]
     intro = (f"<p>{record['enumerated']} uniform architectures within ±{record['tolerance']:.0%} of the "
              f"target; {record['ranked']} ranked by mean loss on the {html.esc(record['held_out'])} after "
-             f"compensation on the first {record['fit_windows']} (disjoint); search time "
+             f"compensation on {html.esc(record.get('fit', 'the first ' + str(record['fit_windows'])))} "
+             f"(disjoint); search time "
              f"{record['seconds']:.0f} s. "
              f"Chosen: <code>{html.esc(record['best'])}</code>.</p>")
     return intro + html.table(["rank", "layers", "heads/kv", "hidden", "MLP", "parameters", "ratio removed",
