@@ -24,7 +24,7 @@ from minillm.calibration.blocks import is_offloaded
 from minillm.calibration.data import CalibrationSet, calibration_set
 from minillm.calibration.spsa import SpsaConfig
 from minillm.card import render_card
-from minillm.cut import CutResult, cut
+from minillm.cut import CutResult, cut, selection
 from minillm.defaults import DEFAULT_DAMPING
 from minillm.errors import UsageError
 from minillm.export import check_output_dir, export, needs_remote_code
@@ -388,7 +388,7 @@ def cut_as(recipe: Recipe, model: nn.Module, adapter: ArchAdapter, plan: PrunePl
     """The cut stage with ``recipe``'s compensation (``obs`` re-chooses its groups on the pruned prefix);
     offloaded, the compensated closings wait on disk under ``spill_dir`` until the export reads them."""
     return cut(model, adapter, plan, calibration, recipe.compensation, recipe.damping,
-               select="obs" if recipe.criterion == "obs" else "plan", progress=progress,
+               select=selection(recipe.criterion, recipe.compensation, recipe.reselect), progress=progress,
                compensated=compensated, spill_dir=spill_dir, precision=recipe.compensation_precision,
                target=recipe.compensation_target)
 

@@ -86,6 +86,17 @@ def apply_cut(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan,
     apply_plan(model, adapter, plan)
 
 
+def selection(criterion: str, compensation: str, reselect: bool) -> str:
+    """Who chooses the groups during the compensation pass: ``obs`` always re-chooses with OBS; ``flap``
+    with a compensation (and ``reselect``) re-chooses by its fluctuation metric on the pruned prefix
+    (:mod:`minillm.compensation.fluctuation`); otherwise the plan as scored."""
+    if criterion == "obs":
+        return "obs"
+    if criterion == "flap" and compensation != "none" and reselect:
+        return "fluctuation"
+    return "plan"
+
+
 def cut(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan, calibration: CalibrationSet | None = None,
         compensation: str = "none", damping: float | None = None, select: str = "plan",
         progress: Progress | None = None, compensated: Callable[[], None] | None = None,
@@ -101,12 +112,12 @@ def cut(model: nn.Module, adapter: ArchAdapter, plan: PrunePlan, calibration: Ca
     reads them: :meth:`CutResult.release` removes it."""
     offloaded = is_offloaded(model)
     result = CutResult(plan=plan, model=model, offloaded=offloaded)
-    if compensation != "none" or select == "obs":
+    if compensation != "none" or select != "plan":
         from minillm.compensation.layer import CompensationOptions
         from minillm.compensation.sequential import compensate_sequential, spill_folder
 
         if calibration is None:
-            raise ValueError("compensation and obs re-selection need the calibration set")
+            raise ValueError("compensation and re-selection need the calibration set")
         extra = {} if damping is None else {"damping": damping}
         options = CompensationOptions(mode=compensation, select=select, precision=precision,  # type: ignore[arg-type]
                                       target=target, **extra)  # type: ignore[arg-type]

@@ -133,6 +133,11 @@ class Recipe(BaseModel):
         "(pruned), or the dense model's output of that layer (dense: one more pass per block, one more "
         "H-sized matrix; attn/mlp cuts only)."
     )
+    reselect: bool = Field(
+        True, description="flap with a compensation: re-choose each layer's heads and channels (the plan's "
+        "counts) by FLAP's fluctuation on the pruned prefix during the compensation pass (--no-reselect: "
+        "the dense model's choice; obs always re-chooses)."
+    )
     damping: float = Field(
         DEFAULT_DAMPING, ge=0.0, description="λ of the compensation's H + λ·mean(diag H)·I."
     )

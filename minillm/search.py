@@ -359,10 +359,11 @@ def plan_for(space: Space, arch: Architecture, ratio: float) -> PrunePlan:
 def rank(space: Space, candidates: Sequence[Candidate], calibration: CalibrationSet,
          search_samples: int | None, compensation: str, damping: float, ratio: float,
          progress: Progress | None = None, total: int | None = None, offset: int = 0,
-         held_out: CalibrationSet | None = None) -> None:
+         held_out: CalibrationSet | None = None, select: str = "plan") -> None:
     """Fill in every candidate's held-out loss (``total``/``offset``: the progress count when the ranking
     runs in several passes; ``held_out``: the ``--search-data`` windows, see
-    :func:`~minillm.search_data.split_windows`)."""
+    :func:`~minillm.search_data.split_windows`; ``select``: who chooses the groups during the compensation,
+    :func:`minillm.cut.selection`)."""
     from minillm.calibration.forward import mean_loss
     from minillm.cut import cut
 
@@ -371,7 +372,8 @@ def rank(space: Space, candidates: Sequence[Candidate], calibration: Calibration
         start = time.perf_counter()
         pruned = copy.deepcopy(space.model)
         # compensated and cut exactly as prune cuts a resident model
-        cut(pruned, space.adapter, plan_for(space, candidate.architecture, ratio), fit, compensation, damping)
+        cut(pruned, space.adapter, plan_for(space, candidate.architecture, ratio), fit, compensation, damping,
+            select=select)
         candidate.loss = mean_loss(pruned, held)
         del pruned
         candidate.seconds = time.perf_counter() - start
@@ -389,7 +391,7 @@ def assign_ranks(candidates: Sequence[Candidate]) -> None:
 def search(space: Space, calibration: CalibrationSet, ratio: float, structures: frozenset[str],
            round_to: int, max_candidates: int, search_samples: int | None, compensation: str, damping: float,
            progress: Progress | None = None, held_out: CalibrationSet | None = None,
-           held_out_source: str | None = None) -> tuple[Architecture, dict[str, Any]]:
+           held_out_source: str | None = None, select: str = "plan") -> tuple[Architecture, dict[str, Any]]:
     """The best architecture and the search's record (candidate table, windows, cost) for the plan;
     ``held_out``: the windows of the ``--search-data`` text ``held_out_source``
     (:func:`~minillm.search_data.held_out_set`)."""
@@ -398,10 +400,10 @@ def search(space: Space, calibration: CalibrationSet, ratio: float, structures: 
     ranked = choose(found, space, structures, max_candidates)  # one per depth first
     total = min(max_candidates, len(found))
     rank(space, ranked, calibration, search_samples, compensation, damping, ratio, progress, total,
-         held_out=held_out)
+         held_out=held_out, select=select)
     more = refine(found, ranked, space, structures, max_candidates - len(ranked))
     rank(space, more, calibration, search_samples, compensation, damping, ratio, progress, total, len(ranked),
-         held_out)
+         held_out, select)
     ranked = [*ranked, *more]
     assign_ranks(ranked)
     fit, held = split_windows(calibration, search_samples, held_out)
@@ -449,6 +451,8 @@ def plan_from_run(model: nn.Module, adapter: ArchAdapter, shapes: dict[int, Laye
                   held_out: CalibrationSet | None = None) -> PrunePlan:
     """The plan of a ``--search`` or ``--architecture`` run (``run``: the recipe's settings; ``held_out``:
     the ``--search-data`` windows, :func:`~minillm.search_data.held_out_set`)."""
+    from minillm.cut import selection
+
     space = build_space(model, adapter, shapes, scores, hidden_scores, layer_scores, total_params)
     if run["architecture"]:
         return plan_for(space, Architecture.parse(run["architecture"]), run["ratio"])
@@ -457,7 +461,8 @@ def plan_from_run(model: nn.Module, adapter: ArchAdapter, shapes: dict[int, Laye
                          "minillm.search_data.held_out_set and pass held_out=")
     best, record = search(space, calibration, run["ratio"], structures, run["round_to"],
                           run["max_candidates"], run["search_calib_samples"], run["compensation"],
-                          run["damping"], progress, held_out, run["search_data"])
+                          run["damping"], progress, held_out, run["search_data"],
+                          selection(run["criterion"], run["compensation"], run["reselect"]))
     plan = plan_for(space, best, run["ratio"])
     plan.extra["search"] = record
     return plan

@@ -47,6 +47,7 @@ def _one_row(args: argparse.Namespace, first: bool) -> None:
     from minillm.compensation.bias import compensate
     from minillm.compensation.layer import CompensationOptions
     from minillm.compensation.sequential import compensate_sequential
+    from minillm.cut import selection
     from minillm.evaluate.perplexity import perplexity
     from minillm.loading import load_model, load_tokenizer
     from minillm.memory import peak_rss_bytes
@@ -80,9 +81,10 @@ def _one_row(args: argparse.Namespace, first: bool) -> None:
         compensate(model, adapter, plan, score.compensation)
         passes = 0
     else:
+        select = selection(criterion, mode, not args.no_reselect)  # as minillm prune chooses
         options = CompensationOptions(mode=mode, damping=args.damping, precision=args.precision,
-                                      target=args.target,
-                                      select="obs" if criterion == "obs" else "plan")
+                                      target=args.target, select=select)  # type: ignore[arg-type]
+        row["select"] = select
         result = compensate_sequential(model, adapter, plan, calibration, options)
         plan, passes = result.plan, result.forward_passes
     apply_plan(model, adapter, plan)
@@ -138,6 +140,8 @@ def _run(args: argparse.Namespace) -> None:
                    "--ratio", str(args.ratio), "--calib-samples", str(args.calib_samples),
                    "--damping", str(args.damping), "--threads", str(args.threads),
                    "--precision", args.precision, "--target", args.target]
+        if args.no_reselect:
+            command.append("--no-reselect")
         if args.all_windows:
             command.append("--all-windows")
         output = subprocess.run(["flock", LOCK, "nice", "-n", "2", *command], check=True,
@@ -170,6 +174,8 @@ def _table(args: argparse.Namespace) -> None:
             mode = f"{mode} (H in {r['precision']})"
         if r.get("target"):
             mode = f"{mode}, {r['target']} target"
+        if r.get("select") == "fluctuation":
+            mode = f"{mode}, re-chosen on the prefix"
         cells = [criterion, mode, head_mode, allocation, r["ratio"], r["calib_samples"], f"{r['ppl64']:.2f}",
                  x64, ppl_all or "-", x_all, peak, ratio, r["scoring_seconds"], r["compensation_seconds"],
                  _widths(r)]
@@ -200,6 +206,8 @@ def main() -> None:
     parser.add_argument("--target", choices=["pruned", "dense"], default="pruned",
                         help="the refit's target: the layer's output on the pruned prefix, or the dense "
                         "model's")
+    parser.add_argument("--no-reselect", action="store_true",
+                        help="flap: keep the dense model's choice (prune's --no-reselect)")
     parser.add_argument("--all-windows", action="store_true")
     parser.add_argument("--jsonl", default="docs/bench/compensation.jsonl")
     args = parser.parse_args()

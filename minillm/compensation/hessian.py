@@ -84,6 +84,12 @@ class InputMoments:
     def mean(self) -> torch.Tensor:
         return self.total / max(self.count, 1)
 
+    @property
+    def variance(self) -> torch.Tensor:
+        """Sample variance of every input column over the tokens (from ``H``'s diagonal and the mean), as
+        :attr:`minillm.calibration.stats.ColumnStats.variance` computes it."""
+        return (self.gram.diagonal().double() - self.total**2 / max(self.count, 1)) / max(self.count - 1, 1)
+
 
 def damping_shift(gram: torch.Tensor, damping: float) -> float:
     """``damping · mean(diag gram)`` (``damping`` alone for a zero matrix): what the solves add to the

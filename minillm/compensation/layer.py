@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from minillm.arch.base import ArchAdapter, LayerShape
+from minillm.compensation.fluctuation import fluctuation_channels, fluctuation_heads
 from minillm.compensation.hessian import DEFAULT_DAMPING, InputMoments, collect_moments
 from minillm.compensation.obs import obs_order
 from minillm.compensation.refit import fold_mean, refit_weight
@@ -31,7 +32,9 @@ from minillm.defaults import CompensationTarget, Precision
 from minillm.plan import LayerPlan
 
 Mode = Literal["none", "bias", "refit"]
-Select = Literal["plan", "obs"]
+#: Who chooses the groups: the plan as scored, OBS on the pruned prefix, or FLAP's fluctuation on the
+#: pruned prefix (:mod:`.fluctuation`); the plan's counts stay in every case.
+Select = Literal["plan", "obs", "fluctuation"]
 #: MLP channels are removed by OBS in about this many rounds (a joint update per round).
 OBS_CHANNEL_ROUNDS = 64
 
@@ -137,7 +140,7 @@ def compensate_block(layer: nn.Module, adapter: ArchAdapter, plan: LayerPlan, sh
     """
     attn, mlp = adapter.attention(layer), adapter.mlp(layer)
     updates: dict[str, ClosingUpdate] = {}
-    gram = options.mode == "refit" or options.select == "obs"  # bias folding needs only the means
+    gram = options.mode == "refit" or options.select != "plan"  # bias folding needs only the means
     paired = options.mode == "refit" and options.target == "dense"
     if paired and dense is None:
         raise ValueError("the dense-output target needs the dense model's closing inputs")
@@ -150,6 +153,8 @@ def compensate_block(layer: nn.Module, adapter: ArchAdapter, plan: LayerPlan, sh
                                   partners(attn.o, "attn"))[attn.o]
         if options.select == "obs":
             plan = reselect_heads(plan, shape, attn.o, moments, options)
+        elif options.select == "fluctuation":
+            plan = fluctuation_heads(plan, shape, attn.o, moments)
         updates["attn"] = compensate_closing(attn.o, moments, _head_columns(plan.heads, shape.head_dim),
                                              options)
         del moments
@@ -158,5 +163,7 @@ def compensate_block(layer: nn.Module, adapter: ArchAdapter, plan: LayerPlan, sh
                                   options.gram_dtype, partners(mlp.closing, "mlp"))[mlp.closing]
         if options.select == "obs":
             plan = reselect_channels(plan, shape, mlp.closing, moments, options)
+        elif options.select == "fluctuation":
+            plan = fluctuation_channels(plan, shape, mlp.closing, moments)
         updates["mlp"] = compensate_closing(mlp.closing, moments, torch.tensor(plan.channels), options)
     return plan, updates
