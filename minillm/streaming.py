@@ -11,14 +11,10 @@ calibration activations and (on CPU) the Python runtime itself, and gives accele
 weights it may keep resident. A cap that cannot hold that reserve is refused with the figure it needs.
 
 The compensation pass (``--compensation refit``) needs the moments ``H`` of the widest closing
-projection's inputs and their solve (:func:`compensation_bytes`). It never overlaps the phases that load
-the embeddings / LM head, so the smallest workable cap counts only the larger of the two
-(:attr:`BlockBudget.minimum`); but the weights accelerate may keep resident are what is left after *both*
-(:attr:`BlockBudget.reserve`): when they shared one room, the resident blocks grew into it and the refit's
-working set landed on top of them (3B under ``cpu=2GiB``: peak 0.76 × the cap). Fewer resident blocks cost
-little: an offloaded safetensors block is re-read from the page cache. When float64 moments would leave
-less than half the cap for weights, ``H`` is kept in float32 (half the memory; :func:`choose_precision`),
-and the export's recipe records it.
+projection's inputs and their solve (:func:`compensation_bytes`); it runs after scoring and before the
+export, so it shares the room reserved for the embeddings / LM head and adds to the reserve only what
+exceeds it. When float64 moments would leave less than half the cap for weights, ``H`` is kept in float32
+(half the memory; :func:`choose_precision`), and the export's recipe records it.
 """
 
 from __future__ import annotations
@@ -44,8 +40,6 @@ KEEPS_BLOCK_INPUTS = frozenset({"taylor", "taylor-fisher", "taylor-vector", "tay
 FORWARD_MODE = frozenset({"fwd-grad"})
 
 GiB = 1024**3
-#: accelerate's allotment for resident weights when the reserve takes the whole cap (no block fits in it).
-LEAST_ALLOTMENT = 1024**2
 
 
 @dataclass(frozen=True)
@@ -61,14 +55,7 @@ class BlockBudget:
 
     @property
     def reserve(self) -> int:
-        """What is kept out of the resident weights' allotment: the compensation's working set has room of
-        its own (see the module's docstring)."""
-        return self.block + self.head + self.compensation + self.activations + self.runtime
-
-    @property
-    def minimum(self) -> int:
-        """The least a block-by-block run needs: the compensation pass and the head's phases (scoring
-        with the loss, export) never overlap."""
+        """The compensation pass and the head's phases (scoring with the loss, export) never overlap."""
         return self.block + max(self.head, self.compensation) + self.activations + self.runtime
 
     def describe(self) -> str:
@@ -122,7 +109,7 @@ def choose_precision(budget: BlockBudget, config: Any, precision: str, tokens: i
     for choice in ("float64", "float32") if precision == "auto" else (precision,):
         working = compensation_bytes(config, choice, tokens, dense_tokens, activation_size)
         chosen = replace(budget, compensation=working, precision=choice)
-        if found is None or _on_device(found[0], chosen, chosen.minimum) <= found[1] // 2:
+        if found is None or _reserve_on(found[0], chosen) <= found[1] // 2:
             break
     return chosen
 
@@ -197,15 +184,13 @@ def _device_cap(max_memory: dict[Any, Any] | None) -> tuple[Any, int] | None:
     return key, convert_file_size_to_int(value) if isinstance(value, str) else int(value)
 
 
-def _on_device(key: Any, budget: BlockBudget, amount: int) -> int:
-    """``amount`` (a reserve or the minimum of ``budget``) on the compute device ``key`` (the Python runtime
-    lives in CPU memory only)."""
-    return amount if key == "cpu" else amount - budget.runtime
+def _reserve_on(key: Any, budget: BlockBudget) -> int:
+    """The reserve on the compute device (the Python runtime lives in CPU memory only)."""
+    return budget.reserve if key == "cpu" else budget.reserve - budget.runtime
 
 
 def streaming_max_memory(max_memory: dict[Any, Any] | None, budget: BlockBudget) -> dict[Any, Any] | None:
-    """``max_memory`` for accelerate: the compute device's cap minus the streaming reserve (at least
-    :data:`LEAST_ALLOTMENT`: a cap between the minimum and the reserve keeps every block on disk).
+    """``max_memory`` for accelerate: the compute device's cap minus the streaming reserve.
 
     Raises a :class:`UsageError` naming the smallest workable cap when one block does not fit.
     """
@@ -213,14 +198,14 @@ def streaming_max_memory(max_memory: dict[Any, Any] | None, budget: BlockBudget)
     if found is None:
         return max_memory
     key, cap = found
-    minimum = _on_device(key, budget, budget.minimum)
-    if cap <= minimum:
-        need = (minimum + 256 * 1024**2) / GiB
+    reserve = _reserve_on(key, budget)
+    if cap <= reserve:
+        need = (reserve + 256 * 1024**2) / GiB
         raise UsageError(
             f"--max-memory {key}={max_memory[key]} is too small for block-by-block pruning: it needs "
             f"{budget.describe()}; give at least {key}={need:.1f}GiB (or lower --batch-size)"
         )
-    return {**max_memory, key: max(cap - _on_device(key, budget, budget.reserve), LEAST_ALLOTMENT)}
+    return {**max_memory, key: cap - reserve}
 
 
 def default_offload_dir() -> str:
