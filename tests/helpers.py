@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import random_ids, tiny_config
 
+from minillm.calibration.data import CalibrationSet
 from minillm.loading import load_model
 
 
@@ -79,3 +81,61 @@ def four_layer_model(family: str, random_biases: bool = False) -> torch.nn.Modul
             elif random_biases and name.endswith("bias"):
                 param.normal_(0, 0.02)
     return model
+
+
+def deep_model(family: str, layers: int = 4, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny model of ``family`` with ``layers`` decoder layers and random biases and norm weights."""
+    from transformers import AutoModelForCausalLM
+
+    if family == "llama-bias":
+        config = tiny_config("llama")
+        config.attention_bias = True
+        config.mlp_bias = True
+    else:
+        config = tiny_config(family)
+    config.num_hidden_layers = layers
+    if hasattr(config, "layer_types") and config.layer_types is not None:
+        config.layer_types = [config.layer_types[0]] * layers
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.02)
+            if "norm" in name and name.endswith("weight"):
+                param.uniform_(0.5, 1.5)  # non-trivial norm weights, so slicing them is exercised
+    return model.eval()
+
+
+def search_model(layers: int = 4, seed: int = 0) -> torch.nn.Module:
+    """A tiny Llama (4 query heads over 2 kv heads, hidden 128, MLP 192) with non-trivial norms, for
+    architecture-search tests."""
+    return deep_model("llama", layers=layers, seed=seed, hidden_size=128, intermediate_size=192)
+
+
+def search_calibration(n: int = 8) -> CalibrationSet:
+    return CalibrationSet(random_ids(n, 16, seed=3), batch_size=2)
+
+
+def record_search_windows(monkeypatch) -> dict[str, list[torch.Tensor]]:
+    """Patch the compensation pass and the held-out loss to record the windows each one sees during a
+    search: ``{"compensated": [...], "scored": [...]}`` (``monkeypatch.undo()`` ends the recording)."""
+    import minillm.calibration.forward as forward
+    import minillm.compensation.sequential as sequential
+
+    seen: dict[str, list[torch.Tensor]] = {"compensated": [], "scored": []}
+    compensate, loss = sequential.compensate_sequential, forward.mean_loss
+
+    def recording_compensate(model, adapter, plan, calibration, *args, **kwargs):
+        seen["compensated"].append(calibration.input_ids)
+        return compensate(model, adapter, plan, calibration, *args, **kwargs)
+
+    def recording_loss(model, calibration):
+        seen["scored"].append(calibration.input_ids)
+        return loss(model, calibration)
+
+    monkeypatch.setattr(sequential, "compensate_sequential", recording_compensate)
+    monkeypatch.setattr(forward, "mean_loss", recording_loss)
+    return seen

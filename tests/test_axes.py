@@ -9,7 +9,8 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, random_ids, tiny_config
+from conftest import VOCAB, random_ids
+from helpers import deep_model
 
 from minillm.api import count_parameters, prune
 from minillm.arch import adapter_for
@@ -21,32 +22,6 @@ from minillm.surgery_depth import remove_layers
 from minillm.surgery_hidden import slice_hidden
 
 HIDDEN_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "llama-mha-tied", "llama-bias"]
-
-
-def deep_model(family: str, layers: int = 4, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A tiny model of ``family`` with ``layers`` decoder layers and random biases and norm weights."""
-    from transformers import AutoModelForCausalLM
-
-    if family == "llama-bias":
-        config = tiny_config("llama")
-        config.attention_bias = True
-        config.mlp_bias = True
-    else:
-        config = tiny_config(family)
-    config.num_hidden_layers = layers
-    if hasattr(config, "layer_types") and config.layer_types is not None:
-        config.layer_types = [config.layer_types[0]] * layers
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0, 0.02)
-            if "norm" in name and name.endswith("weight"):
-                param.uniform_(0.5, 1.5)  # non-trivial norm weights, so slicing them is exercised
-    return model.eval()
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

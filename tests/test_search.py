@@ -10,10 +10,10 @@ import json
 import pytest
 import torch
 from conftest import random_ids
+from helpers import record_search_windows, search_calibration, search_model
 
 from minillm.api import count_parameters, layer_shapes, prune
 from minillm.arch import adapter_for
-from minillm.calibration.data import CalibrationSet
 from minillm.errors import UsageError
 from minillm.plan import LayerScores
 from minillm.search import (
@@ -25,17 +25,6 @@ from minillm.search import (
 )
 
 AXES = frozenset({"attn", "mlp", "hidden", "layers"})
-
-
-def small_model(layers: int = 4, seed: int = 0) -> torch.nn.Module:
-    """A tiny Llama (4 query heads over 2 kv heads, hidden 128, MLP 192) with non-trivial norms."""
-    from test_axes import deep_model
-
-    return deep_model("llama", layers=layers, seed=seed, hidden_size=128, intermediate_size=192)
-
-
-def calibration(n: int = 8) -> CalibrationSet:
-    return CalibrationSet(random_ids(n, 16, seed=3), batch_size=2)
 
 
 def flat_space(model: torch.nn.Module):
@@ -51,7 +40,7 @@ def flat_space(model: torch.nn.Module):
 def test_every_candidate_is_on_budget_and_a_stock_config() -> None:
     from transformers import AutoModelForCausalLM
 
-    model = small_model(layers=4)
+    model = search_model(layers=4)
     candidates = enumerate_candidates(flat_space(model), 0.25, AXES, round_to=8)
     archs = [c.architecture for c in candidates]
     base = model.config
@@ -72,24 +61,21 @@ def test_every_candidate_is_on_budget_and_a_stock_config() -> None:
 
 
 def test_no_candidate_on_budget_is_refused_in_one_line() -> None:
-    model = small_model(layers=2)
+    model = search_model(layers=2)
     with pytest.raises(UsageError, match=r"no uniform architecture is within ±2 % of --ratio 0\.1") as info:
         enumerate_candidates(flat_space(model), 0.1, frozenset({"layers"}))
     assert "\n" not in str(info.value) and "--structures attn,mlp,hidden,layers" in str(info.value)
     with pytest.raises(UsageError, match="no uniform architecture") as info:
-        prune(model, ratio=0.1, calib=calibration(), structures="layers", search=True, dry_run=True)
+        prune(model, ratio=0.1, calib=search_calibration(), structures="layers", search=True, dry_run=True)
     assert "\n" not in str(info.value)
     with pytest.raises(UsageError, match="--architecture takes"):
-        prune(model, ratio=0.1, calib=calibration(), architecture="layers=1,heads=x", dry_run=True)
+        prune(model, ratio=0.1, calib=search_calibration(), architecture="layers=1,heads=x", dry_run=True)
     with pytest.raises(UsageError, match="--criterion obs"):
-        prune(model, ratio=0.1, calib=calibration(), search=True, criterion="obs", dry_run=True)
+        prune(model, ratio=0.1, calib=search_calibration(), search=True, criterion="obs", dry_run=True)
 
 
 def test_ranking_scores_held_out_windows_no_compensation_saw(monkeypatch) -> None:
-    import minillm.calibration.forward as forward
-    import minillm.compensation.sequential as sequential
-
-    calib = calibration(8)
+    calib = search_calibration(8)
     fit, held = split_windows(calib, 8)
     assert (fit.input_ids.shape[0], held.input_ids.shape[0]) == (6, 2)
     assert torch.equal(held.input_ids, calib.input_ids[-2:])
@@ -99,20 +85,8 @@ def test_ranking_scores_held_out_windows_no_compensation_saw(monkeypatch) -> Non
     fewer_fit, fewer_held = split_windows(calib, 4)  # a subset: its first 3 fit, the set's last one held out
     assert torch.equal(fewer_fit.input_ids, calib.input_ids[:3])
     assert torch.equal(fewer_held.input_ids, calib.input_ids[-1:])
-    seen: dict[str, list[torch.Tensor]] = {"compensated": [], "scored": []}
-    compensate, loss = sequential.compensate_sequential, forward.mean_loss
-
-    def recording_compensate(model, adapter, plan, calibration, *args, **kwargs):
-        seen["compensated"].append(calibration.input_ids)
-        return compensate(model, adapter, plan, calibration, *args, **kwargs)
-
-    def recording_loss(model, calibration):
-        seen["scored"].append(calibration.input_ids)
-        return loss(model, calibration)
-
-    monkeypatch.setattr(sequential, "compensate_sequential", recording_compensate)
-    monkeypatch.setattr(forward, "mean_loss", recording_loss)
-    result = prune(small_model(), ratio=0.25, calib=calib, structures="attn,mlp,layers", round_to=8,
+    seen = record_search_windows(monkeypatch)
+    result = prune(search_model(), ratio=0.25, calib=calib, structures="attn,mlp,layers", round_to=8,
                    search=True, search_calib_samples=8, max_candidates=2, spsa_steps=2, dry_run=True)
     record = result.plan.extra["search"]
     assert record["ranked"] == 2 and record["held_out_windows"] == 2
@@ -129,13 +103,14 @@ def test_search_export_equals_a_direct_prune_to_the_winner_and_reports_the_table
     from transformers import AutoModelForCausalLM
 
     settings = dict(ratio=0.25, structures="attn,mlp,hidden,layers", round_to=8, spsa_steps=2, seed=0)
-    searched = prune(small_model(), calib=calibration(), search=True, max_candidates=3,
+    searched = prune(search_model(), calib=search_calibration(), search=True, max_candidates=3,
                      search_calib_samples=8, out=tmp_path / "searched", report=tmp_path / "report.html",
                      **settings)
     best = searched.plan.extra["architecture"]
     record = searched.plan.extra["search"]
     assert record["best"] == best and Architecture.parse(best)
-    direct = prune(small_model(), calib=calibration(), architecture=best, out=tmp_path / "direct", **settings)
+    direct = prune(search_model(), calib=search_calibration(), architecture=best, out=tmp_path / "direct",
+                   **settings)
     ids = random_ids(2, 12, seed=5)
     outputs = []
     for folder in ("searched", "direct"):
@@ -159,7 +134,7 @@ def test_cli_search_prints_the_candidate_table(tmp_path, calib_file) -> None:
     from minillm.cli import app, register_commands
 
     register_commands()
-    small_model().save_pretrained(tmp_path / "dense")
+    search_model().save_pretrained(tmp_path / "dense")
     tiny_tokenizer().save_pretrained(tmp_path / "dense")
     base = ["prune", "-m", str(tmp_path / "dense"), "--calib", str(calib_file), "--calib-samples", "4",
             "--seq-len", "8", "--spsa-steps", "2", "--ratio", "0.25", "--round-to", "8", "--search",
@@ -174,7 +149,7 @@ def test_cli_search_prints_the_candidate_table(tmp_path, calib_file) -> None:
 def test_after_one_candidate_per_depth_the_rest_goes_to_the_best_depth() -> None:
     from minillm.search import choose, refine
 
-    model = small_model(layers=4)
+    model = search_model(layers=4)
     space = flat_space(model)
     found = enumerate_candidates(space, 0.25, AXES, round_to=8)
     depths = sorted({c.architecture.layers for c in found}, reverse=True)

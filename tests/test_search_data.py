@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_tokenizer, write_text
-from test_search import calibration, small_model
+from helpers import record_search_windows, search_calibration, search_model
 
 from minillm.api import prune
 from minillm.calibration.data import calibration_set
@@ -21,26 +21,11 @@ SETTINGS = dict(ratio=0.25, structures="attn,mlp,layers", round_to=8, spsa_steps
 
 
 def test_the_search_data_ranks_and_every_calibration_window_compensates(tmp_path, monkeypatch) -> None:
-    import minillm.calibration.forward as forward
-    import minillm.compensation.sequential as sequential
-
-    calib = calibration(8)
+    calib = search_calibration(8)
     text = write_text(tmp_path / "valid.txt", words=400, seed=7)
     held = calibration_set(tiny_tokenizer(), str(text), 6, 16, 0, 2)  # loaded as --calib is: seeded windows
-    seen: dict[str, list[torch.Tensor]] = {"compensated": [], "scored": []}
-    compensate, loss = sequential.compensate_sequential, forward.mean_loss
-
-    def recording_compensate(model, adapter, plan, calibration, *args, **kwargs):
-        seen["compensated"].append(calibration.input_ids)
-        return compensate(model, adapter, plan, calibration, *args, **kwargs)
-
-    def recording_loss(model, calibration):
-        seen["scored"].append(calibration.input_ids)
-        return loss(model, calibration)
-
-    monkeypatch.setattr(sequential, "compensate_sequential", recording_compensate)
-    monkeypatch.setattr(forward, "mean_loss", recording_loss)
-    result = prune(small_model(), calib=calib, tokenizer=tiny_tokenizer(), search=True, max_candidates=2,
+    seen = record_search_windows(monkeypatch)
+    result = prune(search_model(), calib=calib, tokenizer=tiny_tokenizer(), search=True, max_candidates=2,
                    search_data=str(text), search_data_samples=6, dry_run=True, **SETTINGS)
     monkeypatch.undo()
     record = result.plan.extra["search"]
@@ -55,10 +40,10 @@ def test_the_search_data_ranks_and_every_calibration_window_compensates(tmp_path
     ranked = [row for row in record["candidates"] if row["rank"] is not None]
     for row in ranked:  # each recorded loss is the mean loss on those windows of that compensated candidate
         label = ",".join(f"{k}={row[k]}" for k in ("layers", "heads", "kv_heads", "hidden", "mlp"))
-        direct = prune(small_model(), calib=calib, architecture=label, **SETTINGS)
+        direct = prune(search_model(), calib=calib, architecture=label, **SETTINGS)
         assert row["loss"] == pytest.approx(mean_loss(direct.model, held), abs=1e-5)
     # and with the search text the ranking differs in data from the default split (last quarter held out)
-    default = prune(small_model(), calib=calib, search=True, max_candidates=2, dry_run=True, **SETTINGS)
+    default = prune(search_model(), calib=calib, search=True, max_candidates=2, dry_run=True, **SETTINGS)
     assert default.plan.extra["search"]["held_out"] == "last 2 of 8 calibration windows"
     assert default.plan.extra["search"]["search_data"] is None
 
@@ -75,11 +60,11 @@ def test_search_data_refusals_are_one_line(tmp_path) -> None:
     ]
     for options, message in cases:
         with pytest.raises(UsageError, match=message) as info:
-            prune(small_model(), calib=calibration(), tokenizer=tiny_tokenizer(), dry_run=True,
+            prune(search_model(), calib=search_calibration(), tokenizer=tiny_tokenizer(), dry_run=True,
                   **{**SETTINGS, **options})
         assert "\n" not in str(info.value)
     with pytest.raises(UsageError, match="is the --calib text: the ranking text must be held out") as info:
-        prune(small_model(), calib=str(text), tokenizer=tiny_tokenizer(), search=True, search_data=str(text),
+        prune(search_model(), calib=str(text), tokenizer=tiny_tokenizer(), search=True, search_data=str(text),
               seq_len=16, calib_samples=4, dry_run=True, **SETTINGS)
     assert "\n" not in str(info.value)
 
@@ -90,7 +75,7 @@ def test_cli_names_the_search_data_in_the_table_report_and_exports_recipe(tmp_pa
     from minillm.cli import app, register_commands
 
     register_commands()
-    small_model().save_pretrained(tmp_path / "dense")
+    search_model().save_pretrained(tmp_path / "dense")
     tiny_tokenizer().save_pretrained(tmp_path / "dense")
     text = write_text(tmp_path / "valid.txt", words=400, seed=7)
     base = ["prune", "-m", str(tmp_path / "dense"), "--calib", str(calib_file), "--calib-samples", "4",
@@ -110,7 +95,7 @@ def test_cli_names_the_search_data_in_the_table_report_and_exports_recipe(tmp_pa
     assert recipe["search"] is False and recipe["architecture"] == meta["plan"]["extra"]["architecture"]
     assert meta["plan"]["extra"]["search"]["held_out"] == f"5 windows of --search-data {text}"
     # the recorded recipe replays the chosen architecture (it does not read the search text again)
-    replay = prune(small_model(), Recipe.load(tmp_path / "o"), calib=calibration(), dry_run=True)
+    replay = prune(search_model(), Recipe.load(tmp_path / "o"), calib=search_calibration(), dry_run=True)
     assert replay.plan.extra["architecture"] == recipe["architecture"]
 
 
@@ -124,7 +109,7 @@ def test_compare_cells_search_on_the_search_data_as_prune_does(tmp_path, monkeyp
                   search=True, search_data=str(text), max_candidates=2,
                   **{**SETTINGS, "structures": "attn,mlp"})  # (compare scores no layers or hidden channels)
     with pytest.raises(UsageError, match="--search-data ranks the candidates of --search"):
-        compare(small_model(), methods=["flap"], **{**common, "search": False})
+        compare(search_model(), methods=["flap"], **{**common, "search": False})
     scored: list[torch.Tensor] = []
     loss = forward.mean_loss
 
@@ -133,11 +118,11 @@ def test_compare_cells_search_on_the_search_data_as_prune_does(tmp_path, monkeyp
         return loss(model, windows)
 
     monkeypatch.setattr(forward, "mean_loss", recording_loss)
-    result = compare(small_model(), methods=["flap"], ratios=[0.25], allocations=["uniform"], isolate=False,
+    result = compare(search_model(), methods=["flap"], ratios=[0.25], allocations=["uniform"], isolate=False,
                      **{k: v for k, v in common.items() if k != "ratio"})
     monkeypatch.undo()
     held = calibration_set(tiny_tokenizer(), str(text), 4, 16, 0, 2).input_ids
     assert sum(torch.equal(ids, held) for ids in scored) == 2  # the two candidates, ranked on the text
-    searched = prune(small_model(), criterion="flap", **common)
+    searched = prune(search_model(), criterion="flap", **common)
     assert [r.params for r in result.rows if r.method == "flap"] == [searched.plan.params_after]
     assert searched.plan.extra["search"]["held_out"] == f"4 windows of --search-data {text}"
