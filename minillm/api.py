@@ -316,8 +316,10 @@ def prune(
     result.total_seconds = time.perf_counter() - start
     result.metadata = _metadata(source, plan, options, score, scoring, result.total_seconds, command)
     if result.compensation is not None:
+        chooser = selection(criterion, run["compensation"], run["reselect"])
         result.metadata["compensation"] = {**result.compensation.as_dict(), "mode": run["compensation"],
-                                           "damping": run["damping"],
+                                           "damping": run["damping"], "target": run["compensation_target"],
+                                           "select": chooser,
                                            "forward_passes": score.notes["compensation_forward_passes"]}
     result.metadata["recipe"] = settings.merged(  # the Recipe as it ran: replaying it never clobbers a folder
         {"model": source, "out": None if out is None else str(out), "overwrite": False, "force": False,

@@ -76,3 +76,29 @@ def test_selection_follows_the_criterion_and_the_switch() -> None:
     assert selection("flap", "none", True) == "plan"
     assert selection("obs", "refit", False) == "obs"
     assert selection("wanda-sp", "refit", True) == "plan"
+
+
+def test_offloaded_reselection_equals_in_memory(tmp_path) -> None:
+    from helpers import offloaded
+
+    model = tiny_model("llama")
+    adapter = adapter_for(model.config)
+    plan = _flap_plan(model, "query")
+    options = CompensationOptions(mode="refit", select="fluctuation")
+    disk = offloaded(copy.deepcopy(model), tmp_path / "ckpt")
+    streamed = compensate_sequential(disk, adapter, plan, _calibration(), options)
+    resident = compensate_sequential(model, adapter, plan, _calibration(), options)
+    assert streamed.plan == resident.plan
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        for name, linear in (("attn", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj)):
+            torch.testing.assert_close(streamed.updates[index][name].weight, linear.weight, rtol=0, atol=1e-5)
+
+
+def test_prune_records_who_chose_the_groups() -> None:
+    from minillm.api import prune
+
+    chosen = {}
+    for reselect in (True, False):
+        result = prune(tiny_model("llama"), ratio=0.3, calib=_calibration(), reselect=reselect)
+        chosen[reselect] = (result.metadata["compensation"]["select"], result.metadata["recipe"]["reselect"])
+    assert chosen == {True: ("fluctuation", True), False: ("plan", False)}

@@ -118,6 +118,7 @@ def test_cli_dense_target_reaches_the_export_recipe(tmp_path: Path) -> None:
     assert outcome.exit_code == 0, outcome.output
     metadata = json.loads((out / "minillm.json").read_text())
     assert metadata["recipe"]["compensation_target"] == "dense"
+    assert metadata["compensation"]["target"] == "dense" and metadata["compensation"]["select"] == "plan"
 
 
 @pytest.mark.parametrize(("extra", "message"), [
