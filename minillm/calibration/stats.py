@@ -16,6 +16,12 @@ from torch import nn
 from minillm.calibration.hooks import input_hooks
 
 
+def sample_variance(total_sq: torch.Tensor, total: torch.Tensor, count: int) -> torch.Tensor:
+    """Per-column sample variance over ``count`` tokens from the running sums ``Σ x²`` and ``Σ x``
+    (FLAP's fluctuation; also read off the compensation's ``H`` diagonal)."""
+    return (total_sq - total**2 / max(count, 1)) / max(count - 1, 1)
+
+
 @dataclass
 class ColumnStats:
     """Sums over calibration tokens of x, |x| and x² for every input column of one Linear."""
@@ -41,8 +47,7 @@ class ColumnStats:
     @property
     def variance(self) -> torch.Tensor:
         """Sample variance over tokens (FLAP's fluctuation)."""
-        n = max(self.count - 1, 1)
-        return (self.total_sq - self.total**2 / max(self.count, 1)) / n
+        return sample_variance(self.total_sq, self.total, self.count)
 
 
 def collect_input_stats(

@@ -30,8 +30,9 @@ def _columns(linear: nn.Linear, moments: InputMoments) -> torch.Tensor:
 
 def _top(scores: torch.Tensor, candidates: list[int], count: int) -> list[int]:
     """The ``count`` best of ``candidates`` (ties: the lower index), in index order."""
-    ranked = sorted(candidates, key=lambda i: (-float(scores[i]), i))
-    return sorted(ranked[:count])
+    index = torch.tensor(candidates, dtype=torch.long)
+    order = torch.sort(scores[index], descending=True, stable=True).indices[:count]
+    return sorted(index[order].tolist())
 
 
 def fluctuation_heads(plan: LayerPlan, shape: LayerShape, o: nn.Linear, moments: InputMoments) -> LayerPlan:

@@ -4,7 +4,7 @@ Why float64 on the weights' device: ``H`` is solved against (refit, OBS), and fl
 thousands of tokens lose the small eigen-directions the solve depends on. Size: ``in_features²`` × 8 B
 — 2.7 MB for SmolLM2-135M's o_proj (576 wide), 19 MB for its down_proj (1,536), 0.97 GB for a 7B
 Llama's down_proj (11,008); the refit's solve adds the kept block, factored in place
-(:func:`~minillm.compensation.refit.solve_kept`; OBS: ``H⁻¹``). Only one closing projection's are alive
+(:class:`~minillm.compensation.refit.KeptSystem`; OBS: ``H⁻¹``). Only one closing projection's are alive
 at a time. ``dtype=float32`` halves all of it: ``--streaming`` falls back to it when the float64 working
 set does not fit the memory cap (:func:`minillm.streaming.compensation_bytes`); the damping then keeps
 the solve well posed, as in SparseGPT, which accumulates ``H`` in float32.
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from minillm.calibration.hooks import input_hooks
+from minillm.calibration.stats import sample_variance
 from minillm.defaults import DEFAULT_DAMPING
 
 __all__ = ["DEFAULT_DAMPING", "InputMoments", "collect_moments", "damped", "damping_shift"]
@@ -86,9 +87,8 @@ class InputMoments:
 
     @property
     def variance(self) -> torch.Tensor:
-        """Sample variance of every input column over the tokens (from ``H``'s diagonal and the mean), as
-        :attr:`minillm.calibration.stats.ColumnStats.variance` computes it."""
-        return (self.gram.diagonal().double() - self.total**2 / max(self.count, 1)) / max(self.count - 1, 1)
+        """Sample variance of every input column over the tokens, from ``H``'s diagonal and the sums."""
+        return sample_variance(self.gram.diagonal().double(), self.total, self.count)
 
 
 def damping_shift(gram: torch.Tensor, damping: float) -> float:
