@@ -264,6 +264,10 @@ def prune(
                                       run["seed"], run["batch_size"])
     held_out = held_out_set(tokenizer, run, calibration,  # --search-data: the text that ranks the search
                             None if isinstance(calibration_source, CalibrationSet) else calibration_source)
+    if offloaded:
+        from minillm.memory import release_free_heap
+
+        release_free_heap()  # what tokenising left in the heap would sit beside every block
     spsa = SpsaConfig(steps=run["spsa_steps"], eps=run["spsa_eps"], seed=run["seed"])
     with measure() as scoring:
         if names & {"attn", "mlp"}:

@@ -74,14 +74,14 @@ class BlockBudget:
 def compensation_bytes(config: Any, precision: str, tokens: int, dense_tokens: int = 0,
                        activation_size: int = 4) -> int:
     """Peak working set of the refit of the widest closing projection (``in`` = MLP or attention width,
-    ``out`` = hidden size): ``H`` and then its kept block with the solve's ``K × out`` blocks, bounded
-    by ``(2·in² + 3·in·out)`` elements of ``precision`` (a 6,912-wide float64 down_proj: 0.94 GB
-    measured by ``tools/bench_refit_memory.py``, 1.19 GB bounded), plus one batch's inputs in float64
+    ``out`` = hidden size): ``H``, factored in its own storage, and the solve's ``in × out`` blocks,
+    bounded by ``(in² + 3·in·out)`` elements of ``precision`` (a 6,912-wide float64 down_proj: 0.70 GB
+    measured by ``tools/bench_refit_memory.py``, 0.81 GB bounded), plus one batch's inputs in float64
     while ``H`` accumulates.
 
     ``dense_tokens`` (the dense-output target: every calibration token): the cross moments ``C`` and
-    the slices the solve takes of it (``2·in²`` more elements), the dense stream between blocks and one
-    block's dense closing inputs, in ``activation_size`` bytes."""
+    ``C B`` (``in² + 2·in·out`` more elements), the dense stream between blocks and one block's dense
+    closing inputs, in ``activation_size`` bytes."""
     from minillm.arch import adapter_for
 
     adapter = adapter_for(config)
@@ -91,9 +91,10 @@ def compensation_bytes(config: Any, precision: str, tokens: int, dense_tokens: i
     mlp = adapter.intermediate_size(config)
     width = max(mlp, heads * head_dim)
     size = 4 if precision == "float32" else 8
-    working = (2 * width * width + 3 * width * out) * size + tokens * width * 8
+    working = (width * width + 3 * width * out) * size + tokens * width * 8
     if dense_tokens:
-        working += 2 * width * width * size + dense_tokens * (out + mlp + heads * head_dim) * activation_size
+        working += (width * width + 2 * width * out) * size \
+            + dense_tokens * (out + mlp + heads * head_dim) * activation_size
     return working
 
 

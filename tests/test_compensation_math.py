@@ -7,7 +7,7 @@ import torch
 
 from minillm.compensation.hessian import InputMoments, collect_moments, damped
 from minillm.compensation.obs import obs_order
-from minillm.compensation.refit import fold_mean, refit_weight, solve_kept
+from minillm.compensation.refit import fold_mean, kept_system, refit_weight, solve_kept
 
 
 def _data(n: int = 400, d: int = 12, out: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +167,21 @@ def test_solve_kept_equals_solving_against_the_damped_h() -> None:
     h = damped(gram, 0.05)
     b = w.T
     expected = b[keep] + torch.linalg.solve(h[keep][:, keep], h[keep][:, removed] @ b[removed])
+    original = gram.clone()
     torch.testing.assert_close(solve_kept(b, gram, keep, 0.05), expected, rtol=1e-10, atol=1e-10)
+    assert torch.equal(gram, original)  # not consumed: the caller's H is left as it was
+
+
+def test_a_consumed_h_is_factored_where_it_lies() -> None:
+    """With ``consume`` the system is built and factored inside ``H``'s own storage (no second
+    ``in × in`` matrix: what lets a 3B model's refit fit a 2 GiB streaming cap) and solves the same."""
+    x, w = _data()
+    gram, keep = _moments(x).gram, torch.tensor([1, 4, 6, 9, 10])
+    expected = solve_kept(w.T, gram, keep, 0.05)
+    system = kept_system(w.T, gram, keep, 0.05, consume=True)
+    assert system.factor is not None and system.factor.data_ptr() == gram.data_ptr()
+    torch.testing.assert_close(system.solve(), expected, rtol=1e-10, atol=1e-10)
+    assert system.factor is None  # released before the result is gathered
 
 
 def test_float32_moments_refit_close_to_float64() -> None:

@@ -97,6 +97,40 @@ def test_modify_then_advance_feeds_the_modified_block_to_the_next(tmp_path: Path
     assert no_grads(model)
 
 
+@pytest.mark.parametrize("where", ["resident", "offloaded"])
+def test_unloaded_drops_all_but_the_kept_weights_and_loads_them_again(tmp_path: Path, where: str) -> None:
+    """Inside ``Block.unloaded(keep)`` an offloaded block holds only ``keep``'s weights (the others are
+    back on ``meta``); a change to a kept weight survives, the others come back as they were, and the
+    block computes what it did before (plus the change). In memory nothing moves."""
+    dense = tiny_model("llama")
+    model = offloaded(dense, tmp_path / "ckpt") if where == "offloaded" else copy.deepcopy(dense)
+    adapter = adapter_for(model.config)
+    hooks = count_hooks(model)
+
+    def per_block(block: Block) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        o, q = adapter.attention(block.layer).o, adapter.attention(block.layer).q
+        before = [b.hidden for b in block.forward()]
+        with block.unloaded(keep=[o]):
+            assert o.weight.device.type == "cpu"
+            assert q.weight.device.type == ("meta" if where == "offloaded" else "cpu")
+            with torch.no_grad():
+                o.weight.mul_(0.5)
+        assert q.weight.device.type == "cpu"
+        return before, [b.hidden for b in block.forward()]
+
+    walk = Sequential(model, adapter, calibration()).run(per_block, layers=[0])
+    oracle = copy.deepcopy(dense)
+    layer = adapter.decoder_layers(oracle)[0]
+    with torch.no_grad():
+        adapter.attention(layer).o.weight.mul_(0.5)
+    before, after = walk.results[0]
+    for got, want in zip(before, layer_inputs(dense, 1, calibration()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for got, want in zip(after, layer_inputs(oracle, 1, calibration()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert count_hooks(model) == hooks
+
+
 def test_forward_hooks_inside_a_block_see_its_calibration_inputs() -> None:
     """XᵀX of o_proj's inputs, accumulated through a context-managed hook inside the per-block function,
     equals the one a dense forward sees."""

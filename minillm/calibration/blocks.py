@@ -197,16 +197,39 @@ def _held(module: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def resident(module: nn.Module) -> Iterator[None]:
-    """Make every offloaded weight under ``module`` real (on its execution device) for the duration.
+def resident(module: nn.Module) -> Iterator[list[nn.Module]]:
+    """Make every offloaded weight under ``module`` real (on its execution device) for the duration;
+    yields the submodules it holds (for :func:`unloaded`).
 
     A no-op for modules that are not offloaded. On exit the loaded copies are dropped (back to ``meta``);
     changes made to them are therefore never written back to the offloaded source.
     """
+    held = _offloaded(module)
     with ExitStack() as stack:
-        for sub in _offloaded(module):
+        for sub in held:
             stack.enter_context(_held(sub))
+        yield held
+
+
+@contextmanager
+def unloaded(held: Sequence[nn.Module]) -> Iterator[None]:
+    """Drop the loaded weights of ``held`` (modules :func:`resident` holds) for the duration; they are read
+    again from the offload on exit.
+
+    Why: a step that needs only part of a resident block (error compensation's solve needs the closing
+    projections, not the rest of the block) need not keep the rest loaded beside its own working set.
+    Only for modules whose loaded weights were not changed: a change would be lost. A no-op for an empty
+    list (nothing offloaded).
+    """
+    for sub in held:
+        sub._hf_hook.offload = True
+        sub._hf_hook.post_forward(sub, None)  # back to meta
+    try:
         yield
+    finally:
+        for sub in held:
+            sub._hf_hook.pre_forward(sub)  # loaded again, as _held loaded it
+            sub._hf_hook.offload = False
 
 
 def is_offloaded(model: nn.Module) -> bool:

@@ -48,6 +48,7 @@ from minillm.calibration.blocks import (
     loss_from_hidden,
     resident,
     run_block,
+    unloaded,
 )
 from minillm.calibration.data import CalibrationSet
 from minillm.calibration.forward import mean_loss
@@ -78,6 +79,8 @@ class Block:
     inputs: list[BlockBatch]
     store: torch.device | None = None
     advanced: list[BlockBatch] | None = field(default=None, repr=False)
+    #: The offloaded submodules :func:`resident` loaded for this block (empty in memory).
+    held: Sequence[nn.Module] = field(default=(), repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -104,6 +107,13 @@ class Block:
         """SPSA on a block-local loss: ``loss(outputs)`` of the block's outputs at θ±εz of ``indexed``
         (2 block passes per step; the weights are restored after every step)."""
         return estimate_indexed(indexed, lambda: loss(self.forward()), config)
+
+    def unloaded(self, keep: Sequence[nn.Module] = ()) -> AbstractContextManager[None]:
+        """The block's loaded weights, except those of ``keep`` and its submodules, dropped for the
+        duration (read again on exit): for a step that needs only those. Weights changed in place must
+        be in ``keep``. A no-op in memory."""
+        kept = {id(sub) for module in keep for sub in module.modules()}
+        return unloaded([sub for sub in self.held if id(sub) not in kept])
 
     def call(self, batch: BlockBatch) -> torch.Tensor:
         """One batch through the block in the caller's grad mode (for block-local losses / gradients);
@@ -193,9 +203,9 @@ class Sequential:
         with frozen(list(self.model.parameters())):
             for i in range(last + 1):
                 layer = self.layers[i]
-                with resident(layer):
+                with resident(layer) as held:
                     if i in chosen and per_block is not None:
-                        block = Block(i, layer, self.kinds[i], hidden, self.store)
+                        block = Block(i, layer, self.kinds[i], hidden, self.store, held=held)
                         results[i] = per_block(block)
                         hidden = block.advanced if block.advanced is not None else block.forward()
                     else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -128,13 +129,16 @@ def compensate_closing(linear: nn.Linear, moments: InputMoments, keep: torch.Ten
 
 def compensate_block(layer: nn.Module, adapter: ArchAdapter, plan: LayerPlan, shape: LayerShape,
                      forward: Callable[[nn.Module], object], options: CompensationOptions,
-                     dense: Mapping[str, Sequence[torch.Tensor]] | None = None
+                     dense: Mapping[str, Sequence[torch.Tensor]] | None = None,
+                     solving: Callable[[], AbstractContextManager[object]] = nullcontext
                      ) -> tuple[LayerPlan, dict[str, ClosingUpdate]]:
     """Select (optionally), compensate and zero the removed groups of one resident block, in place.
 
     ``forward(module)`` runs every calibration batch through the block as it is now, and may stop each
     batch once ``module`` has run (the attention pass then skips the MLP). ``dense`` (the refit's dense
     target): ``{"attn" | "mlp": the dense model's inputs of that closing projection, per batch}``.
+    ``solving()``: the context each selection and solve runs in, which needs only the closing
+    projections (the offloaded walk drops the rest of the loaded block meanwhile: :meth:`Block.unloaded`).
     Returns the (possibly re-selected) layer plan and the updated closing projections,
     ``{"attn": …, "mlp": …}``.
     """
@@ -151,19 +155,21 @@ def compensate_block(layer: nn.Module, adapter: ArchAdapter, plan: LayerPlan, sh
     if len(plan.heads) < shape.num_heads:
         moments = collect_moments([attn.o], lambda: forward(attn.o), gram, options.gram_dtype,
                                   partners(attn.o, "attn"))[attn.o]
-        if options.select == "obs":
-            plan = reselect_heads(plan, shape, attn.o, moments, options)
-        elif options.select == "fluctuation":
-            plan = fluctuation_heads(plan, shape, attn.o, moments)
-        updates["attn"] = compensate_closing(attn.o, moments, _head_columns(plan.heads, shape.head_dim),
-                                             options)
+        with solving():
+            if options.select == "obs":
+                plan = reselect_heads(plan, shape, attn.o, moments, options)
+            elif options.select == "fluctuation":
+                plan = fluctuation_heads(plan, shape, attn.o, moments)
+            updates["attn"] = compensate_closing(attn.o, moments, _head_columns(plan.heads, shape.head_dim),
+                                                 options)
         del moments
     if len(plan.channels) < shape.intermediate:
         moments = collect_moments([mlp.closing], lambda: forward(mlp.closing), gram,
                                   options.gram_dtype, partners(mlp.closing, "mlp"))[mlp.closing]
-        if options.select == "obs":
-            plan = reselect_channels(plan, shape, mlp.closing, moments, options)
-        elif options.select == "fluctuation":
-            plan = fluctuation_channels(plan, shape, mlp.closing, moments)
-        updates["mlp"] = compensate_closing(mlp.closing, moments, torch.tensor(plan.channels), options)
+        with solving():
+            if options.select == "obs":
+                plan = reselect_channels(plan, shape, mlp.closing, moments, options)
+            elif options.select == "fluctuation":
+                plan = fluctuation_channels(plan, shape, mlp.closing, moments)
+            updates["mlp"] = compensate_closing(mlp.closing, moments, torch.tensor(plan.channels), options)
     return plan, updates

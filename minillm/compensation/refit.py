@@ -47,43 +47,63 @@ def augmented_gram(moments: InputMoments) -> torch.Tensor:
 
 @dataclass
 class KeptSystem:
-    """The normal equations of the kept rows, taken out of ``H``: ``factor`` (damped ``H_KK``, factored
-    in place by :meth:`solve`), ``rhs = H_KR B_R`` and the old rows ``B_K``; no ``factor`` when nothing
-    is removed or nothing kept (the rows stay as they are)."""
+    """The normal equations of the kept rows, built inside ``H``'s own storage.
+
+    ``factor`` is ``H`` with its removed rows and columns replaced by the identity and the damping added
+    to the kept diagonal: block-diagonal ``H_KK + δI`` and ``I`` up to the order of the rows, so its
+    solution on the kept rows is ``H_KK``'s and its removed rows never mix in. ``rhs`` has a row per
+    input (``(H_KR B_R)`` on the kept rows, or the dense target's right-hand side; the removed rows are
+    don't-cares), ``b`` the old rows of every input (a view of the weight). No ``factor`` when nothing is
+    removed or nothing kept (the rows stay as they are)."""
 
     factor: torch.Tensor | None
     rhs: torch.Tensor | None
-    kept_b: torch.Tensor
+    b: torch.Tensor
+    keep: torch.Tensor
+    dtype: torch.dtype
 
     def solve(self) -> torch.Tensor:
-        """``B_K + H_KK⁻¹ H_KR B_R``; ``factor`` is overwritten by its Cholesky factor, ``kept_b`` by the
-        result."""
+        """``B'_K = B_K + H_KK⁻¹ H_KR B_R`` (``len(keep) × out``). The system is used up where it lies:
+        the factor through its transpose (a column-major view of the same storage, which LAPACK factors
+        in place; through the row-major tensor, or in ``cholesky_solve``, torch would copy it), then two
+        triangular solves into ``rhs``; the factor is freed before the result is gathered."""
+        old = self.b.index_select(0, self.keep).to(self.dtype)
         if self.factor is None or self.rhs is None:
-            return self.kept_b
-        torch.linalg.cholesky(self.factor, out=self.factor)
-        return self.kept_b.add_(torch.cholesky_solve(self.rhs, self.factor))
+            return old
+        lower = self.factor.mT  # symmetric: the same matrix
+        torch.linalg.cholesky(lower, out=lower)
+        solution, self.rhs = self.rhs, None
+        torch.linalg.solve_triangular(lower, solution, upper=False, out=solution)
+        torch.linalg.solve_triangular(lower.mT, solution, upper=True, out=solution)
+        self.factor = None
+        del lower
+        return old.add_(solution.index_select(0, self.keep))
 
 
 def kept_system(b: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float,
-                cross: torch.Tensor | None = None) -> KeptSystem:
-    """What the solve needs from ``gram`` (and ``cross``, for the dense-output target), in ``gram``'s
-    dtype. Once this returns, both may be freed: the solve never holds ``H``, a damped copy of it and the
-    factor at once (:func:`refit_weight`)."""
+                cross: torch.Tensor | None = None, consume: bool = False) -> KeptSystem:
+    """The refit's system for ``b = Wᵀ`` (rows = inputs), in ``gram``'s dtype. ``consume``: ``gram``
+    becomes the factor (no second ``in × in`` matrix; the caller must not use it again); otherwise it is
+    copied first. Beyond ``H`` the solve then holds at most two ``in × out`` blocks, and three once ``H``
+    is freed (:func:`minillm.streaming.compensation_bytes` budgets ``in² + 3·in·out``)."""
     dtype = gram.dtype
     mask = torch.ones(b.shape[0], dtype=torch.bool, device=b.device)
     mask[keep] = False
     removed = mask.nonzero().squeeze(1)
-    kept_b = b.index_select(0, keep).to(dtype)
     if keep.numel() == 0 or (removed.numel() == 0 and cross is None):
-        return KeptSystem(None, None, kept_b)
-    rows = keep.unsqueeze(1)
-    factor = gram[rows, keep]  # H_KK, a fresh tensor (advanced indexing copies)
-    if cross is None:
-        rhs = gram[rows, removed] @ b.index_select(0, removed).to(dtype)
+        return KeptSystem(None, None, b, keep, dtype)
+    if cross is None:  # H_KR B_R on the kept rows, as H B̂ with B̂ = B on the removed rows, 0 elsewhere
+        rhs = gram @ b.to(dtype).index_fill(0, keep, 0)
     else:  # (C B)_K − H_KK B_K
-        rhs = cross.index_select(0, keep) @ b.to(dtype) - factor @ kept_b
-    factor.diagonal().add_(damping_shift(gram, damping))
-    return KeptSystem(factor, rhs, kept_b)
+        rhs = cross @ b.to(dtype)
+        rhs -= gram @ b.to(dtype).index_fill(0, removed, 0)
+    shift = damping_shift(gram, damping)
+    factor = gram if consume else gram.clone()
+    factor.index_fill_(0, removed, 0).index_fill_(1, removed, 0)
+    diagonal = factor.diagonal()
+    diagonal.index_fill_(0, removed, 1.0)
+    diagonal[keep] += shift
+    return KeptSystem(factor, rhs, b, keep, dtype)
 
 
 def solve_kept(b: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float) -> torch.Tensor:
@@ -104,9 +124,9 @@ def refit_weight(weight: torch.Tensor, moments: InputMoments, keep: torch.Tensor
     ``weight``: ``out × in``; ``keep``: kept input columns. The returned tensors have ``weight``'s dtype
     and device; the dense model with these weights computes exactly what the sliced model computes.
     With ``with_bias`` the bias (created as zeros when ``bias`` is ``None``) is refitted too;
-    otherwise ``bias`` is returned unchanged. ``release``: ``moments``' ``H`` is freed once its kept
-    blocks are taken out (:meth:`InputMoments.release_gram`; the moments keep their mean), so the
-    factorisation does not sit beside it.
+    otherwise ``bias`` is returned unchanged. ``release``: ``moments``' ``H`` is handed over
+    (:meth:`InputMoments.release_gram`; the moments keep their mean) and factored in its own storage,
+    so the solve needs no second ``in × in`` matrix; otherwise ``H`` is copied first.
     """
     keep = keep.to(device=moments.gram.device, dtype=torch.long)
     gram = moments.release_gram() if release else moments.gram
@@ -119,9 +139,10 @@ def refit_weight(weight: torch.Tensor, moments: InputMoments, keep: torch.Tensor
         keep = torch.cat([keep, keep.new_tensor([b.shape[0]])])
         b = torch.cat([b.to(gram.dtype), old.to(gram.dtype)[None, :]])
         gram = augmented_gram(InputMoments(gram, moments.total, moments.count))
-    system = kept_system(b, gram, keep, damping, cross)
+    system = kept_system(b, gram, keep, damping, cross, consume=release or with_bias)
     del gram, cross
     rows = system.solve()
+    del system
     if with_bias:
         new_bias, rows, keep = rows[-1].to(device=weight.device, dtype=weight.dtype), rows[:-1], keep[:-1]
     else:

@@ -206,23 +206,27 @@ def compensate_sequential(model: nn.Module, adapter: ArchAdapter, plan: PrunePla
         i, layer = block.index, block.layer
         closings = {"attn": adapter.attention(layer).o, "mlp": adapter.mlp(layer).closing}
         record = offloaded[i] or not in_place
+        had_bias = {name: linear.bias is not None for name, linear in closings.items()}
+        # an offloaded block's loaded copy is dropped when the walk leaves it: no values to put back
         saved = {name: (linear.weight.detach().clone(),
                         None if linear.bias is None else linear.bias.detach().clone())
-                 for name, linear in closings.items() if record}
+                 for name, linear in closings.items() if record and not offloaded[i]}
         shape = adapter.layer_shape(model, i)
-        layer_plans[i], updates = compensate_block(layer, adapter, layer_plans[i], shape, forward, options,
-                                                   dense)
+        layer_plans[i], updates = compensate_block(
+            layer, adapter, layer_plans[i], shape, forward, options, dense,
+            solving=lambda: block.unloaded(keep=list(closings.values())))
         block.forward(advance=True)  # the compensated block feeds the next one
         passes += 1
         if record:  # keep the result, put the block back as it was (an offloaded copy goes back to meta)
             result.updates[i] = {name: _to_cpu(u) if spill is None
                                  else SpilledClosing(spill / f"{i}.{name}.safetensors", u)
                                  for name, u in updates.items()}
+            for name, linear in closings.items():
+                if not had_bias[name]:
+                    linear.bias = None  # one bias folding added belongs to the update, not the model
             for name, (weight, bias) in saved.items():
                 closings[name].weight.data.copy_(weight)
-                if bias is None:
-                    closings[name].bias = None
-                else:
+                if bias is not None:
                     closings[name].bias.data.copy_(bias)
 
     with as_exported(model, adapter, plan):
