@@ -194,6 +194,9 @@ def test_compensation_shares_the_heads_room_and_narrows_h_under_a_tight_cap() ->
     paired = compensation_bytes(config, "float32", 1024, dense_tokens=4096, activation_size=2)
     extra = 2 * 6912**2 * 4 + 4096 * (2560 + 6912 + 2560) * 2  # C and its slices; dense stream and inputs
     assert paired == compensation_bytes(config, "float32", 1024) + extra
+    block = compensation_bytes(config, "float32", 1024, block_tokens=4096, activation_size=2)
+    extra = 2 * 6912 * 2560 * 4 + 4096 * 2560 * 2 + 1024 * 2560 * 8  # E and its slice; dense block outputs
+    assert block == compensation_bytes(config, "float32", 1024) + extra
 
 
 def test_streaming_prune_records_the_compensation_precision(tmp_path: Path) -> None:

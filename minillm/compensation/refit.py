@@ -14,15 +14,18 @@ unexcited; with damping the update shrinks towards the original weights, not tow
 ``with_bias``: the constant input 1 is appended to ``x`` (its moments are the token count and ``Σ x``),
 so the refit also moves the bias — FLAP's bias compensation is the special case ``K = ∅``.
 
-Dense-output target (``cross`` = ``C = Σ x x_dᵀ``, where ``x_d`` is the same token's input in the dense
-model): the kept columns on the pruned prefix's inputs are fitted to what the *dense* layer produced,
-``Σ ‖W x_d − W'_K x_K‖²``; with the damping as a pull towards the old rows (``δ ‖B'_K − B_K‖²``) the
-solution is
+Other targets: each token's wanted output is ``t = W x + e`` instead of ``W x`` (``e``: what the layer
+should also make up for), and only the target moments ``E = Σ x eᵀ`` (``in × out``) are needed; with the
+damping as a pull towards the old rows (``δ ‖B'_K − B_K‖²``) the minimiser of ``Σ ‖t − W'_K x_K‖²`` is
 
-    B'_K = B_K + (H_KK + δI)⁻¹ ((C B)_K − H_KK B_K),
+    B'_K = B_K + (H_KK + δI)⁻¹ (H_KR B_R + E_K),
 
-which is the formula above when ``x_d = x`` (``C = H``). It also corrects the drift of the inputs that
-earlier cuts caused, so it changes a layer even where nothing of it is removed.
+the formula above plus one term. The dense-output target (``--compensation-target dense``) has
+``e = W (x_d − x)``, ``x_d`` the same token's input in the dense model: the kept columns on the pruned
+prefix's inputs are fitted to what the *dense* layer produced, ``Σ ‖W x_d − W'_K x_K‖²`` (with the
+cross moments ``C = Σ x x_dᵀ``, ``H_KR B_R + E_K = (C B)_K − H_KK B_K``). The block target (``block``,
+down_proj only) has ``e = d``, the block's output error with its MLP still uncut (:mod:`.block_target`).
+Either also changes a layer where nothing of it is removed.
 """
 
 from __future__ import annotations
@@ -65,23 +68,22 @@ class KeptSystem:
 
 
 def kept_system(b: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float,
-                cross: torch.Tensor | None = None) -> KeptSystem:
-    """What the solve needs from ``gram`` (and ``cross``, for the dense-output target), in ``gram``'s
-    dtype. Once this returns, both may be freed: the solve never holds ``H``, a damped copy of it and the
-    factor at once (:func:`refit_weight`)."""
+                error: torch.Tensor | None = None) -> KeptSystem:
+    """What the solve needs from ``gram`` (and the target moments ``error`` = ``E``, ``in × out``), in
+    ``gram``'s dtype. Once this returns, both may be freed: the solve never holds ``H``, a damped copy of
+    it and the factor at once (:func:`refit_weight`)."""
     dtype = gram.dtype
     mask = torch.ones(b.shape[0], dtype=torch.bool, device=b.device)
     mask[keep] = False
     removed = mask.nonzero().squeeze(1)
     kept_b = b.index_select(0, keep).to(dtype)
-    if keep.numel() == 0 or (removed.numel() == 0 and cross is None):
+    if keep.numel() == 0 or (removed.numel() == 0 and error is None):
         return KeptSystem(None, None, kept_b)
     rows = keep.unsqueeze(1)
     factor = gram[rows, keep]  # H_KK, a fresh tensor (advanced indexing copies)
-    if cross is None:
-        rhs = gram[rows, removed] @ b.index_select(0, removed).to(dtype)
-    else:  # (C B)_K − H_KK B_K
-        rhs = cross.index_select(0, keep) @ b.to(dtype) - factor @ kept_b
+    rhs = gram[rows, removed] @ b.index_select(0, removed).to(dtype)  # H_KR B_R
+    if error is not None:
+        rhs += error.index_select(0, keep).to(dtype)  # + E_K
     factor.diagonal().add_(damping_shift(gram, damping))
     return KeptSystem(factor, rhs, kept_b)
 
@@ -110,17 +112,17 @@ def refit_weight(weight: torch.Tensor, moments: InputMoments, keep: torch.Tensor
     """
     keep = keep.to(device=moments.gram.device, dtype=torch.long)
     gram = moments.release_gram() if release else moments.gram
-    cross = moments.release_cross() if release else moments.cross
+    error = moments.release_error() if release else moments.error
     b = weight.detach().to(gram.device).T  # a view: only the rows the solve takes are converted
-    if with_bias and cross is not None:
-        raise ValueError("the dense-output target refits weights only (no with_bias)")
+    if with_bias and error is not None:
+        raise ValueError("the dense-output and block targets refit weights only (no with_bias)")
     if with_bias:
         old = bias.detach().to(b.device) if bias is not None else b.new_zeros(b.shape[1])
         keep = torch.cat([keep, keep.new_tensor([b.shape[0]])])
         b = torch.cat([b.to(gram.dtype), old.to(gram.dtype)[None, :]])
         gram = augmented_gram(InputMoments(gram, moments.total, moments.count))
-    system = kept_system(b, gram, keep, damping, cross)
-    del gram, cross
+    system = kept_system(b, gram, keep, damping, error)
+    del gram, error
     rows = system.solve()
     if with_bias:
         new_bias, rows, keep = rows[-1].to(device=weight.device, dtype=weight.dtype), rows[:-1], keep[:-1]
