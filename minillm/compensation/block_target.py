@@ -21,11 +21,13 @@ means fitting ``W'_K u_K`` to ``W u + d / α`` with ``d = y_d − y'``:
 
 (:mod:`.refit`'s target moments ``E = Σ u dᵀ / α``, ``in × out``). o_proj's refit is the default one:
 its target already is the dense attention on ``x``. :func:`dense_block_outputs` measures ``α`` once per
-block by shifting down_proj's output on one batch; a block that normalises the MLP's output after
-down_proj (Gemma 2/3's and OLMo 2's post-feed-forward norms, OPT-350m's post-norm) moves otherwise than
-``α`` times the shift, is not linear in ``W'`` and is refused. Cost: one more block pass per block
-whose heads are cut, the MLP pass runs the whole block (not stopping at down_proj), and the dense
-block's outputs for every calibration batch, kept where the executor keeps activations.
+block by shifting down_proj's output on one batch, by a small and a large random vector; a block that
+normalises the MLP's output after down_proj (post-feed-forward norms: Gemma 2/3, OLMo 2/3, GLM-4,
+EXAONE 4 among the tested families; a post-norm block such as OPT-350m's) is not linear in ``W'`` — near
+one point it may look linear, but not with the same ``α`` at both sizes — and is refused. Cost: one more
+block pass per block whose heads are cut, the MLP pass runs the whole block (not stopping at
+down_proj), and the dense block's outputs for every calibration batch, kept where the executor keeps
+activations.
 """
 
 from __future__ import annotations
