@@ -131,15 +131,16 @@ def check_axes_options(names: frozenset[str], allocation: str, round_to: int) ->
 
 def check_compensation_target(target: str, compensation: str, names: frozenset[str], search: bool,
                               architecture: str | None) -> None:
-    """The dense-output target refits; its dense stream needs a model of the same hidden size and depth."""
+    """The dense-output and block targets are targets of the refit; the dense one's second stream needs a
+    model of the same hidden size and depth (the block target's reference is the block itself)."""
     if target == "pruned":
         return
     if compensation != "refit":
-        raise UsageError("--compensation-target dense is a target of the refit; use --compensation refit")
-    if names & {"hidden", "layers"} or search or architecture:
+        raise UsageError(f"--compensation-target {target} is a target of the refit; use --compensation refit")
+    if target == "dense" and (names & {"hidden", "layers"} or search or architecture):
         raise UsageError("--compensation-target dense compensates attn/mlp cuts only; drop hidden/layers "
                          "from --structures (and --search/--architecture) or use "
-                         "--compensation-target pruned")
+                         "--compensation-target pruned or block")
 
 
 #: Recipe fields that are not settings of the pruning itself (where the result goes, replay text): they
@@ -225,7 +226,7 @@ def prune(
                 criterion, model, max_memory, offload_dir, dtype, run["batch_size"], run["seq_len"],
                 run["calib_samples"], gram=run["compensation"] == "refit" or criterion == "obs",
                 precision=run["compensation_precision"],
-                dense_target=run["compensation_target"] == "dense")
+                target=run["compensation_target"])
             if precision == "float32" and run["compensation_precision"] == "auto":
                 logging.getLogger("minillm").warning(
                     "compensation moments in float32: float64 would leave under half of --max-memory "

@@ -23,9 +23,9 @@ Compensation = Literal["none", "bias", "refit"]
 #: per-layer ``global``, ``log`` (SlimGPT) and ``error`` (:mod:`minillm.allocation`).
 Allocation = Literal["uniform", "global", "log", "error"]
 DEFAULT_COMPENSATION: Compensation = "refit"
-#: The refit's target (``--compensation-target``): the pruned prefix's own layer outputs, or the dense
-#: model's.
-CompensationTarget = Literal["pruned", "dense"]
+#: The refit's target (``--compensation-target``): the pruned prefix's own layer outputs, the dense
+#: model's, or (``block``) for the MLP the dense block's output on the pruned prefix's input.
+CompensationTarget = Literal["pruned", "dense", "block"]
 #: dtype of the compensation's moments ``H``: ``auto`` is float64 unless ``--streaming`` under a memory cap
 #: would leave less than half of it for the weights (:func:`minillm.streaming.choose_precision`).
 Precision = Literal["auto", "float64", "float32"]

@@ -130,8 +130,9 @@ class Recipe(BaseModel):
     )
     compensation_target: CompensationTarget = Field(
         "pruned", description="What the refit fits: each layer's own output on the pruned prefix's inputs "
-        "(pruned), or the dense model's output of that layer (dense: one more pass per block, one more "
-        "H-sized matrix; attn/mlp cuts only)."
+        "(pruned), the dense model's output of that layer (dense: one more pass per block and a dense "
+        "stream; attn/mlp cuts only), or for the MLP the dense block's output on the pruned prefix's input "
+        "(block: down_proj also makes up for the same block's attention cut; one more pass per block)."
     )
     reselect: bool = Field(
         True, description="flap with a compensation: re-choose each layer's heads and channels (the plan's "

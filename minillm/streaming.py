@@ -72,16 +72,18 @@ class BlockBudget:
 
 
 def compensation_bytes(config: Any, precision: str, tokens: int, dense_tokens: int = 0,
-                       activation_size: int = 4) -> int:
+                       activation_size: int = 4, block_tokens: int = 0) -> int:
     """Peak working set of the refit of the widest closing projection (``in`` = MLP or attention width,
     ``out`` = hidden size): ``H``, factored in its own storage, and the solve's ``in × out`` blocks,
     bounded by ``(in² + 3·in·out)`` elements of ``precision`` (a 6,912-wide float64 down_proj: 0.70 GB
     measured by ``tools/bench_refit_memory.py``, 0.81 GB bounded), plus one batch's inputs in float64
     while ``H`` accumulates.
 
-    ``dense_tokens`` (the dense-output target: every calibration token): the cross moments ``C`` and
-    ``C B`` (``in² + 2·in·out`` more elements), the dense stream between blocks and one block's dense
-    closing inputs, in ``activation_size`` bytes."""
+    ``dense_tokens`` (the dense-output target: every calibration token): the target moments ``E``
+    (``in × out``) and a converted copy of it for the solve, the dense stream between blocks and one
+    block's dense closing inputs, in ``activation_size`` bytes. ``block_tokens`` (the block target: every
+    calibration token): ``E`` and its copy (``2·in·out``), the dense block's outputs for every token
+    (``activation_size`` bytes) and one batch's output error in float64."""
     from minillm.arch import adapter_for
 
     adapter = adapter_for(config)
@@ -93,14 +95,15 @@ def compensation_bytes(config: Any, precision: str, tokens: int, dense_tokens: i
     size = 4 if precision == "float32" else 8
     working = (width * width + 3 * width * out) * size + tokens * width * 8
     if dense_tokens:
-        working += (width * width + 2 * width * out) * size \
-            + dense_tokens * (out + mlp + heads * head_dim) * activation_size
+        working += 2 * width * out * size + dense_tokens * (out + mlp + heads * head_dim) * activation_size
+    if block_tokens:
+        working += 2 * width * out * size + block_tokens * out * activation_size + tokens * out * 8
     return working
 
 
 def choose_precision(budget: BlockBudget, config: Any, precision: str, tokens: int,
                      max_memory: dict[Any, Any] | None, dense_tokens: int = 0,
-                     activation_size: int = 4) -> BlockBudget:
+                     activation_size: int = 4, block_tokens: int = 0) -> BlockBudget:
     """``budget`` with the compensation's working set in the requested ``precision``; for ``auto``,
     float64 unless its reserve would exceed half of the compute device's cap (then float32: room for
     the weights beats the last bits of ``H``, which the damping dominates)."""
@@ -108,7 +111,7 @@ def choose_precision(budget: BlockBudget, config: Any, precision: str, tokens: i
 
     found = _device_cap(max_memory)
     for choice in ("float64", "float32") if precision == "auto" else (precision,):
-        working = compensation_bytes(config, choice, tokens, dense_tokens, activation_size)
+        working = compensation_bytes(config, choice, tokens, dense_tokens, activation_size, block_tokens)
         chosen = replace(budget, compensation=working, precision=choice)
         if found is None or _reserve_on(found[0], chosen) <= found[1] // 2:
             break
@@ -242,12 +245,13 @@ def prepare_streaming_load(
     samples: int,
     gram: bool = False,
     precision: str = "auto",
-    dense_target: bool = False,
+    target: str = "pruned",
 ) -> tuple[dict | None, str, str]:
     """``max_memory`` and offload folder for ``load_model`` in streaming mode (checks the cap first),
     and the dtype of the compensation's moments (``gram``: the compensation solves against ``H``;
     ``precision``: the recipe's ``compensation_precision``, returned as given when no cap decides it;
-    ``dense_target``: the refit also holds the dense stream and the cross moments)."""
+    ``target``: the refit's target; ``dense`` also holds the dense stream and the target moments,
+    ``block`` the dense block's outputs and the target moments)."""
     from transformers import AutoConfig
 
     from minillm.memory import rss_bytes
@@ -274,8 +278,10 @@ def prepare_streaming_load(
         )
         if gram:
             dtype_size = torch.finfo(_config_dtype(config, dtype)).bits // 8
+            tokens = samples * seq_len
             budget = choose_precision(budget, config, precision, batch_size * seq_len, memory,
-                                      samples * seq_len if dense_target else 0, dtype_size)
+                                      tokens if target == "dense" else 0, dtype_size,
+                                      tokens if target == "block" else 0)
             precision = budget.precision
         memory = streaming_max_memory(memory, budget)
     return memory, offload_dir or default_offload_dir(), precision

@@ -53,13 +53,14 @@ def physically_first(model: torch.nn.Module, plan: PrunePlan,
     return cut
 
 
-@pytest.mark.parametrize(("family", "mode"), [("llama", "refit"), ("gemma3", "refit"), ("phi3", "bias"),
-                                              ("qwen3", "refit")])
-def test_compensation_walks_the_model_as_exported(family: str, mode: str) -> None:
+@pytest.mark.parametrize(("family", "mode", "target"), [
+    ("llama", "refit", "pruned"), ("gemma3", "refit", "pruned"), ("phi3", "bias", "pruned"),
+    ("qwen3", "refit", "pruned"), ("llama", "refit", "block"), ("qwen3", "refit", "block")])
+def test_compensation_walks_the_model_as_exported(family: str, mode: str, target: str) -> None:
     model = four_layer_model(family)
     adapter = adapter_for(model.config)
     plan = axes_plan(model)
-    options = CompensationOptions(mode=mode)
+    options = CompensationOptions(mode=mode, target=target)  # type: ignore[arg-type]
     expected_model = physically_first(model, plan, options)
     result = compensate_sequential(model, adapter, plan, calibration(), options)
     assert count_hooks(model) == 0

@@ -198,18 +198,21 @@ def test_float32_moments_refit_close_to_float64() -> None:
     torch.testing.assert_close(close, wide, rtol=1e-3, atol=1e-3)
 
 
-def _paired_moments(x: torch.Tensor, dense: torch.Tensor) -> InputMoments:
-    moments = InputMoments.zeros(x.shape[1])
-    for chunk, partner in zip(x.split(64), dense.split(64), strict=True):
-        moments.add(chunk, partner)
-    return moments
+def _paired_moments(x: torch.Tensor, dense: torch.Tensor, w: torch.Tensor) -> InputMoments:
+    """The moments a layer of weight ``w`` gathers with its dense partners (in batches, via hooks)."""
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    chunks = x.split(64)
+    return collect_moments([linear], lambda: [linear(chunk) for chunk in chunks],
+                           partners={linear: list(dense.split(64))})[linear]
 
 
-def test_cross_moments_accumulate_exactly_per_token_pair() -> None:
-    x, _ = _data()
+def test_target_moments_accumulate_exactly_per_token_pair() -> None:
+    x, w = _data()
     dense = x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    moments = _paired_moments(x, dense)
-    torch.testing.assert_close(moments.cross, x.T @ dense)
+    moments = _paired_moments(x, dense, w)
+    torch.testing.assert_close(moments.error, x.T @ ((dense - x) @ w.T))  # Σ x eᵀ, e = W (x_d − x)
     torch.testing.assert_close(moments.gram, x.T @ x)
 
 
@@ -217,18 +220,33 @@ def test_dense_target_refit_equals_least_squares_towards_the_dense_outputs() -> 
     x, w = _data()
     dense = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     keep = torch.tensor([0, 2, 3, 5, 7, 8, 11])
-    new, _ = refit_weight(w, _paired_moments(x, dense), keep, damping=0.0)
+    new, _ = refit_weight(w, _paired_moments(x, dense, w), keep, damping=0.0)
     expected = torch.linalg.lstsq(x[:, keep], dense @ w.T).solution  # min ‖X_d Wᵀ − X_K B_K‖
     torch.testing.assert_close(new[:, keep], expected.T, rtol=1e-9, atol=1e-9)
     removed = [c for c in range(12) if c not in keep.tolist()]
     assert torch.count_nonzero(new[:, removed]) == 0
 
 
+def test_dense_target_target_moments_give_the_cross_moment_formula() -> None:
+    """``E = Σ x (W (x_d − x))ᵀ`` solves what the cross moments ``C = Σ x x_dᵀ`` did:
+    ``B'_K = B_K + (H_KK + δI)⁻¹ ((C B)_K − H_KK B_K)``, damping included."""
+    x, w = _data()
+    dense = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    keep = torch.tensor([1, 2, 5, 6, 9, 11])
+    new, _ = refit_weight(w, _paired_moments(x, dense, w), keep, damping=0.01)
+    h, c, b = x.T @ x, x.T @ dense, w.T
+    h_kk = h[keep][:, keep]
+    shift = 0.01 * h.diagonal().mean()
+    expected = b[keep] + torch.linalg.solve(h_kk + shift * torch.eye(len(keep), dtype=torch.float64),
+                                            (c @ b)[keep] - h_kk @ b[keep])
+    torch.testing.assert_close(new[:, keep], expected.T, rtol=1e-10, atol=1e-10)
+
+
 def test_dense_target_with_identical_inputs_is_the_pruned_target_refit() -> None:
     x, w = _data()
     keep = torch.tensor([1, 4, 6, 9, 10])
     plain, _ = refit_weight(w, _moments(x), keep, damping=0.01)
-    paired, _ = refit_weight(w, _paired_moments(x, x), keep, damping=0.01, release=True)
+    paired, _ = refit_weight(w, _paired_moments(x, x, w), keep, damping=0.01, release=True)
     torch.testing.assert_close(paired, plain, rtol=1e-10, atol=1e-10)
 
 
@@ -236,7 +254,48 @@ def test_dense_target_corrects_drifted_inputs_even_with_nothing_removed() -> Non
     x, w = _data()
     dense = 1.1 * x  # the prefix's cuts shrank every input
     every = torch.arange(12)
-    new, _ = refit_weight(w, _paired_moments(x, dense), every, damping=0.0)
+    new, _ = refit_weight(w, _paired_moments(x, dense, w), every, damping=0.0)
     torch.testing.assert_close(new, 1.1 * w, rtol=1e-9, atol=1e-9)
     unchanged, _ = refit_weight(w, _moments(x), every, damping=0.0)
     torch.testing.assert_close(unchanged, w)
+
+
+def _block_moments(u: torch.Tensor, d: torch.Tensor) -> InputMoments:
+    moments = InputMoments.zeros(u.shape[1])
+    for chunk, error in zip(u.split(64), d.split(64), strict=True):
+        moments.add(chunk, error)
+    return moments
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.01])
+def test_block_target_refit_equals_least_squares_towards_the_block_output(damping: float) -> None:
+    """The block target: fit ``W'_K u_K`` to ``W u + d`` (``d``: the block output's error with the MLP
+    uncut); with damping, ridge towards the old rows: ``min ‖U_K B' − (U B + D)‖² + δ ‖B' − B_K‖²``."""
+    u, w = _data()
+    d = 0.7 * torch.randn(u.shape[0], w.shape[0], generator=torch.Generator().manual_seed(5),
+                          dtype=torch.float64)
+    keep = torch.tensor([0, 2, 3, 5, 7, 8, 11])
+    new, _ = refit_weight(w, _block_moments(u, d), keep, damping=damping)
+    delta = damping * float((u.T @ u).diagonal().mean())
+    ridge = (delta ** 0.5) * torch.eye(len(keep), dtype=torch.float64)
+    design = torch.cat([u[:, keep], ridge])
+    wanted = torch.cat([u @ w.T + d, ridge @ w.T[keep]])
+    expected = torch.linalg.lstsq(design, wanted).solution
+    torch.testing.assert_close(new[:, keep], expected.T, rtol=1e-9, atol=1e-9)
+    removed = [c for c in range(12) if c not in keep.tolist()]
+    assert torch.count_nonzero(new[:, removed]) == 0
+    plain, _ = refit_weight(w, _moments(u), keep, damping=damping)
+    fitted = {name: float((u @ w.T + d - u @ weight.T).pow(2).sum()) for name, weight in
+              (("block", new), ("pruned", plain))}
+    assert fitted["block"] < fitted["pruned"]
+
+
+def test_block_target_moves_an_uncut_layer_only_by_the_error() -> None:
+    u, w = _data()
+    every = torch.arange(12)
+    still, _ = refit_weight(w, _block_moments(u, torch.zeros(u.shape[0], w.shape[0], dtype=torch.float64)),
+                            every, damping=0.01)
+    torch.testing.assert_close(still, w, rtol=1e-12, atol=1e-12)
+    shift = torch.randn(w.shape[0], 12, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    moved, _ = refit_weight(w, _block_moments(u, u @ shift.T), every, damping=0.0)
+    torch.testing.assert_close(moved, w + shift, rtol=1e-9, atol=1e-9)  # d linear in u: absorbed exactly

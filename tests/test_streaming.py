@@ -195,8 +195,11 @@ def test_compensation_shares_the_heads_room_and_narrows_h_under_a_tight_cap() ->
     assert "compensation" in tight.describe()
     assert choose_precision(budget, config, "auto", 1024, None).precision == "float64"  # no cap
     paired = compensation_bytes(config, "float32", 1024, dense_tokens=4096, activation_size=2)
-    extra = (6912**2 + 2 * 6912 * 2560) * 4 + 4096 * (2560 + 6912 + 2560) * 2  # C, C B; dense stream, inputs
+    extra = 2 * 6912 * 2560 * 4 + 4096 * (2560 + 6912 + 2560) * 2  # E and its copy; dense stream, inputs
     assert paired == compensation_bytes(config, "float32", 1024) + extra
+    block = compensation_bytes(config, "float32", 1024, block_tokens=4096, activation_size=2)
+    extra = 2 * 6912 * 2560 * 4 + 4096 * 2560 * 2 + 1024 * 2560 * 8  # E and its copy; dense block outputs
+    assert block == compensation_bytes(config, "float32", 1024) + extra
 
 
 def test_streaming_prune_records_the_compensation_precision(tmp_path: Path) -> None:

@@ -26,6 +26,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import get_args
+
+from minillm.defaults import CompensationTarget
 
 LOCK = "/tmp/minillm-bench.lock"
 
@@ -203,9 +206,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", choices=["float64", "float32"], default="float64",
                         help="dtype of the compensation's moments H")
-    parser.add_argument("--target", choices=["pruned", "dense"], default="pruned",
-                        help="the refit's target: the layer's output on the pruned prefix, or the dense "
-                        "model's")
+    parser.add_argument("--target", choices=list(get_args(CompensationTarget)), default="pruned",
+                        help="the refit's target: the layer's output on the pruned prefix, the dense "
+                        "model's, or (block) the dense block's output on the pruned prefix's input")
     parser.add_argument("--no-reselect", action="store_true",
                         help="flap: keep the dense model's choice (prune's --no-reselect)")
     parser.add_argument("--all-windows", action="store_true")

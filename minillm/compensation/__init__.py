@@ -10,7 +10,8 @@ One family, three modes (``--compensation``):
   block on the already-pruned prefix (:mod:`minillm.compensation.sequential`).
 
 :mod:`.hessian` accumulates ``H``; :mod:`.obs` is the Optimal-Brain-Surgeon greedy selection that
-uses the same ``H``.
+uses the same ``H``; :mod:`.block_target` is the refit's block-output target for the MLP
+(``--compensation-target block``).
 """
 
 from __future__ import annotations

@@ -12,9 +12,11 @@ the solve well posed, as in SparseGPT, which accumulates ``H`` in float32.
 Damping: solves use ``H + λ · mean(diag H) · I`` (:func:`damped`), the SparseGPT / SlimGPT convention;
 λ (``DEFAULT_DAMPING`` = 0.01) keeps directions calibration never excited close to the original weights.
 
-Cross moments ``C = Σ x x_dᵀ`` (the refit's dense-output target, ``--compensation-target dense``): each
-token's input on the pruned prefix paired with the same token's input in the dense model; one more
-``in²`` matrix beside ``H``.
+Target moments ``E = Σ x eᵀ`` (``in × out``), where ``e`` is how far each token's wanted output lies
+from the layer's own, ``e = t − W x`` (:mod:`.refit`): the dense-output target (``--compensation-target
+dense``) pairs each token's input on the pruned prefix with the same token's input in the dense model,
+``e = W (x_d − x)``; the block target (``block``) hands in the block's output error ``d`` per token.
+One ``in × out`` matrix beside ``H`` — for a 7B's down_proj 11,008 × 4,096, not 11,008².
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ __all__ = ["DEFAULT_DAMPING", "InputMoments", "collect_moments", "damped", "damp
 
 @dataclass
 class InputMoments:
-    """``gram = Σ x xᵀ``, ``total = Σ x`` and the token count of one Linear's inputs; ``cross = Σ x x_dᵀ``
-    when each input comes with its dense-model partner (:meth:`add`'s ``partner``)."""
+    """``gram = Σ x xᵀ``, ``total = Σ x`` and the token count of one Linear's inputs; ``error = Σ x eᵀ``
+    (``in × out``) when each input comes with the change ``e`` its output should make beyond ``W x``
+    (:meth:`add`'s ``error``)."""
 
     gram: torch.Tensor
     total: torch.Tensor
     count: int = 0
-    cross: torch.Tensor | None = None
+    error: torch.Tensor | None = None
 
     @classmethod
     def zeros(cls, width: int, device: torch.device | str = "cpu", gram: bool = True,
@@ -51,22 +54,21 @@ class InputMoments:
         return cls(torch.zeros(side, side, dtype=dtype, device=device),
                    torch.zeros(width, dtype=torch.float64, device=device))
 
-    def add(self, x: torch.Tensor, partner: torch.Tensor | None = None) -> None:
-        """Accumulate the inputs ``x``; ``partner``: the same tokens' inputs in the dense model (into
-        ``cross``, created on the first call)."""
+    def add(self, x: torch.Tensor, error: torch.Tensor | None = None) -> None:
+        """Accumulate the inputs ``x``; ``error``: the same tokens' wanted output changes ``e`` (into
+        ``error = Σ x eᵀ``, created on the first call)."""
         flat = x.detach().reshape(-1, x.shape[-1]).to(device=self.total.device, dtype=torch.float64)
         if self.gram.numel():
             narrow = flat.to(self.gram.dtype)
             self.gram.addmm_(narrow.T, narrow)
-            if partner is not None:
-                dense = partner.detach().reshape(-1, x.shape[-1]).to(device=self.gram.device,
-                                                                     dtype=self.gram.dtype)
-                if dense.shape != narrow.shape:
-                    raise ValueError(f"dense partner has {tuple(dense.shape)} tokens × columns, the inputs "
-                                     f"{tuple(narrow.shape)}")
-                if self.cross is None:
-                    self.cross = torch.zeros_like(self.gram)
-                self.cross.addmm_(narrow.T, dense)
+            if error is not None:
+                wanted = error.detach().reshape(-1, error.shape[-1]).to(device=self.gram.device,
+                                                                        dtype=self.gram.dtype)
+                if wanted.shape[0] != narrow.shape[0]:
+                    raise ValueError(f"{wanted.shape[0]} output errors for {narrow.shape[0]} input tokens")
+                if self.error is None:
+                    self.error = narrow.new_zeros(narrow.shape[1], wanted.shape[1])
+                self.error.addmm_(narrow.T, wanted)
         self.total += flat.sum(0)
         self.count += flat.shape[0]
 
@@ -76,10 +78,10 @@ class InputMoments:
         gram, self.gram = self.gram, self.gram.new_zeros(0, 0)
         return gram
 
-    def release_cross(self) -> torch.Tensor | None:
-        """``cross`` (or None), handed over like :meth:`release_gram`."""
-        cross, self.cross = self.cross, None
-        return cross
+    def release_error(self) -> torch.Tensor | None:
+        """``error`` (or None), handed over like :meth:`release_gram`."""
+        error, self.error = self.error, None
+        return error
 
     @property
     def mean(self) -> torch.Tensor:
@@ -109,16 +111,22 @@ def collect_moments(linears: Sequence[nn.Linear], run: Callable[[], None], gram:
                     partners: Mapping[nn.Linear, Sequence[torch.Tensor]] | None = None
                     ) -> dict[nn.Linear, InputMoments]:
     """Run ``run()`` (calibration forwards) with hooks accumulating each Linear's input moments
-    (``gram`` in ``dtype``). ``partners[linear][k]``: the dense model's inputs of ``linear``'s ``k``-th
-    call (the same calibration batch, in the same order), accumulated into ``cross``."""
+    (``gram`` in ``dtype``). ``partners[linear][k]``: the dense model's inputs ``x_d`` of ``linear``'s
+    ``k``-th call (the same calibration batch, in the same order); the output the dense layer made from
+    them is the target, ``e = W (x_d − x)`` into ``error``."""
     moments = {linear: InputMoments.zeros(linear.in_features, linear.weight.device, gram, dtype)
                for linear in linears}
     calls = dict.fromkeys(linears, 0)
 
     def observe(module: nn.Module, x: torch.Tensor) -> None:
-        paired = None if partners is None or module not in partners else partners[module][calls[module]]
+        error = None
+        if partners is not None and module in partners:
+            dense = partners[module][calls[module]].to(x.device)
+            if dense.shape != x.shape:
+                raise ValueError(f"dense partner has shape {tuple(dense.shape)}, the inputs {tuple(x.shape)}")
+            error = (dense.to(dtype) - x.to(dtype)) @ module.weight.detach().to(dtype).T
         calls[module] += 1
-        moments[module].add(x, paired)
+        moments[module].add(x, error)
 
     with input_hooks(linears, observe):
         run()

@@ -6,7 +6,9 @@ For a block whose inputs already come from the pruned (and compensated) blocks b
    ``select="obs"`` the heads to remove are re-chosen by OBS (:mod:`.obs`) on those moments, keeping
    the plan's counts; then o_proj is compensated (``bias`` or ``refit``) and its removed columns zeroed;
 2. MLP, if it loses channels: one more forward — through the now-compensated attention — gathers the
-   moments of the closing projection's inputs; the same selection and compensation follow.
+   moments of the closing projection's inputs; the same selection and compensation follow. With the
+   block target (:mod:`.block_target`) and heads cut, this pass runs the whole block and its refit
+   (even of an uncut MLP) also makes up for the attention cut's error at the block's output.
 
 The block is changed in place with its removed groups' closing columns at zero, so it already computes
 exactly what the physically cut block will (mask ≡ surgery); the caller then runs it once more to feed
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from minillm.arch.base import ArchAdapter, LayerShape
+from minillm.compensation.block_target import BlockForward, BlockReference, block_moments
 from minillm.compensation.fluctuation import fluctuation_channels, fluctuation_heads
 from minillm.compensation.hessian import DEFAULT_DAMPING, InputMoments, collect_moments
 from minillm.compensation.obs import obs_order
@@ -45,8 +48,9 @@ class CompensationOptions:
     """How the cut is compensated: ``mode``, damping λ of ``H``, who chooses the groups, the dtype
     of ``H`` (``float32`` only where float64's working set does not fit: :mod:`minillm.streaming`;
     ``auto`` left unresolved means float64) and the refit's ``target``: the layer's own output on the
-    pruned prefix's inputs (``pruned``) or the dense model's output of that layer (``dense``,
-    :mod:`.refit`)."""
+    pruned prefix's inputs (``pruned``), the dense model's output of that layer (``dense``,
+    :mod:`.refit`), or for the MLP the dense block's output on the pruned prefix's input (``block``,
+    :mod:`.block_target`)."""
 
     mode: Mode = "refit"
     damping: float = DEFAULT_DAMPING
@@ -128,17 +132,21 @@ def compensate_closing(linear: nn.Linear, moments: InputMoments, keep: torch.Ten
 
 
 def compensate_block(layer: nn.Module, adapter: ArchAdapter, plan: LayerPlan, shape: LayerShape,
-                     forward: Callable[[nn.Module], object], options: CompensationOptions,
+                     forward: BlockForward, options: CompensationOptions,
                      dense: Mapping[str, Sequence[torch.Tensor]] | None = None,
+                     reference: BlockReference | None = None,
                      solving: Callable[[], AbstractContextManager[object]] = nullcontext
                      ) -> tuple[LayerPlan, dict[str, ClosingUpdate]]:
     """Select (optionally), compensate and zero the removed groups of one resident block, in place.
 
-    ``forward(module)`` runs every calibration batch through the block as it is now, and may stop each
-    batch once ``module`` has run (the attention pass then skips the MLP). ``dense`` (the refit's dense
-    target): ``{"attn" | "mlp": the dense model's inputs of that closing projection, per batch}``.
-    ``solving()``: the context each selection and solve runs in, which needs only the closing
-    projections (the offloaded walk drops the rest of the loaded block meanwhile: :meth:`Block.unloaded`).
+    ``forward(module, each)`` runs every calibration batch through the block as it is now, and may stop
+    each batch once ``module`` has run (the attention pass then skips the MLP); with ``module`` None the
+    whole block runs and ``each(k, output)`` sees every batch's block output. ``dense`` (the refit's dense
+    target): ``{"attn" | "mlp": the dense model's inputs of that closing projection, per batch}``;
+    ``reference`` (the block target, when heads are cut): the uncut block's outputs per batch
+    (:func:`~minillm.compensation.block_target.dense_block_outputs`). ``solving()``: the context each
+    selection and solve runs in, which needs only the closing projections (the offloaded walk drops the
+    rest of the loaded block meanwhile: :meth:`~minillm.calibration.sequential.Block.unloaded`).
     Returns the (possibly re-selected) layer plan and the updated closing projections,
     ``{"attn": …, "mlp": …}``.
     """
@@ -146,14 +154,17 @@ def compensate_block(layer: nn.Module, adapter: ArchAdapter, plan: LayerPlan, sh
     updates: dict[str, ClosingUpdate] = {}
     gram = options.mode == "refit" or options.select != "plan"  # bias folding needs only the means
     paired = options.mode == "refit" and options.target == "dense"
+    whole = uses_block_target(options, plan, shape)
     if paired and dense is None:
         raise ValueError("the dense-output target needs the dense model's closing inputs")
+    if whole and reference is None:
+        raise ValueError("the block target needs the uncut block's outputs")
 
     def partners(linear: nn.Linear, name: str) -> dict[nn.Linear, Sequence[torch.Tensor]] | None:
         return {linear: dense[name]} if paired and dense is not None else None
 
     if len(plan.heads) < shape.num_heads:
-        moments = collect_moments([attn.o], lambda: forward(attn.o), gram, options.gram_dtype,
+        moments = collect_moments([attn.o], lambda: forward(attn.o, None), gram, options.gram_dtype,
                                   partners(attn.o, "attn"))[attn.o]
         with solving():
             if options.select == "obs":
@@ -163,9 +174,12 @@ def compensate_block(layer: nn.Module, adapter: ArchAdapter, plan: LayerPlan, sh
             updates["attn"] = compensate_closing(attn.o, moments, _head_columns(plan.heads, shape.head_dim),
                                                  options)
         del moments
-    if len(plan.channels) < shape.intermediate:
-        moments = collect_moments([mlp.closing], lambda: forward(mlp.closing), gram,
-                                  options.gram_dtype, partners(mlp.closing, "mlp"))[mlp.closing]
+    if len(plan.channels) < shape.intermediate or whole:
+        if whole and reference is not None:
+            moments = block_moments(mlp.closing, forward, reference, options.gram_dtype)
+        else:
+            moments = collect_moments([mlp.closing], lambda: forward(mlp.closing, None), gram,
+                                      options.gram_dtype, partners(mlp.closing, "mlp"))[mlp.closing]
         with solving():
             if options.select == "obs":
                 plan = reselect_channels(plan, shape, mlp.closing, moments, options)
@@ -173,3 +187,9 @@ def compensate_block(layer: nn.Module, adapter: ArchAdapter, plan: LayerPlan, sh
                 plan = fluctuation_channels(plan, shape, mlp.closing, moments)
             updates["mlp"] = compensate_closing(mlp.closing, moments, torch.tensor(plan.channels), options)
     return plan, updates
+
+
+def uses_block_target(options: CompensationOptions, plan: LayerPlan, shape: LayerShape) -> bool:
+    """The block target changes anything only where the block's heads are cut (the attention's error is
+    what the MLP makes up for); elsewhere it is the default refit."""
+    return options.mode == "refit" and options.target == "block" and len(plan.heads) < shape.num_heads

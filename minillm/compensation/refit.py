@@ -14,15 +14,18 @@ unexcited; with damping the update shrinks towards the original weights, not tow
 ``with_bias``: the constant input 1 is appended to ``x`` (its moments are the token count and ``Σ x``),
 so the refit also moves the bias — FLAP's bias compensation is the special case ``K = ∅``.
 
-Dense-output target (``cross`` = ``C = Σ x x_dᵀ``, where ``x_d`` is the same token's input in the dense
-model): the kept columns on the pruned prefix's inputs are fitted to what the *dense* layer produced,
-``Σ ‖W x_d − W'_K x_K‖²``; with the damping as a pull towards the old rows (``δ ‖B'_K − B_K‖²``) the
-solution is
+Other targets: each token's wanted output is ``t = W x + e`` instead of ``W x`` (``e``: what the layer
+should also make up for), and only the target moments ``E = Σ x eᵀ`` (``in × out``) are needed; with the
+damping as a pull towards the old rows (``δ ‖B'_K − B_K‖²``) the minimiser of ``Σ ‖t − W'_K x_K‖²`` is
 
-    B'_K = B_K + (H_KK + δI)⁻¹ ((C B)_K − H_KK B_K),
+    B'_K = B_K + (H_KK + δI)⁻¹ (H_KR B_R + E_K),
 
-which is the formula above when ``x_d = x`` (``C = H``). It also corrects the drift of the inputs that
-earlier cuts caused, so it changes a layer even where nothing of it is removed.
+the formula above plus one term. The dense-output target (``--compensation-target dense``) has
+``e = W (x_d − x)``, ``x_d`` the same token's input in the dense model: the kept columns on the pruned
+prefix's inputs are fitted to what the *dense* layer produced, ``Σ ‖W x_d − W'_K x_K‖²`` (with the
+cross moments ``C = Σ x x_dᵀ``, ``H_KR B_R + E_K = (C B)_K − H_KK B_K``). The block target (``block``,
+down_proj only) has ``e = d``, the block's output error with its MLP still uncut (:mod:`.block_target`).
+Either also changes a layer where nothing of it is removed.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class KeptSystem:
     ``factor`` is ``H`` with its removed rows and columns replaced by the identity and the damping added
     to the kept diagonal: block-diagonal ``H_KK + δI`` and ``I`` up to the order of the rows, so its
     solution on the kept rows is ``H_KK``'s and its removed rows never mix in. ``rhs`` has a row per
-    input (``(H_KR B_R)`` on the kept rows, or the dense target's right-hand side; the removed rows are
+    input (``H_KR B_R + E_K`` on the kept rows, ``E`` the target moments of another target; removed rows are
     don't-cares), ``b`` the old rows of every input (a view of the weight). No ``factor`` when nothing is
     removed or nothing kept (the rows stay as they are)."""
 
@@ -81,22 +84,22 @@ class KeptSystem:
 
 
 def kept_system(b: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float,
-                cross: torch.Tensor | None = None, consume: bool = False) -> KeptSystem:
-    """The refit's system for ``b = Wᵀ`` (rows = inputs), in ``gram``'s dtype. ``consume``: ``gram``
-    becomes the factor (no second ``in × in`` matrix; the caller must not use it again); otherwise it is
-    copied first. Beyond ``H`` the solve then holds at most two ``in × out`` blocks, and three once ``H``
-    is freed (:func:`minillm.streaming.compensation_bytes` budgets ``in² + 3·in·out``)."""
+                error: torch.Tensor | None = None, consume: bool = False) -> KeptSystem:
+    """The refit's system for ``b = Wᵀ`` (rows = inputs) and the target moments ``error`` = ``E``
+    (``in × out``), in ``gram``'s dtype. ``consume``: ``gram`` becomes the factor (no second ``in × in``
+    matrix; the caller must not use it again); otherwise it is copied first. Beyond ``H`` the solve then
+    holds at most two ``in × out`` blocks, and three once ``H`` is freed
+    (:func:`minillm.streaming.compensation_bytes` budgets ``in² + 3·in·out``)."""
     dtype = gram.dtype
     mask = torch.ones(b.shape[0], dtype=torch.bool, device=b.device)
     mask[keep] = False
     removed = mask.nonzero().squeeze(1)
-    if keep.numel() == 0 or (removed.numel() == 0 and cross is None):
+    if keep.numel() == 0 or (removed.numel() == 0 and error is None):
         return KeptSystem(None, None, b, keep, dtype)
-    if cross is None:  # H_KR B_R on the kept rows, as H B̂ with B̂ = B on the removed rows, 0 elsewhere
-        rhs = gram @ b.to(dtype).index_fill(0, keep, 0)
-    else:  # (C B)_K − H_KK B_K
-        rhs = cross @ b.to(dtype)
-        rhs -= gram @ b.to(dtype).index_fill(0, removed, 0)
+    # H_KR B_R on the kept rows, as H B̂ with B̂ = B on the removed rows, 0 elsewhere
+    rhs = gram @ b.to(dtype).index_fill(0, keep, 0)
+    if error is not None:
+        rhs += error.to(dtype)  # + E
     shift = damping_shift(gram, damping)
     factor = gram if consume else gram.clone()
     factor.index_fill_(0, removed, 0).index_fill_(1, removed, 0)
@@ -130,17 +133,17 @@ def refit_weight(weight: torch.Tensor, moments: InputMoments, keep: torch.Tensor
     """
     keep = keep.to(device=moments.gram.device, dtype=torch.long)
     gram = moments.release_gram() if release else moments.gram
-    cross = moments.release_cross() if release else moments.cross
+    error = moments.release_error() if release else moments.error
     b = weight.detach().to(gram.device).T  # a view: only the rows the solve takes are converted
-    if with_bias and cross is not None:
-        raise ValueError("the dense-output target refits weights only (no with_bias)")
+    if with_bias and error is not None:
+        raise ValueError("the dense-output and block targets refit weights only (no with_bias)")
     if with_bias:
         old = bias.detach().to(b.device) if bias is not None else b.new_zeros(b.shape[1])
         keep = torch.cat([keep, keep.new_tensor([b.shape[0]])])
         b = torch.cat([b.to(gram.dtype), old.to(gram.dtype)[None, :]])
         gram = augmented_gram(InputMoments(gram, moments.total, moments.count))
-    system = kept_system(b, gram, keep, damping, cross, consume=release or with_bias)
-    del gram, cross
+    system = kept_system(b, gram, keep, damping, error, consume=release or with_bias)
+    del gram, error
     rows = system.solve()
     del system
     if with_bias:

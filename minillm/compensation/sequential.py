@@ -23,6 +23,10 @@ dense one (:mod:`.refit`). It costs one more block pass per block and the dense 
 block; plans that cut the hidden size or whole layers are refused (their dense stream would be another
 model).
 
+Block target (``--compensation-target block``, :mod:`.block_target`): before anything in a block whose
+heads are cut changes, the block runs once more as it is, and its outputs (the dense block on the pruned
+prefix's input) are the MLP refit's reference; no second stream, so it works with every plan.
+
 Offloaded blocks (``--streaming``): their loaded weights are dropped when the walk leaves them, so the
 compensated closing projections are kept and handed to the export — the o_proj and down_proj of every
 pruned block, about a third of the block weights (3.9 GB for a 7B Llama in fp16). With ``spill`` (a
@@ -46,7 +50,8 @@ from minillm.calibration.blocks import BlockBatch, is_offloaded, run_block
 from minillm.calibration.data import CalibrationSet
 from minillm.calibration.hooks import input_hooks
 from minillm.calibration.sequential import Block, Sequential
-from minillm.compensation.layer import ClosingUpdate, CompensationOptions, compensate_block
+from minillm.compensation.block_target import dense_block_outputs
+from minillm.compensation.layer import ClosingUpdate, CompensationOptions, compensate_block, uses_block_target
 from minillm.plan import PrunePlan
 
 Progress = Callable[[str, int, int], None]
@@ -193,14 +198,19 @@ def compensate_sequential(model: nn.Module, adapter: ArchAdapter, plan: PrunePla
         if block.index not in changed_layers:
             return  # walked only to advance the dense stream
 
-        def forward(stop_after: nn.Module) -> None:
+        def forward(stop_after: nn.Module | None,
+                    each: Callable[[int, torch.Tensor], None] | None = None) -> None:
             nonlocal passes
-            with torch.no_grad(), _stopping_after(stop_after):
-                for batch in block.inputs:
+            with torch.no_grad(), ExitStack() as stack:
+                if stop_after is not None:
+                    stack.enter_context(_stopping_after(stop_after))
+                for k, batch in enumerate(block.inputs):
                     try:
-                        block.call(batch)
+                        output = block.call(batch)
                     except _Stop:
-                        pass
+                        continue
+                    if each is not None:
+                        each(k, output)
             passes += 1
 
         i, layer = block.index, block.layer
@@ -212,9 +222,14 @@ def compensate_sequential(model: nn.Module, adapter: ArchAdapter, plan: PrunePla
                         None if linear.bias is None else linear.bias.detach().clone())
                  for name, linear in closings.items() if record and not offloaded[i]}
         shape = adapter.layer_shape(model, i)
+        reference = None
+        if uses_block_target(options, layer_plans[i], shape):  # the block as yet uncut, on these inputs
+            reference = dense_block_outputs(block, closings["mlp"])
+            passes += 1
         layer_plans[i], updates = compensate_block(
-            layer, adapter, layer_plans[i], shape, forward, options, dense,
+            layer, adapter, layer_plans[i], shape, forward, options, dense, reference,
             solving=lambda: block.unloaded(keep=list(closings.values())))
+        del reference
         block.forward(advance=True)  # the compensated block feeds the next one
         passes += 1
         if record:  # keep the result, put the block back as it was (an offloaded copy goes back to meta)
