@@ -113,7 +113,8 @@ class Block:
         duration (read again on exit): for a step that needs only those. Weights changed in place must
         be in ``keep``. A no-op in memory."""
         kept = {id(sub) for module in keep for sub in module.modules()}
-        return unloaded([sub for sub in self.held if id(sub) not in kept])
+        # a held module that holds a kept one too (one hook over a subtree) stays loaded as a whole
+        return unloaded([sub for sub in self.held if not any(id(m) in kept for m in sub.modules())])
 
     def call(self, batch: BlockBatch) -> torch.Tensor:
         """One batch through the block in the caller's grad mode (for block-local losses / gradients);
