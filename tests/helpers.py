@@ -139,3 +139,18 @@ def record_search_windows(monkeypatch) -> dict[str, list[torch.Tensor]]:
     monkeypatch.setattr(sequential, "compensate_sequential", recording_compensate)
     monkeypatch.setattr(forward, "mean_loss", recording_loss)
     return seen
+
+
+def assert_cut_equals_compensated(model: torch.nn.Module, plan) -> None:
+    """Mask ≡ surgery after compensation: a physically cut copy of ``model`` (compensated in place, the
+    removed groups' closing columns zero) gives the same logits as ``model`` itself."""
+    import copy
+
+    from minillm.arch import adapter_for
+    from minillm.surgery import apply_plan
+
+    cut = copy.deepcopy(model)
+    apply_plan(cut, adapter_for(model.config), plan)
+    ids = random_ids(2, 12, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(cut(ids).logits, model(ids).logits, rtol=0, atol=1e-5)

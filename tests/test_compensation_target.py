@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_ids, tiny_model, tiny_tokenizer, write_text
+from helpers import assert_cut_equals_compensated
 
 from minillm.api import plan_from_scores, score_model
 from minillm.arch import adapter_for
@@ -19,7 +20,6 @@ from minillm.compensation.layer import CompensationOptions
 from minillm.compensation.sequential import compensate_sequential
 from minillm.errors import UsageError
 from minillm.loading import load_model
-from minillm.surgery import apply_plan
 
 
 def _calibration() -> CalibrationSet:
@@ -44,11 +44,7 @@ def test_target_cut_model_equals_compensated_model_with_groups_zeroed(family: st
     result = compensate_sequential(model, adapter, plan, _calibration(), options)
     assert count_hooks(model) == 0
     assert not any(p.grad is not None for p in model.parameters())
-    cut = copy.deepcopy(model)
-    apply_plan(cut, adapter, result.plan)
-    ids = random_ids(2, 12, seed=5)
-    with torch.no_grad():
-        torch.testing.assert_close(cut(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    assert_cut_equals_compensated(model, result.plan)
 
 
 def _closing_io(model: torch.nn.Module, linear: torch.nn.Linear, ids: torch.Tensor
@@ -61,6 +57,18 @@ def _closing_io(model: torch.nn.Module, linear: torch.nn.Linear, ids: torch.Tens
         return inputs, inputs @ linear.weight.T
 
 
+def _compensated(dense: torch.nn.Module, plan, calibration, targets: tuple[str, ...]
+                 ) -> dict[str, torch.nn.Module]:
+    """A copy of ``dense`` refitted (almost undamped) toward each of ``targets``."""
+    fitted = {}
+    for target in targets:
+        model = copy.deepcopy(dense)
+        compensate_sequential(model, adapter_for(dense.config), plan, calibration,
+                              CompensationOptions(mode="refit", target=target, damping=1e-9))
+        fitted[target] = model
+    return fitted
+
+
 def test_dense_target_fits_the_dense_layer_output_better_than_the_pruned_target() -> None:
     """Block 0: its attention sees the same inputs either way (identical refits); its MLP then fits the
     dense MLP's output, which the pruned target can only match worse (least squares on the same inputs)."""
@@ -68,12 +76,7 @@ def test_dense_target_fits_the_dense_layer_output_better_than_the_pruned_target(
     adapter = adapter_for(dense.config)
     plan = _plan(dense)
     calibration = _calibration()
-    fitted = {}
-    for target in ("pruned", "dense"):
-        model = copy.deepcopy(dense)
-        options = CompensationOptions(mode="refit", target=target, damping=1e-9)
-        compensate_sequential(model, adapter, plan, calibration, options)
-        fitted[target] = model
+    fitted = _compensated(dense, plan, calibration, ("pruned", "dense"))
     first = {t: adapter.decoder_layers(m)[0] for t, m in fitted.items()}
     torch.testing.assert_close(adapter.attention(first["dense"]).o.weight,
                                adapter.attention(first["pruned"]).o.weight, rtol=1e-9, atol=1e-9)
@@ -160,12 +163,8 @@ def test_block_target_fits_the_dense_block_output_better_than_the_pruned_target(
     adapter = adapter_for(dense.config)
     plan = _plan(dense)
     calibration = _calibration()
-    fitted = {}
-    for target in ("pruned", "block"):
-        model = copy.deepcopy(dense)
-        compensate_sequential(model, adapter, plan, calibration, CompensationOptions(target=target,
-                                                                                     damping=1e-9))
-        fitted[target] = adapter.decoder_layers(model)[0]
+    fitted = {target: adapter.decoder_layers(model)[0]
+              for target, model in _compensated(dense, plan, calibration, ("pruned", "block")).items()}
     torch.testing.assert_close(adapter.attention(fitted["block"]).o.weight,
                                adapter.attention(fitted["pruned"]).o.weight, rtol=1e-9, atol=1e-9)
     wanted = _block_outputs(dense, adapter.decoder_layers(dense)[0], calibration.input_ids)
@@ -189,11 +188,7 @@ def test_block_target_refit_of_a_scaled_residual_block_is_exact_to_the_cut() -> 
     adapter = adapter_for(model.config)
     plan = _plan(model)
     result = compensate_sequential(model, adapter, plan, _calibration(), CompensationOptions(target="block"))
-    cut = copy.deepcopy(model)
-    apply_plan(cut, adapter, result.plan)
-    ids = random_ids(2, 12, seed=5)
-    with torch.no_grad():
-        torch.testing.assert_close(cut(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    assert_cut_equals_compensated(model, result.plan)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "olmo2"])
