@@ -56,8 +56,9 @@ class InputMoments:
 
     def add(self, x: torch.Tensor, error: torch.Tensor | None = None) -> None:
         """Accumulate the inputs ``x``; ``error``: the same tokens' wanted output changes ``e`` (into
-        ``error = Σ x eᵀ``, created on the first call)."""
-        flat = x.detach().reshape(-1, x.shape[-1]).to(device=self.total.device, dtype=torch.float64)
+        ``error = Σ x eᵀ``, created on the first call). No float64 copy of the batch unless ``H`` is float64
+        (the sums convert as they add): under ``--streaming`` this pass sets the peak."""
+        flat = x.detach().reshape(-1, x.shape[-1]).to(device=self.total.device)
         if self.gram.numel():
             narrow = flat.to(self.gram.dtype)
             self.gram.addmm_(narrow.T, narrow)
@@ -69,7 +70,7 @@ class InputMoments:
                 if self.error is None:
                     self.error = narrow.new_zeros(narrow.shape[1], wanted.shape[1])
                 self.error.addmm_(narrow.T, wanted)
-        self.total += flat.sum(0)
+        self.total += flat.sum(0, dtype=torch.float64)
         self.count += flat.shape[0]
 
     def release_gram(self) -> torch.Tensor:
