@@ -77,7 +77,7 @@ def compensation_bytes(config: Any, precision: str, tokens: int, dense_tokens: i
     ``out`` = hidden size): ``H``, factored in its own storage, and the solve's ``in × out`` blocks,
     bounded by ``(in² + 3·in·out)`` elements of ``precision`` (a 6,912-wide float64 down_proj: 0.70 GB
     measured by ``tools/bench_refit_memory.py``, 0.81 GB bounded), plus one batch's inputs in float64
-    while ``H`` accumulates.
+    while ``H`` accumulates (the copy a float64 ``H`` makes; a float32 ``H`` makes none, so this bounds it).
 
     ``dense_tokens`` (the dense-output target: every calibration token): the target moments ``E``
     (``in × out``) and a converted copy of it for the solve, the dense stream between blocks and one

@@ -70,9 +70,8 @@ class KeptSystem:
         the factor through its transpose (a column-major view of the same storage, which LAPACK factors
         in place; through the row-major tensor, or in ``cholesky_solve``, torch would copy it), then two
         triangular solves into ``rhs``; the factor is freed before the result is gathered."""
-        old = self.b.index_select(0, self.keep).to(self.dtype)
         if self.factor is None or self.rhs is None:
-            return old
+            return self.b.index_select(0, self.keep).to(self.dtype)
         lower = self.factor.mT  # symmetric: the same matrix
         torch.linalg.cholesky(lower, out=lower)
         solution, self.rhs = self.rhs, None
@@ -80,7 +79,8 @@ class KeptSystem:
         torch.linalg.solve_triangular(lower.mT, solution, upper=True, out=solution)
         self.factor = None
         del lower
-        return old.add_(solution.index_select(0, self.keep))
+        # the old rows only now, beside the solution and not beside the factor
+        return solution.index_select(0, self.keep).add_(self.b.index_select(0, self.keep).to(self.dtype))
 
 
 def kept_system(b: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float,
