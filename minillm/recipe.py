@@ -135,9 +135,9 @@ class Recipe(BaseModel):
         "(block: down_proj also makes up for the same block's attention cut; one more pass per block)."
     )
     reselect: bool = Field(
-        True, description="flap with a compensation: re-choose each layer's heads and channels (the plan's "
+        True, description="flap with the refit: re-choose each layer's heads and channels (the plan's "
         "counts) by FLAP's fluctuation on the pruned prefix during the compensation pass (--no-reselect: "
-        "the dense model's choice; obs always re-chooses)."
+        "the dense model's choice, which --compensation bias always keeps; obs always re-chooses)."
     )
     damping: float = Field(
         DEFAULT_DAMPING, ge=0.0, description="λ of the compensation's H + λ·mean(diag H)·I."

@@ -70,6 +70,7 @@ def test_selection_follows_the_criterion_and_the_switch() -> None:
     assert selection("flap", "refit", True) == "fluctuation"
     assert selection("flap", "refit", False) == "plan"
     assert selection("flap", "none", True) == "plan"
+    assert selection("flap", "bias", True) == "plan"  # re-chosen groups measured worse under bias
     assert selection("obs", "refit", False) == "obs"
     assert selection("wanda-sp", "refit", True) == "plan"
 
