@@ -125,7 +125,6 @@ def return_large_frees_to_the_os(threshold_bytes: int = 1024**2) -> bool:
     return bool(libc.mallopt(m_mmap_threshold, int(threshold_bytes)))  # type: ignore[attr-defined]
 
 
-
 def release_free_heap() -> bool:
     """Give the heap's free pages back to the OS now (``malloc_trim(0)``).
 

@@ -42,14 +42,16 @@ def main() -> None:
     from minillm.calibration.data import calibration_set
     from minillm.calibration.hooks import input_hooks
     from minillm.loading import load_model, load_tokenizer
+    from minillm.scoring.base import closing_linears
 
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, device_map="cpu", dtype="float32")
     adapter = adapter_for(model.config)
     calibration = calibration_set(tokenizer, args.calib, args.calib_samples, args.seq_len, 0, 8)
     layers = adapter.decoder_layers(model)
-    closings = {(i, "o_proj"): adapter.attention(layer).o for i, layer in enumerate(layers)}
-    closings |= {(i, "down_proj"): adapter.mlp(layer).closing for i, layer in enumerate(layers)}
+    closings = {(i, name): linear for i, layer in enumerate(layers)
+                for name, linear in zip(("o_proj", "down_proj"), closing_linears(adapter, layer),
+                                        strict=True)}
     names = {linear: key for key, linear in closings.items()}
     energies: dict[tuple[int, str], list[torch.Tensor]] = {key: [] for key in closings}
     residual: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
