@@ -164,6 +164,12 @@ class ArchAdapter:
     def mlp(self, layer: nn.Module) -> MlpLinears:
         raise NotImplementedError
 
+    def closings(self, layer: nn.Module) -> dict[str, nn.Linear]:
+        """The two projections that consume the prunable groups, keyed by structure family: attention's
+        ``o`` (``"attn"``) and the MLP's closing one (``"mlp"``) — what scoring reads and compensation
+        refits."""
+        return {"attn": self.attention(layer).o, "mlp": self.mlp(layer).closing}
+
     def prunable_linears(self, layer: nn.Module) -> list[nn.Linear]:
         """Every Linear a plan cuts in ``layer``, once each, in one fixed order: q, k, v, o, expanding…,
         closing (a fused qkv or gate_up appears once)."""

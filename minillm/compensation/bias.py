@@ -66,8 +66,7 @@ def set_closings(model: nn.Module, adapter: ArchAdapter, updates: dict[int, dict
         if layers is not None and index not in layers:
             continue
         for family, update in families.items():
-            layer = blocks[index]
-            linear = adapter.attention(layer).o if family == "attn" else adapter.mlp(layer).closing
+            linear = adapter.closings(blocks[index])[family]
             device, dtype = linear.weight.device, linear.weight.dtype
             if device.type != "meta":  # new tensors: the old ones may be shared with the source model
                 linear.weight = nn.Parameter(update.weight.to(device, dtype, copy=True), requires_grad=False)
@@ -81,13 +80,11 @@ def expressible_biases(model: nn.Module, adapter: ArchAdapter) -> dict[str, str]
     """Structure families ("attn", "mlp") whose closing projection gained a bias that a config flag of the
     stock class can express (e.g. Llama's ``attention_bias`` / ``mlp_bias``), mapped to that flag."""
     flags = adapter.bias_config_flags(model.config)
-    closings = {"attn": lambda layer: adapter.attention(layer).o,
-                "mlp": lambda layer: adapter.mlp(layer).closing}
     return {
         family: flag
         for family, flag in flags.items()
         if not getattr(model.config, flag, False)
-        and any(closings[family](layer).bias is not None for layer in adapter.decoder_layers(model))
+        and any(adapter.closings(layer)[family].bias is not None for layer in adapter.decoder_layers(model))
     }
 
 

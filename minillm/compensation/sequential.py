@@ -183,7 +183,7 @@ def compensate_sequential(model: nn.Module, adapter: ArchAdapter, plan: PrunePla
     def run_dense(block: Block) -> dict[str, list[torch.Tensor]]:
         """Advance the dense stream through ``block`` (still dense); its closings' inputs per batch."""
         nonlocal dense_stream, passes
-        closings = {"attn": adapter.attention(block.layer).o, "mlp": adapter.mlp(block.layer).closing}
+        closings = adapter.closings(block.layer)
         seen: dict[nn.Module, list[torch.Tensor]] = {linear: [] for linear in closings.values()}
         keep = (lambda x: x.detach().to(block.store)) if block.store is not None else (lambda x: x.detach())
         with input_hooks(list(closings.values()), lambda module, x: seen[module].append(keep(x))):
@@ -214,7 +214,7 @@ def compensate_sequential(model: nn.Module, adapter: ArchAdapter, plan: PrunePla
             passes += 1
 
         i, layer = block.index, block.layer
-        closings = {"attn": adapter.attention(layer).o, "mlp": adapter.mlp(layer).closing}
+        closings = adapter.closings(layer)
         record = offloaded[i] or not in_place
         had_bias = {name: linear.bias is not None for name, linear in closings.items()}
         # an offloaded block's loaded copy is dropped when the walk leaves it: no values to put back

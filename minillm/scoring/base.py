@@ -89,5 +89,6 @@ Criterion = Callable[[ScoringContext], ScoreResult]
 
 
 def closing_linears(adapter: ArchAdapter, layer: nn.Module) -> list[nn.Linear]:
-    """The two projections that consume the groups: attention's ``o`` and the MLP's closing one."""
-    return [adapter.attention(layer).o, adapter.mlp(layer).closing]
+    """:meth:`~minillm.arch.base.ArchAdapter.closings` as a list (o, then the MLP's closing one): the
+    modules the scoring passes observe."""
+    return list(adapter.closings(layer).values())
