@@ -1,0 +1,57 @@
+"""Calibration windows start with the BOS exactly where the tokenizer always adds one.
+
+Models whose tokenizer adds a BOS (Gemma, Llama 2/3, Mistral) keep their attention sink on it, so the
+statistics gathered on calibration windows must come from windows that start the way the model's inputs
+do; GPT-2-style tokenizers (SmolLM2's) never add their ``bos_token`` and keep plain windows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from conftest import VOCAB, tiny_tokenizer, write_text
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from minillm.calibration.data import calibration_set, leading_bos, sample_windows, tokenize
+
+
+def bos_adding_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny word-level tokenizer with a Llama-style post-processor that prepends ``<s>``."""
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def test_leading_bos_follows_what_the_tokenizer_adds() -> None:
+    assert leading_bos(bos_adding_tokenizer()) == 1
+    assert leading_bos(tiny_tokenizer()) is None  # has a bos_token, never adds it
+
+
+def test_windows_start_with_the_bos_and_continue_the_text(tmp_path: Path) -> None:
+    text = write_text(tmp_path / "calib.txt")
+    tokenizer = bos_adding_tokenizer()
+    windows = calibration_set(tokenizer, str(text), n=6, seq_len=16, seed=3).input_ids
+    assert windows.shape == (6, 16)
+    assert (windows[:, 0] == 1).all()
+    stream = tokenize(tokenizer, text.read_text())[1:]  # the text without its leading BOS
+    assert not (stream == 1).any()
+    for window in windows:  # every body is a contiguous run of the text
+        body = window[1:]
+        starts = (stream.unfold(0, 15, 1) == body).all(dim=1)
+        assert starts.any()
+    # the same seed gives the same windows
+    assert torch.equal(windows, calibration_set(tokenizer, str(text), n=6, seq_len=16, seed=3).input_ids)
+
+
+def test_tokenizers_without_a_leading_bos_keep_plain_windows(tmp_path: Path) -> None:
+    text = write_text(tmp_path / "calib.txt")
+    tokenizer = tiny_tokenizer()
+    windows = calibration_set(tokenizer, str(text), n=6, seq_len=16, seed=3).input_ids
+    expected = sample_windows(tokenize(tokenizer, text.read_text()), 6, 16, 3)
+    assert torch.equal(windows, expected)
+    assert not (windows[:, 0] == tokenizer.bos_token_id).all()
