@@ -32,6 +32,11 @@ def check_seed(seed: int | None, option: str = "--seed") -> None:
         raise UsageError(f"{option} must be between 0 and {MAX_SEED} (got {seed})")
 
 
+def check_choice(value: str, allowed: tuple[str, ...], option: str) -> None:
+    if value not in allowed:
+        raise UsageError(f"{option} must be one of {', '.join(allowed)} (got {value!r})")
+
+
 def check_positive(value: int | None, option: str, minimum: int = 1) -> None:
     if value is not None and int(value) < minimum:
         raise UsageError(f"{option} must be at least {minimum} (got {value})")

@@ -1,20 +1,32 @@
-"""Calibration windows start with the BOS exactly where the tokenizer always adds one.
+"""Where windows get their BOS.
 
-Models whose tokenizer adds a BOS (Gemma, Llama 2/3, Mistral) keep their attention sink on it, so the
-statistics gathered on calibration windows must come from windows that start the way the model's inputs
-do; GPT-2-style tokenizers (SmolLM2's) never add their ``bos_token`` and keep plain windows.
+Calibration windows start with the BOS exactly where the tokenizer always adds one: models whose
+tokenizer adds a BOS (Gemma, Llama 2/3, Mistral) keep their attention sink on it, so the statistics
+gathered on calibration windows must come from windows that start the way the model's inputs do;
+GPT-2-style tokenizers (SmolLM2's) never add their ``bos_token`` and keep plain windows. Perplexity
+windows keep one BOS per stream unless ``minillm eval --ppl-bos window`` asks for one per window.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
-from conftest import VOCAB, tiny_tokenizer, write_text
+from conftest import VOCAB, tiny_model, tiny_tokenizer, write_text
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
+from typer.testing import CliRunner
 
-from minillm.calibration.data import calibration_set, leading_bos, sample_windows, tokenize
+from minillm.calibration.data import (
+    calibration_set,
+    evaluation_windows,
+    leading_bos,
+    sample_windows,
+    tokenize,
+)
+from minillm.cli import app, register_commands
+from minillm.errors import UsageError
 
 
 def bos_adding_tokenizer() -> PreTrainedTokenizerFast:
@@ -55,3 +67,53 @@ def test_tokenizers_without_a_leading_bos_keep_plain_windows(tmp_path: Path) -> 
     expected = sample_windows(tokenize(tokenizer, text.read_text()), 6, 16, 3)
     assert torch.equal(windows, expected)
     assert not (windows[:, 0] == tokenizer.bos_token_id).all()
+
+
+def test_perplexity_windows_keep_one_bos_per_stream_by_default(tmp_path: Path) -> None:
+    text = write_text(tmp_path / "test.txt")
+    tokenizer = bos_adding_tokenizer()
+    stream = tokenize(tokenizer, text.read_text())
+    windows = evaluation_windows(tokenizer, str(text), 16)
+    count = stream.numel() // 16
+    assert torch.equal(windows, stream[: count * 16].view(count, 16))
+    assert int(windows[0, 0]) == 1 and not (windows[1:, 0] == 1).any()
+
+
+def test_perplexity_windows_with_a_bos_in_front_of_each(tmp_path: Path) -> None:
+    text = write_text(tmp_path / "test.txt")
+    tokenizer = bos_adding_tokenizer()
+    body = tokenize(tokenizer, text.read_text())[1:]
+    windows = evaluation_windows(tokenizer, str(text), 16, bos_per_window=True)
+    count = body.numel() // 15
+    assert windows.shape == (count, 16)
+    assert (windows[:, 0] == 1).all()
+    assert torch.equal(windows[:, 1:], body[: count * 15].view(count, 15))  # the text, in order, once
+
+
+def test_bos_per_window_needs_a_bos_token(tmp_path: Path) -> None:
+    text = write_text(tmp_path / "test.txt")
+    tokenizer = tiny_tokenizer()
+    tokenizer.bos_token = None
+    with pytest.raises(UsageError, match="--ppl-bos stream"):
+        evaluation_windows(tokenizer, str(text), 16, bos_per_window=True)
+
+
+def test_eval_cli_ppl_bos(tmp_path: Path) -> None:
+    import json
+
+    register_commands()
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    text = write_text(tmp_path / "test.txt")
+    runner = CliRunner()
+    report = tmp_path / "eval.json"
+    done = runner.invoke(app, ["eval", str(folder), "--ppl", str(text), "--seq-len", "16",
+                               "--ppl-bos", "window", "--json", str(report)])
+    assert done.exit_code == 0, done.output
+    perplexity = json.loads(report.read_text())["perplexity"]
+    assert perplexity["bos_per_window"] is True
+    assert "the BOS + 15 tokens" in perplexity["protocol"]
+    refused = runner.invoke(app, ["eval", str(folder), "--ppl", str(text), "--ppl-bos", "each"])
+    assert refused.exit_code != 0
+    assert "--ppl-bos must be one of stream, window" in refused.output

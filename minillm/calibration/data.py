@@ -195,10 +195,25 @@ def calibration_set(tokenizer: Any, source: str, n: int = 32, seq_len: int = 128
     return CalibrationSet(sample_windows(tokens, n, seq_len, seed, what, bos), batch_size)
 
 
-def evaluation_windows(tokenizer: Any, source: str, seq_len: int) -> torch.Tensor:
-    """Every non-overlapping window of ``seq_len`` tokens, in order (a trailing partial window is dropped)."""
+def evaluation_windows(tokenizer: Any, source: str, seq_len: int,
+                       bos_per_window: bool = False) -> torch.Tensor:
+    """Every non-overlapping window of ``seq_len`` tokens, in order (a trailing partial window is dropped).
+
+    By default the text is one stream with one leading BOS (the GPTQ / SparseGPT protocol the pruning
+    papers report); ``bos_per_window``: every window is the BOS + ``seq_len − 1`` tokens of the text
+    (lm-eval's convention of a prefix token per window), which models trained with a BOS at every start
+    need to be measured as they are used — Gemma's perplexity is 2–3 × worse without it."""
     tokens = tokenize(tokenizer, load_text(source))
+    if bos_per_window:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None:
+            raise UsageError("--ppl-bos window needs a tokenizer with a BOS token and this one has none; "
+                             "use --ppl-bos stream")
+        tokens, seq_len = tokens[1:], seq_len - 1  # tokenize's leading BOS: every window gets one
     count = tokens.numel() // seq_len
     if count == 0:
         raise UsageError(f"{source!r} has fewer tokens ({tokens.numel()}) than --seq-len {seq_len}")
-    return tokens[: count * seq_len].view(count, seq_len)
+    windows = tokens[: count * seq_len].view(count, seq_len)
+    if not bos_per_window:
+        return windows
+    return torch.cat([windows.new_full((count, 1), bos), windows], dim=1)

@@ -45,6 +45,11 @@ def evaluate(
     limit: float = typer.Option(None, help="Examples per task (a fraction if < 1); state it when reporting."),
     compare_to: str = typer.Option(None, help="Reference model (e.g. the dense one) evaluated the same way."),
     seq_len: int = typer.Option(128, help="Tokens per perplexity window."),
+    ppl_bos: str = typer.Option(
+        "stream", metavar="[stream|window]",
+        help="Perplexity's BOS: one at the start of the text (stream: the pruning papers' protocol) or one "
+        "in front of every window (window: lm-eval's convention; Gemma needs it).",
+    ),
     batch_size: int = typer.Option(8, help="Windows / lm-eval requests per forward pass."),
     seed: int = typer.Option(0, help="Seed for lm-eval's sampling (few-shot examples)."),
     device_map: str = options.device_map(),
@@ -56,13 +61,16 @@ def evaluate(
     """Measure perplexity (non-overlapping windows) and zero-shot accuracy (lm-eval) of a model."""
     import json
     from pathlib import Path
+    from typing import get_args
 
+    from minillm.evaluate.perplexity import PplBos
     from minillm.evaluate.suite import evaluate_model, retained
     from minillm.loading import check_remote_code
-    from minillm.option_checks import check_loading, check_positive, check_seq_len
+    from minillm.option_checks import check_choice, check_loading, check_positive, check_seq_len
     from minillm.output_guard import check_output_file
 
     check_seq_len(seq_len, None)
+    check_choice(ppl_bos, get_args(PplBos), "--ppl-bos")
     check_positive(batch_size, "--batch-size")
     check_loading(device_map, seed=seed)
     check_output_file(json_out, overwrite, "--json", inputs=(model, compare_to, ppl))
@@ -73,6 +81,7 @@ def evaluate(
     options = dict(
         ppl=ppl,
         seq_len=seq_len,
+        ppl_bos=ppl_bos,
         tasks=tasks,
         tasks_dir=tasks_dir,
         data_dir=data_dir,

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from torch import nn
 
 from minillm.errors import UsageError
-from minillm.evaluate.perplexity import PerplexityResult
+from minillm.evaluate.perplexity import PerplexityResult, PplBos
 from minillm.evaluate.zeroshot import ZeroShotResult
 
 Progress = Callable[[str, int, int], None]
@@ -58,6 +58,7 @@ def evaluate_model(
     tokenizer: Any = None,
     ppl: str | None = None,
     seq_len: int = 128,
+    ppl_bos: PplBos = "stream",
     tasks: str | list[str] | None = None,
     tasks_dir: str | None = None,
     data_dir: str | None = None,
@@ -95,9 +96,11 @@ def evaluate_model(
         from minillm.calibration.data import evaluation_windows
         from minillm.evaluate.perplexity import perplexity
 
-        windows = evaluation_windows(tokenizer, ppl, seq_len)
+        windows = evaluation_windows(tokenizer, ppl, seq_len, bos_per_window=ppl_bos == "window")
         on_batch = (lambda d, t: progress("perplexity", d, t)) if progress else None
-        report.perplexity, report.ppl_source = perplexity(model, windows, batch_size, on_batch), ppl
+        result = perplexity(model, windows, batch_size, on_batch)
+        report.perplexity = replace(result, bos_per_window=ppl_bos == "window")
+        report.ppl_source = ppl
     if tasks:
         from minillm.evaluate.zeroshot import evaluate_tasks
 
