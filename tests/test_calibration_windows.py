@@ -3,7 +3,8 @@
 Calibration windows start with the BOS exactly where the tokenizer always adds one: models whose
 tokenizer adds a BOS (Gemma, Llama 2/3, Mistral) keep their attention sink on it, so the statistics
 gathered on calibration windows must come from windows that start the way the model's inputs do;
-GPT-2-style tokenizers (SmolLM2's) never add their ``bos_token`` and keep plain windows. Perplexity
+GPT-2-style tokenizers (SmolLM2's) never add their ``bos_token`` and keep plain windows; recovery's
+plain-text windows follow the same rule. Perplexity
 windows keep one BOS per stream unless ``minillm eval --ppl-bos window`` asks for one per window.
 """
 
@@ -117,3 +118,17 @@ def test_eval_cli_ppl_bos(tmp_path: Path) -> None:
     refused = runner.invoke(app, ["eval", str(folder), "--ppl", str(text), "--ppl-bos", "each"])
     assert refused.exit_code != 0
     assert "--ppl-bos must be one of stream, window" in refused.output
+
+
+def test_recovery_text_windows_are_led_like_calibration_windows(tmp_path: Path) -> None:
+    from minillm.recover.data import load_examples
+
+    text = write_text(tmp_path / "train.txt")
+    led = load_examples(bos_adding_tokenizer(), str(text), max_length=16)
+    body = tokenize(bos_adding_tokenizer(), text.read_text())[1:]
+    assert len(led) == body.numel() // 15
+    assert all(e.input_ids[0] == 1 and len(e.input_ids) == 16 for e in led)
+    assert [t for e in led for t in e.input_ids[1:]] == body[: len(led) * 15].tolist()
+    plain = load_examples(tiny_tokenizer(), str(text), max_length=16)  # no leading BOS: one stream, as before
+    stream = tokenize(tiny_tokenizer(), text.read_text())
+    assert [t for e in plain for t in e.input_ids] == stream[: len(plain) * 16].tolist()

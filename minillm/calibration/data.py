@@ -204,16 +204,24 @@ def evaluation_windows(tokenizer: Any, source: str, seq_len: int,
     (lm-eval's convention of a prefix token per window), which models trained with a BOS at every start
     need to be measured as they are used — Gemma's perplexity is 2–3 × worse without it."""
     tokens = tokenize(tokenizer, load_text(source))
+    bos = None
     if bos_per_window:
         bos = getattr(tokenizer, "bos_token_id", None)
         if bos is None:
             raise UsageError("--ppl-bos window needs a tokenizer with a BOS token and this one has none; "
                              "use --ppl-bos stream")
-        tokens, seq_len = tokens[1:], seq_len - 1  # tokenize's leading BOS: every window gets one
-    count = tokens.numel() // seq_len
-    if count == 0:
+    windows = consecutive_windows(tokens, seq_len, bos)
+    if windows.shape[0] == 0:
         raise UsageError(f"{source!r} has fewer tokens ({tokens.numel()}) than --seq-len {seq_len}")
+    return windows
+
+
+def consecutive_windows(tokens: torch.Tensor, seq_len: int, bos: int | None = None) -> torch.Tensor:
+    """A :func:`tokenize` stream cut into consecutive windows of ``seq_len`` tokens (a trailing partial
+    window dropped; possibly none). ``bos``: each window is that token + ``seq_len − 1`` tokens of the
+    text instead, the stream's own leading BOS dropped."""
+    if bos is not None:
+        tokens, seq_len = tokens[1:], seq_len - 1
+    count = tokens.numel() // seq_len
     windows = tokens[: count * seq_len].view(count, seq_len)
-    if not bos_per_window:
-        return windows
-    return torch.cat([windows.new_full((count, 1), bos), windows], dim=1)
+    return windows if bos is None else torch.cat([windows.new_full((count, 1), bos), windows], dim=1)

@@ -17,7 +17,15 @@ from typing import Any
 
 import torch
 
-from minillm.calibration.data import DATASET_ALIASES, LOCAL_SUFFIXES, TEXT_FIELDS, load_text, tokenize
+from minillm.calibration.data import (
+    DATASET_ALIASES,
+    LOCAL_SUFFIXES,
+    TEXT_FIELDS,
+    consecutive_windows,
+    leading_bos,
+    load_text,
+    tokenize,
+)
 from minillm.errors import UsageError
 
 IGNORE = -100
@@ -72,15 +80,16 @@ def _rows(source: str) -> tuple[Any, str]:
 
 
 def _windows(tokenizer: Any, text: str, max_length: int) -> list[Example]:
+    """Consecutive windows of plain text, each led by the BOS where the tokenizer always adds one (as the
+    calibration windows are: the model is trained on inputs that start the way they start in use)."""
     tokens = tokenize(tokenizer, text)
-    count = tokens.numel() // max_length
-    if count < 2:
+    windows = consecutive_windows(tokens, max_length, leading_bos(tokenizer))
+    if windows.shape[0] < 2:
         raise UsageError(
             f"--data has {tokens.numel()} tokens and needs at least {2 * max_length} (two windows of "
             f"--max-length {max_length}); give more text or a smaller --max-length"
         )
-    windows = tokens[: count * max_length].view(count, max_length).tolist()
-    return [Example(w, list(w)) for w in windows]
+    return [Example(w, list(w)) for w in windows.tolist()]
 
 
 def _alpaca(tokenizer: Any, rows: Any, max_length: int, train_on_inputs: bool) -> list[Example]:
