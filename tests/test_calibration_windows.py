@@ -4,8 +4,8 @@ Calibration windows start with the BOS exactly where the tokenizer always adds o
 tokenizer adds a BOS (Gemma, Llama 2/3, Mistral) keep their attention sink on it, so the statistics
 gathered on calibration windows must come from windows that start the way the model's inputs do;
 GPT-2-style tokenizers (SmolLM2's) never add their ``bos_token`` and keep plain windows; recovery's
-plain-text windows follow the same rule. Perplexity
-windows keep one BOS per stream unless ``minillm eval --ppl-bos window`` asks for one per window.
+plain-text windows follow the same rule. Perplexity windows keep one BOS per stream unless
+``minillm eval --ppl-bos window`` asks for one per window.
 """
 
 from __future__ import annotations

@@ -28,15 +28,14 @@ import torch
 
 
 def bos_windows(tokenizer, text: str, seq_len: int, count: int) -> torch.Tensor:
-    """``count`` windows of BOS + ``seq_len - 1`` consecutive tokens of the stream."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"][0]
-    body = seq_len - 1
-    available = ids.numel() // body
-    if available < count:
-        raise SystemExit(f"the text gives {available} windows of {body} tokens, fewer than --windows {count}")
-    windows = ids[: count * body].view(count, body)
-    bos = torch.full((count, 1), tokenizer.bos_token_id, dtype=windows.dtype)
-    return torch.cat([bos, windows], dim=1)
+    """The first ``count`` windows of BOS + ``seq_len - 1`` consecutive tokens of the stream."""
+    from minillm.calibration.data import consecutive_windows, tokenize
+
+    windows = consecutive_windows(tokenize(tokenizer, text), seq_len, tokenizer.bos_token_id)
+    if windows.shape[0] < count:
+        raise SystemExit(f"the text gives {windows.shape[0]} windows of {seq_len - 1} tokens, fewer than "
+                         f"--windows {count}")
+    return windows[:count]
 
 
 def main() -> None:

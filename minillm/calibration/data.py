@@ -162,25 +162,25 @@ def leading_bos(tokenizer: Any) -> int | None:
 
 def sample_windows(tokens: torch.Tensor, n: int, seq_len: int, seed: int,
                    what: str = "calibration text", bos: int | None = None) -> torch.Tensor:
-    """``n`` windows of ``seq_len`` tokens at seeded random offsets (``what``: the text errors name).
+    """``n`` windows of ``seq_len`` tokens of a :func:`tokenize` stream at seeded random offsets (``what``:
+    the text errors name).
 
-    ``bos``: every window is that token followed by ``seq_len − 1`` tokens of the text — how a model whose
-    tokenizer adds a BOS always sees its inputs. Such models keep their attention sink on the BOS; a
-    window without it makes its first token a stand-in sink with activations the model never has in
-    use (Gemma's perplexity is 2–3 × worse without BOS), and the statistics scoring and compensation
-    gather from the windows would describe those."""
+    ``bos``: every window is that token followed by ``seq_len − 1`` tokens of the text (the stream's own
+    leading BOS dropped) — how a model whose tokenizer adds a BOS always sees its inputs. Such models keep
+    their attention sink on the BOS; a window without it makes its first token a stand-in sink with
+    activations the model never has in use (Gemma's perplexity is 2–3 × worse without BOS), and the
+    statistics scoring and compensation gather from the windows would describe those."""
     if n < 1 or seq_len < 2:
         raise UsageError("--calib-samples must be >= 1 and --seq-len >= 2")
+    if bos is not None:
+        tokens = tokens[1:]
     if tokens.numel() <= seq_len:
         raise UsageError(f"{what} has {tokens.numel()} tokens, fewer than --seq-len {seq_len}; "
                          "give more text or a smaller --seq-len")
     generator = torch.Generator().manual_seed(seed)
     body = seq_len if bos is None else seq_len - 1
     starts = torch.randint(0, tokens.numel() - body, (n,), generator=generator)
-    windows = torch.stack([tokens[s : s + body] for s in starts.tolist()])
-    if bos is None:
-        return windows
-    return torch.cat([windows.new_full((n, 1), bos), windows], dim=1)
+    return _led_by(torch.stack([tokens[s : s + body] for s in starts.tolist()]), bos)
 
 
 def calibration_set(tokenizer: Any, source: str, n: int = 32, seq_len: int = 128, seed: int = 0,
@@ -188,11 +188,8 @@ def calibration_set(tokenizer: Any, source: str, n: int = 32, seq_len: int = 128
     """Load, tokenise and sample the calibration windows in one call (also ``--search-data``'s); each
     window starts with the BOS where the tokenizer always adds one (:func:`leading_bos`)."""
     text = load_text(source, max_chars=max(n * seq_len * 40, 2_000_000))
-    bos = leading_bos(tokenizer)
-    tokens = tokenize(tokenizer, text)
-    if bos is not None:
-        tokens = tokens[1:]  # the stream's own leading BOS: each window gets one
-    return CalibrationSet(sample_windows(tokens, n, seq_len, seed, what, bos), batch_size)
+    windows = sample_windows(tokenize(tokenizer, text), n, seq_len, seed, what, leading_bos(tokenizer))
+    return CalibrationSet(windows, batch_size)
 
 
 def evaluation_windows(tokenizer: Any, source: str, seq_len: int,
@@ -223,5 +220,11 @@ def consecutive_windows(tokens: torch.Tensor, seq_len: int, bos: int | None = No
     if bos is not None:
         tokens, seq_len = tokens[1:], seq_len - 1
     count = tokens.numel() // seq_len
-    windows = tokens[: count * seq_len].view(count, seq_len)
-    return windows if bos is None else torch.cat([windows.new_full((count, 1), bos), windows], dim=1)
+    return _led_by(tokens[: count * seq_len].view(count, seq_len), bos)
+
+
+def _led_by(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """``windows`` with a column of ``bos`` in front (unchanged when ``bos`` is None)."""
+    if bos is None:
+        return windows
+    return torch.cat([windows.new_full((windows.shape[0], 1), bos), windows], dim=1)

@@ -96,10 +96,11 @@ def evaluate_model(
         from minillm.calibration.data import evaluation_windows
         from minillm.evaluate.perplexity import perplexity
 
-        windows = evaluation_windows(tokenizer, ppl, seq_len, bos_per_window=ppl_bos == "window")
+        per_window = ppl_bos == "window"
+        windows = evaluation_windows(tokenizer, ppl, seq_len, bos_per_window=per_window)
         on_batch = (lambda d, t: progress("perplexity", d, t)) if progress else None
         result = perplexity(model, windows, batch_size, on_batch)
-        report.perplexity = replace(result, bos_per_window=ppl_bos == "window")
+        report.perplexity = replace(result, bos_per_window=per_window)
         report.ppl_source = ppl
     if tasks:
         from minillm.evaluate.zeroshot import evaluate_tasks
